@@ -1,0 +1,1 @@
+"""Prefect flows over the ``pipeline`` library: flows orchestrate, tasks call library functions."""

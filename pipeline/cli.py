@@ -1,0 +1,249 @@
+"""The ``finsentinel`` command line: one entry point for every job."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="finsentinel: fraud scoring by nearest-neighbour evidence, with an audit "
+                       "ledger.", no_args_is_help=True, pretty_exceptions_enable=False)
+index_app = typer.Typer(help="Build and inspect FAISS indexes of labelled history.",
+                        no_args_is_help=True)
+audit_app = typer.Typer(help="Audit ledger: verify the hash chain.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+app.add_typer(audit_app, name="audit")
+console = Console(stderr=True)
+out = Console()
+
+DbOption = Annotated[str | None, typer.Option(
+    "--db", help="Ledger database URL (sqlite:///path or postgresql://…); default "
+                 "$FINSENTINEL_DB, else finsentinel-work/ledger.sqlite.")]
+RootOption = Annotated[Path | None, typer.Option(
+    "--root", help="Directory of indexes (default $FINSENTINEL_INDEXES or ./indexes).")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.artifacts import ArtifactError
+    from pipeline.ingest import InputError
+    from pipeline.ledger import LedgerError
+
+    return (InputError, ArtifactError, LedgerError, ValueError, FileNotFoundError)
+
+
+def _parse_time(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"{option}: expected an ISO-8601 time such as 2018-07-01 or 2018-07-01T12:00, "
+              f"got {value!r}")
+    if parsed.tzinfo is not None:
+        from datetime import UTC
+
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed
+
+
+@app.command()
+def generate(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Parquet file to write.")],
+    customers: int = typer.Option(5000, help="Number of customers (cards)."),
+    terminals: int = typer.Option(10000, help="Number of terminals (merchants)."),
+    days: int = typer.Option(183, help="Number of days."),
+    start: str = typer.Option("2018-04-01", help="First day (YYYY-MM-DD)."),
+    seed: int = typer.Option(0, help="Random seed: same seed, same file."),
+) -> None:
+    """Write synthetic labelled transactions (the handbook's simulation, plus merchant text)."""
+    from rich.progress import Progress
+
+    from pipeline.synthetic import SyntheticConfig, write_parquet
+
+    config = SyntheticConfig(n_customers=customers, n_terminals=terminals, n_days=days,
+                             start_date=datetime.fromisoformat(start).date(), seed=seed)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("generating days", total=days)
+        rows = write_parquet(config, output,
+                             progress=lambda done, total: progress.update(task, completed=done))
+    out.print(f"wrote {rows:,} transactions to {output}")
+
+
+@app.command()
+def features(
+    input: Annotated[Path, typer.Option("--input", "-i", help="Transactions (parquet/csv/jsonl).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the features.")],
+    label_delay_days: int = typer.Option(7, help="Label delay for the terminal risk."),
+) -> None:
+    """Compute the handbook's 14 features for every accepted transaction."""
+    from pipeline.jobs import features_job
+
+    with console.status("computing features"):
+        ingested, path = features_job(input, output, label_delay_days)
+    _print_counts(ingested)
+    out.print(f"features of {ingested.accepted.height:,} transactions written to {path}")
+
+
+def _print_counts(ingested) -> None:
+    c = ingested.counts
+    console.print(f"rows in {c['rows_in']:,} = accepted {c['accepted']:,} + quarantined "
+                  f"{c['quarantined']:,}")
+
+
+@index_app.command("build")
+def index_build(
+    input: Annotated[Path, typer.Option("--input", "-i", help="Labelled history.")],
+    name: Annotated[str, typer.Option("--name", help="Index name (a directory under --root).")],
+    until: Annotated[str | None, typer.Option(
+        "--until", help="Label cutoff: index only transactions whose label was known by then "
+                        "(transaction time + label delay). Default: all.")] = None,
+    root: RootOption = None,
+    encoder: Annotated[str | None, typer.Option(
+        help="Sentence-transformers model: local directory (default: packaged "
+             "all-MiniLM-L6-v2).")] = None,
+    text_dim: int = typer.Option(8, help="PCA dimension of the text embedding (0: no text)."),
+    kind: str = typer.Option("auto", help="auto | flat | hnsw | ivf"),
+    label_delay_days: int = typer.Option(7, help="Days until a label is known."),
+) -> None:
+    """Build a FAISS index of labelled history and save it with a manifest."""
+    from pipeline import jobs
+    from pipeline.encoder import TextEncoder
+    from pipeline.index import IndexConfig
+    from pipeline.ingest import read_transactions
+    from pipeline.vectors import VectorConfig
+
+    cutoff = _parse_time(until, "--until")
+    with console.status("reading history"):
+        ingested = read_transactions(input, require_labels=True)
+    _print_counts(ingested)
+    with console.status("features, embeddings and index"):
+        report = jobs.build_index(
+            ingested, name, root=root, encoder=TextEncoder(encoder) if text_dim else None,
+            until=cutoff, vector_config=VectorConfig(text_dim=text_dim),
+            config=IndexConfig(kind=kind, label_delay_days=label_delay_days))
+    out.print(f"index {report.name}@{report.version}: {report.vectors:,} vectors "
+              f"({report.frauds:,} frauds, {report.faiss_index}) at {report.path}")
+
+
+@app.command()
+def score(
+    input: Annotated[Path, typer.Option("--input", "-i", help="Transactions to score.")],
+    index: Annotated[str, typer.Option("--index", help="Index name.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Scores file to write.")],
+    batch_id: Annotated[str | None, typer.Option(
+        "--batch-id", help="Batch id in the ledger (default: derived from the input rows, "
+                           "so re-scoring the same rows adds nothing).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Alert when score >= X.")] = None,
+    alerts_per_day: Annotated[int | None, typer.Option(
+        "--alerts-per-day", help="Alert on the N highest scores of each day.")] = None,
+    k: int = typer.Option(20, help="Neighbours per transaction."),
+    history: Annotated[Path | None, typer.Option(
+        help="Extra recent transactions for the feature windows.")] = None,
+    root: RootOption = None,
+    db: DbOption = None,
+) -> None:
+    """Score transactions by nearest labelled neighbours; record every decision in the ledger."""
+    from pipeline import jobs
+    from pipeline.index import FraudIndex
+    from pipeline.ingest import read_transactions
+    from pipeline.ledger import Ledger
+    from pipeline.scoring import ScoringConfig
+
+    if threshold is not None and alerts_per_day is not None:
+        _fail("give either --threshold or --alerts-per-day, not both")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        _fail(f"--threshold: expected a score in [0, 1], got {threshold}")
+    config = ScoringConfig(k=k, threshold=0.5 if threshold is None else threshold,
+                           alerts_per_day=alerts_per_day)
+    with console.status(f"loading index {index}"):
+        fraud_index = FraudIndex.load(index, root)
+    extra = read_transactions(history).accepted if history else None
+    with console.status("scoring"), Ledger(db) as ledger:
+        report = jobs.score_file(input, fraud_index, output, ledger=ledger, batch_id=batch_id,
+                                 config=config, history=extra)
+    _print_score_report(report)
+
+
+def _print_score_report(report) -> None:
+    console.print(f"rows in {report.rows_in:,} = scored {report.rows_scored:,} + quarantined "
+                  f"{report.rows_quarantined:,}")
+    out.print(f"batch {report.batch_id}: {report.alerts:,} alerts; ledger +{report.ledger_added:,} "
+              f"records ({report.ledger_already_present:,} already present); "
+              f"scores in {report.output}")
+    if report.quarantine:
+        out.print(f"quarantined rows in {report.quarantine}")
+
+
+@audit_app.command("verify")
+def audit_verify(db: DbOption = None) -> None:
+    """Recompute the ledger's hash chain; exit 1 and name the first bad record if broken."""
+    from pipeline.ledger import Ledger
+
+    with Ledger(db) as ledger:
+        report = ledger.verify()
+    if report.ok:
+        out.print(f"ledger OK: {report.checked:,} records, chain intact")
+        return
+    out.print(f"[bold red]ledger BROKEN[/] at record seq={report.first_bad_seq} "
+              f"(decision {report.first_bad_decision_id}): {report.reason}")
+    raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("finsentinel-work/demo"), help="Where the demo's files go."),
+    customers: int = typer.Option(1500, help="Synthetic customers."),
+    terminals: int = typer.Option(3000, help="Synthetic terminals."),
+    days: int = typer.Option(42, help="Days of data; the last 7 are scored."),
+    seed: int = typer.Option(7, help="Random seed."),
+    db: DbOption = None,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Generate data, build the index on history, score the last week through the Prefect
+    flows, verify the ledger, and report."""
+    from pipeline.demo import DemoConfig, run_demo
+
+    report = run_demo(DemoConfig(workdir=workdir, customers=customers, terminals=terminals,
+                                 days=days, seed=seed, db=db), log=console.print)
+    if as_json:
+        out.print_json(json.dumps(asdict(report), default=str))
+        return
+    table = Table(title="finsentinel demo", show_header=False)
+    for key, value in asdict(report).items():
+        if key != "top_alerts":
+            table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float)
+                          else str(value))
+    out.print(table)
+    if report.top_alerts:
+        top = Table(title="top alerts")
+        for col in report.top_alerts[0]:
+            top.add_column(col)
+        for row in report.top_alerts:
+            top.add_row(*(str(v) for v in row.values()))
+        out.print(top)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except _expected_errors() as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

