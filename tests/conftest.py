@@ -18,6 +18,7 @@ PG_URL = os.environ.get("FINSENTINEL_TEST_PG_URL", "postgresql://postgres@127.0.
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @pytest.fixture(scope="session")
