@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -9,11 +10,15 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
+from pydantic import SecretStr
 
 from pipeline import jobs
+from pipeline.audit import FeedbackLabels, feedback_labels
 from pipeline.encoder import TextEncoder
 from pipeline.index import IndexConfig
 from pipeline.ingest import IngestResult, read_transactions
+from pipeline.ledger import DEFAULT_DB_ENV, Ledger
+from pipeline.privacy import flow_db_url
 from pipeline.vectors import VectorConfig
 
 
@@ -22,28 +27,40 @@ def ingest_history(path: str) -> IngestResult:
     return read_transactions(path, require_labels=True)
 
 
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def read_feedback(db: str | None) -> FeedbackLabels:
+    with Ledger(db) as ledger:
+        return feedback_labels(ledger)
+
+
 @task(cache_policy=NO_CACHE)
 def build_and_save(ingested: IngestResult, name: str, root: str | None, encoder_ref: str | None,
-                   until: datetime | None, text_dim: int, kind: str) -> jobs.BuildReport:
+                   until: datetime | None, text_dim: int, kind: str,
+                   feedback: FeedbackLabels | None = None) -> jobs.BuildReport:
     encoder = TextEncoder(encoder_ref) if text_dim > 0 else None
     return jobs.build_index(ingested, name, root=root, encoder=encoder, until=until,
                             vector_config=VectorConfig(text_dim=text_dim),
-                            config=IndexConfig(kind=kind))
+                            config=IndexConfig(kind=kind), feedback=feedback)
 
 
 @flow(name="build_index", log_prints=True)
 def build_index(input: str, name: str, root: str | None = None, encoder: str | None = None,
-                until: datetime | None = None, text_dim: int = 8, kind: str = "auto"
-                ) -> jobs.BuildReport:
-    """Index labelled history under ``root/name`` (default ``indexes/``)."""
+                until: datetime | None = None, text_dim: int = 8, kind: str = "auto",
+                db: str | SecretStr | None = None) -> jobs.BuildReport:
+    """Index labelled history under ``root/name`` (default ``indexes/``). With a ledger (``db``
+    or ``$FINSENTINEL_DB``), analysts' fraud reviews relabel the history they cover."""
+    db = flow_db_url(db)
     ingested = ingest_history(str(Path(input)))
-    report = build_and_save(quote(ingested), name, root, encoder, until, text_dim, kind)
+    feedback = read_feedback(db) if db or os.environ.get(DEFAULT_DB_ENV) else None
+    report = build_and_save(quote(ingested), name, root, encoder, until, text_dim, kind,
+                            quote(feedback))
     create_table_artifact(
         key="index-build",
         table=[{"index": f"{report.name}@{report.version}", "rows_in": report.rows_in,
                 "quarantined": report.rows_quarantined, "vectors": report.vectors,
                 "frauds": report.frauds, "faiss": report.faiss_index,
-                "label_cutoff": report.label_cutoff}],
+                "label_cutoff": report.label_cutoff,
+                "relabelled_by_reviews": report.feedback_applied}],
         description=f"Index {report.name} built from {input}",
     )
     return report

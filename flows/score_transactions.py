@@ -7,12 +7,15 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 from prefect.utilities.annotations import quote
+from pydantic import SecretStr
 
 from pipeline import jobs
 from pipeline.index import FraudIndex
 from pipeline.ingest import IngestResult, read_transactions
-from pipeline.ledger import BatchReceipt, Ledger
+from pipeline.ledger import BatchReceipt, Ledger, is_transient
+from pipeline.privacy import flow_db_url, pseudonymise_records
 from pipeline.scoring import FraudScorer, ScoredBatch, ScoringConfig
 
 
@@ -37,7 +40,14 @@ def write_outputs(scored: ScoredBatch, ingested: IngestResult, batch_id: str, ou
     return jobs.write_outputs(scored, ingested, batch_id, output)
 
 
-@task(retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
+def transient_db_error(_task: object, _run: object, state: State) -> bool:
+    """Retry the ledger write only for what another attempt can fix (locks, serialization
+    failures, dropped connections); a conflicting batch or a bad record fails at once."""
+    return is_transient(state.result(raise_on_failure=False))
+
+
+@task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=transient_db_error,
+      cache_policy=NO_CACHE)
 def record_decisions(db: str | None, ingested: IngestResult, scored: ScoredBatch,
                      index: FraudIndex, batch_id: str) -> BatchReceipt:
     with Ledger(db) as ledger:
@@ -46,11 +56,13 @@ def record_decisions(db: str | None, ingested: IngestResult, scored: ScoredBatch
 
 @flow(name="score_transactions", log_prints=True)
 def score_transactions(input: str, index: str, output: str, batch_id: str | None = None,
-                       db: str | None = None, root: str | None = None,
+                       db: str | SecretStr | None = None, root: str | None = None,
                        threshold: float = 0.5, alerts_per_day: int | None = None,
                        k: int = 20) -> jobs.ScoreReport:
     """Score ``input`` against index ``index``; decisions go to the ledger at ``db``
-    (default ``$FINSENTINEL_DB`` or the local SQLite ledger). Re-running a batch adds nothing."""
+    (default ``$FINSENTINEL_DB`` or the local SQLite ledger). Re-running a batch adds nothing.
+    A ``db`` with a password must be a ``SecretStr`` (Prefect masks it) or come from the env."""
+    db = flow_db_url(db)
     config = ScoringConfig(k=k, threshold=threshold, alerts_per_day=alerts_per_day)
     ingested = ingest_batch(input)
     fraud_index = load_index(index, root)
@@ -68,7 +80,9 @@ def score_transactions(input: str, index: str, output: str, batch_id: str | None
         description=f"Batch {batch_id} against {report.index_version}",
     )
     if report.top_alerts:
-        create_table_artifact(key="fraud-top-alerts", table=report.top_alerts,
+        # Artifacts are logs: customer and transaction ids appear only as keyed pseudonyms.
+        shown = pseudonymise_records(report.top_alerts, ("transaction_id", "customer_id"))
+        create_table_artifact(key="fraud-top-alerts", table=shown,
                               description=f"Top alerts of batch {batch_id}")
     print(f"batch {batch_id}: {report.rows_scored} scored, {report.rows_quarantined} "
           f"quarantined, {report.alerts} alerts, {report.ledger_added} new ledger records")

@@ -2,7 +2,8 @@
 
 An artifact named NAME lives in ``<root>/NAME/<version>/`` with a ``manifest.json`` that records
 the sha256 of every file. ``<root>/NAME/CURRENT`` names the live version and is replaced
-atomically, so a crash while writing a new version leaves the previous one live and loadable.
+atomically, so a crash while writing a new version leaves the previous one live and loadable;
+the next publish removes what the crashed writer left (its staging directory, temporary files).
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -20,7 +24,10 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
-KEEP_VERSIONS = 3
+# Old versions are pruned on publish. Replaying a recorded decision needs the exact version that
+# scored it, so the default keeps many; $FINSENTINEL_KEEP_INDEX_VERSIONS sets it (0 keeps all).
+KEEP_VERSIONS = 50
+KEEP_VERSIONS_ENV = "FINSENTINEL_KEEP_INDEX_VERSIONS"
 
 
 class ArtifactError(RuntimeError):
@@ -51,7 +58,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write a file so that readers see either the old or the new content, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_owned(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -70,7 +77,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_owned(path.name), suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -89,8 +96,9 @@ def publish(root: str | Path, name: str, manifest: dict[str, Any]) -> Iterator[P
     success the files are hashed into the manifest, fsynced, and CURRENT is switched to it."""
     base = Path(root) / name
     base.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(base)
     version = new_version()
-    staging = Path(tempfile.mkdtemp(dir=base, prefix=f".{version}."))
+    staging = Path(tempfile.mkdtemp(dir=base, prefix=_owned(version)))
     try:
         yield staging
         files = {}
@@ -108,10 +116,67 @@ def publish(root: str | Path, name: str, manifest: dict[str, Any]) -> Iterator[P
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _prune(base, keep=KEEP_VERSIONS)
+    _prune(base, keep=keep_versions())
+
+
+_HOST = socket.gethostname().replace(".", "_").replace("/", "_") or "localhost"
+_OWNED = re.compile(r"\.[^/]+?\.(?P<pid>\d+)@(?P<host>[^./]+)\.[^./]*(\.tmp)?")
+ABANDONED_TMP_S = 3600.0
+
+
+def _owned(name: str) -> str:
+    """Prefix of a temporary file or staging directory: hidden, and naming the process that
+    writes it, so that what a killed writer leaves can be told from what a live one is writing."""
+    return f".{name}.{os.getpid()}@{_HOST}."
+
+
+def _remove_abandoned(base: Path) -> None:
+    """Delete what killed writers left behind: staging directories and temporary files of
+    processes of this host that no longer exist, and any temporary file older than an hour.
+    Never a version directory or CURRENT."""
+    for entry in base.iterdir():
+        if not entry.name.startswith("."):
+            continue
+        match = _OWNED.fullmatch(entry.name)
+        dead = match is not None and match["host"] == _HOST and not _alive(int(match["pid"]))
+        if entry.is_dir() and dead:
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.is_file() and entry.name.endswith(".tmp") and (
+                dead or time.time() - entry.stat().st_mtime > ABANDONED_TMP_S):
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def keep_versions() -> int:
+    """How many versions publishing keeps: $FINSENTINEL_KEEP_INDEX_VERSIONS, else
+    KEEP_VERSIONS; 0 keeps every version."""
+    configured = os.environ.get(KEEP_VERSIONS_ENV, "").strip()
+    if not configured:
+        return KEEP_VERSIONS
+    try:
+        keep = int(configured)
+    except ValueError:
+        keep = -1
+    if keep < 0:
+        raise ArtifactError(f"${KEEP_VERSIONS_ENV} must be a whole number >= 0 (0 keeps every "
+                            f"version), got {configured!r}")
+    return keep
 
 
 def _prune(base: Path, keep: int) -> None:
+    if keep == 0:
+        return
     current = current_version(base.parent, base.name)
     versions = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     for old in versions[:-keep]:
@@ -126,10 +191,11 @@ def current_version(root: str | Path, name: str) -> str:
     return pointer.read_text().strip()
 
 
-def resolve(root: str | Path, name: str, version: str | None = None, *, verify: bool = True
-            ) -> tuple[Path, dict[str, Any]]:
+def resolve(root: str | Path, name: str, version: str | None = None, *, verify: bool = True,
+            require: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
     """Locate a version (default: CURRENT) and return its directory and manifest, after checking
-    every file against the manifest's sha256 (no file is trusted before that)."""
+    every file against the manifest's sha256 (no file is trusted before that). ``require``
+    names the files the caller will load: each must be listed, so none is loaded unchecked."""
     version = version or current_version(root, name)
     directory = Path(root) / name / version
     manifest_path = directory / MANIFEST
@@ -137,6 +203,10 @@ def resolve(root: str | Path, name: str, version: str | None = None, *, verify: 
         raise ArtifactError(f"artifact {name!r} version {version} is missing its manifest "
                             f"({manifest_path})")
     manifest = json.loads(manifest_path.read_text())
+    unlisted = [rel for rel in require if rel not in manifest.get("files", {})]
+    if unlisted:
+        raise ArtifactError(f"artifact {name!r} version {version}: {', '.join(unlisted)} not "
+                            "listed in the manifest, so it cannot be checked before loading")
     if verify:
         verify_files(directory, manifest)
     return directory, manifest

@@ -14,13 +14,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.sentiment.cli import sentiment_app
+
 app = typer.Typer(help="finsentinel: fraud scoring by nearest-neighbour evidence, with an audit "
                        "ledger.", no_args_is_help=True, pretty_exceptions_enable=False)
 index_app = typer.Typer(help="Build and inspect FAISS indexes of labelled history.",
                         no_args_is_help=True)
-audit_app = typer.Typer(help="Audit ledger: verify the hash chain.", no_args_is_help=True)
+audit_app = typer.Typer(help="Audit ledger: verify, anchor, replay, export, review.",
+                        no_args_is_help=True)
 app.add_typer(index_app, name="index")
 app.add_typer(audit_app, name="audit")
+app.add_typer(sentiment_app, name="sentiment")
 console = Console(stderr=True)
 out = Console()
 
@@ -32,7 +36,7 @@ RootOption = Annotated[Path | None, typer.Option(
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    _error(message)
     raise typer.Exit(code)
 
 
@@ -79,7 +83,7 @@ def generate(
         task = progress.add_task("generating days", total=days)
         rows = write_parquet(config, output,
                              progress=lambda done, total: progress.update(task, completed=done))
-    out.print(f"wrote {rows:,} transactions to {output}")
+    out.print(f"wrote {rows:,} transactions to {output}", markup=False)
 
 
 @app.command()
@@ -94,7 +98,8 @@ def features(
     with console.status("computing features"):
         ingested, path = features_job(input, output, label_delay_days)
     _print_counts(ingested)
-    out.print(f"features of {ingested.accepted.height:,} transactions written to {path}")
+    out.print(f"features of {ingested.accepted.height:,} transactions written to {path}",
+              markup=False)
 
 
 def _print_counts(ingested) -> None:
@@ -117,6 +122,10 @@ def index_build(
     text_dim: int = typer.Option(8, help="PCA dimension of the text embedding (0: no text)."),
     kind: str = typer.Option("auto", help="auto | flat | hnsw | ivf"),
     label_delay_days: int = typer.Option(7, help="Days until a label is known."),
+    db: Annotated[str | None, typer.Option(
+        "--db", help="Ledger whose analyst reviews relabel the history (confirmed-fraud -> 1, "
+                     "false-positive -> 0, known from the review time); default $FINSENTINEL_DB; "
+                     "neither: no reviews applied.")] = None,
 ) -> None:
     """Build a FAISS index of labelled history and save it with a manifest."""
     from pipeline import jobs
@@ -129,13 +138,23 @@ def index_build(
     with console.status("reading history"):
         ingested = read_transactions(input, require_labels=True)
     _print_counts(ingested)
+    feedback = None
+    if db or os.environ.get("FINSENTINEL_DB"):
+        from pipeline.audit import feedback_labels
+        from pipeline.ledger import Ledger
+
+        with Ledger(db) as ledger:
+            feedback = feedback_labels(ledger)
     with console.status("features, embeddings and index"):
         report = jobs.build_index(
             ingested, name, root=root, encoder=TextEncoder(encoder) if text_dim else None,
             until=cutoff, vector_config=VectorConfig(text_dim=text_dim),
-            config=IndexConfig(kind=kind, label_delay_days=label_delay_days))
+            config=IndexConfig(kind=kind, label_delay_days=label_delay_days), feedback=feedback)
+    if feedback is not None:
+        console.print(f"analyst reviews: {feedback.frame.height:,} reviewed transactions, "
+                      f"{report.feedback_applied:,} history rows relabelled")
     out.print(f"index {report.name}@{report.version}: {report.vectors:,} vectors "
-              f"({report.frauds:,} frauds, {report.faiss_index}) at {report.path}")
+              f"({report.frauds:,} frauds, {report.faiss_index}) at {report.path}", markup=False)
 
 
 @app.command()
@@ -182,24 +201,161 @@ def _print_score_report(report) -> None:
                   f"{report.rows_quarantined:,}")
     out.print(f"batch {report.batch_id}: {report.alerts:,} alerts; ledger +{report.ledger_added:,} "
               f"records ({report.ledger_already_present:,} already present); "
-              f"scores in {report.output}")
+              f"scores in {report.output}", markup=False)
     if report.quarantine:
-        out.print(f"quarantined rows in {report.quarantine}")
+        out.print(f"quarantined rows in {report.quarantine}", markup=False)
+
+
+FromOption = Annotated[str | None, typer.Option(
+    "--from", help="First day (2024-05-01) or time, UTC, of records created; inclusive.")]
+ToOption = Annotated[str | None, typer.Option(
+    "--to", help="Last day or time, UTC, inclusive (a date covers its whole day).")]
 
 
 @audit_app.command("verify")
-def audit_verify(db: DbOption = None) -> None:
-    """Recompute the ledger's hash chain; exit 1 and name the first bad record if broken."""
+def audit_verify(
+    db: DbOption = None,
+    from_: FromOption = None,
+    to: ToOption = None,
+    anchors: Annotated[list[Path] | None, typer.Option(
+        "--anchors", help="Anchor file(s) written by `audit anchor` or `audit export`: the "
+                          "ledger must still hold those chain heads.")] = None,
+) -> None:
+    """Recompute the ledger's hash chains (decisions, reviews); exit 1 and name the first bad
+    record if broken. A range is checked together with the link into it."""
+    from rich.markup import escape
+
+    from pipeline.audit import read_anchors, time_range
+    from pipeline.ledger import Ledger
+
+    since, until = time_range(from_, to)
+    expected = [a for path in anchors or [] for a in read_anchors(path)]
+    with Ledger(db) as ledger:
+        report = ledger.verify(since, until, anchors=expected)
+    if report.ok:
+        extra = f", {report.feedback_checked:,} reviews" if report.feedback_checked else ""
+        extra += f", {len(expected):,} anchors matched" if expected else ""
+        out.print(f"ledger OK: {report.checked:,} records{extra}, chain intact")
+        return
+    what = "review" if report.chain == "feedback" else "decision"
+    out.print(f"[bold red]ledger BROKEN[/] at {escape(report.chain)} record "
+              f"seq={report.first_bad_seq} ({what} {escape(str(report.first_bad_decision_id))}): "
+              f"{escape(report.reason)}")
+    raise typer.Exit(1)
+
+
+@audit_app.command("anchor")
+def audit_anchor(
+    output: Annotated[Path, typer.Option("--out", "-o", help="Anchor file (JSON) to write.")],
+    db: DbOption = None,
+    from_: FromOption = None,
+    to: ToOption = None,
+) -> None:
+    """Write each day's chain head (day, last seq, head hash) to a file kept outside the
+    database, so that `audit verify --anchors` catches a ledger rebuilt with new hashes."""
+    from pipeline.audit import time_range, write_anchors
+    from pipeline.ledger import Ledger
+
+    since, until = time_range(from_, to)
+    with Ledger(db) as ledger:
+        found = ledger.anchors(since, until)
+    path = write_anchors(output, found)
+    out.print(f"{len(found):,} day anchors written to {path}", markup=False)
+
+
+@audit_app.command("replay")
+def audit_replay(
+    decision_id: Annotated[str, typer.Argument(help="Decision id (from the ledger or an "
+                                                    "export).")],
+    db: DbOption = None,
+    root: RootOption = None,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Recompute a decision's score from its recorded inputs with the exact index version and
+    encoder weights it names; exit 1 if it differs or an artefact is missing or changed."""
+    from rich.markup import escape
+
+    from pipeline.audit import replay
+    from pipeline.ledger import Ledger
+
+    with console.status("replaying"), Ledger(db) as ledger:
+        result = replay(ledger, decision_id, root=root)
+    if as_json:
+        out.print_json(json.dumps(asdict(result), default=str))
+    else:
+        table = Table(show_header=True, title=f"decision {escape(decision_id)}")
+        for col in ("", "recorded", "replayed"):
+            table.add_column(col)
+        table.add_row("score", repr(result.recorded_score), repr(result.replayed_score))
+        table.add_row("threshold", repr(result.recorded_threshold),
+                      repr(result.replayed_threshold))
+        table.add_row("decision", str(result.recorded_decision), str(result.replayed_decision))
+        table.add_row("index", escape(result.index_version), "")
+        table.add_row("model", escape(result.model_version), "")
+        out.print(table)
+        status = "[green]REPRODUCED[/]" if result.ok else "[bold red]NOT REPRODUCED[/]"
+        out.print(f"{status}: {escape(result.reason)}")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("export")
+def audit_export(
+    output: Annotated[Path, typer.Option("--out", "-o", help="File to write.")],
+    format: Annotated[str, typer.Option(
+        "--format", "-f", help="csv | jsonl | parquet | html (a self-contained case report)")],
+    from_: FromOption = None,
+    to: ToOption = None,
+    db: DbOption = None,
+    reveal: bool = typer.Option(False, "--reveal", help="Export raw card and terminal ids "
+                                                       "(default: keyed pseudonyms)."),
+    batch: Annotated[str | None, typer.Option("--batch", help="Only this batch.")] = None,
+    decision: Annotated[list[str] | None, typer.Option(
+        "--decision", help="Only this decision (repeatable).")] = None,
+    alerts_only: bool = typer.Option(False, "--alerts-only", help="Only alert decisions."),
+) -> None:
+    """Export decisions recorded in a range, with their latest review; card and terminal ids
+    pseudonymised with $FINSENTINEL_PSEUDONYM_KEY unless --reveal. The day anchors of the range
+    go beside it (OUT.anchors.json)."""
+    from pipeline.audit import export, time_range
+    from pipeline.ledger import Ledger
+
+    since, until = time_range(from_, to)
+    with console.status("exporting"), Ledger(db) as ledger:
+        report = export(ledger, output, format.lower(), since, until, reveal=reveal,
+                        batch_id=batch, decision_ids=decision or None, alerts_only=alerts_only)
+    if not report.verified:
+        from rich.markup import escape
+
+        console.print(f"[bold red]warning:[/] the ledger does not verify: "
+                      f"{escape(report.verify_reason)}")
+    ids = "pseudonymised" if report.pseudonymised else "raw (--reveal)"
+    out.print(f"{report.rows:,} decisions exported to {report.path} ({report.format}, ids "
+              f"{ids}); {report.anchors:,} day anchors in {report.anchors_path}", markup=False)
+
+
+@audit_app.command("review")
+def audit_review(
+    decision_id: Annotated[str, typer.Argument(help="Decision id to review.")],
+    label: Annotated[str, typer.Option(
+        "--label", help="confirmed-fraud | false-positive (fraud decisions); confirmed | "
+                        "incorrect (other kinds, e.g. sentiment).")],
+    comment: Annotated[str | None, typer.Option("--comment", help="Why.")] = None,
+    reviewer: Annotated[str | None, typer.Option(
+        "--reviewer", help="Who (default $FINSENTINEL_REVIEWER, else the OS user).")] = None,
+    db: DbOption = None,
+) -> None:
+    """Record an analyst's review of a decision (append-only, hash-chained); the next index
+    build with --db uses fraud reviews as labels."""
+    from pipeline.audit import default_reviewer
     from pipeline.ledger import Ledger
 
     with Ledger(db) as ledger:
-        report = ledger.verify()
-    if report.ok:
-        out.print(f"ledger OK: {report.checked:,} records, chain intact")
-        return
-    out.print(f"[bold red]ledger BROKEN[/] at record seq={report.first_bad_seq} "
-              f"(decision {report.first_bad_decision_id}): {report.reason}")
-    raise typer.Exit(1)
+        receipt = ledger.record_feedback(decision_id, label, comment,
+                                         reviewer or default_reviewer())
+    out.print(f"review #{receipt.seq} recorded: {receipt.label} by {receipt.reviewer} for "
+              f"{receipt.kind} decision {receipt.decision_id} (subject {receipt.subject_id})",
+              markup=False)
 
 
 @app.command()
@@ -238,11 +394,32 @@ def demo(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         app()
     except _expected_errors() as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        _error(str(exc))
         sys.exit(2)
+    except SQLAlchemyError as exc:  # an unreachable or refusing database: say so, no traceback
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        _error(f"ledger database error ({type(exc).__name__}): {reason}")
+        sys.exit(2)
+    except OSError as exc:  # unreadable input, unwritable output, full disk
+        _error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+        sys.exit(2)
+
+
+def _error(message: str) -> None:
+    """Print an error for the user: markup in it is shown as text, and no secret is shown."""
+    from rich.markup import escape
+
+    from pipeline.ledger import DEFAULT_DB_ENV
+    from pipeline.privacy import redact, url_password
+
+    secrets = [url_password(os.environ.get(DEFAULT_DB_ENV)), os.environ.get("PGPASSWORD")]
+    secrets += [url_password(arg.split("=", 1)[-1]) for arg in sys.argv if "://" in arg]
+    console.print(f"[bold red]error:[/] {escape(redact(message, secrets))}")
 
 
 if __name__ == "__main__":

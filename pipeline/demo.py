@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from pydantic import SecretStr
 
 from pipeline import schema
 from pipeline.ledger import DEFAULT_DB_ENV, Ledger
 from pipeline.metrics import average_precision, roc_auc
+from pipeline.privacy import redact_url, url_password
 from pipeline.synthetic import SyntheticConfig, generate
 
 
@@ -92,7 +94,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoRepo
     log(f"scoring {feed.height:,} rows of the last {config.test_days} days "
         "(flow score_transactions) …")
     scored = score_transactions(input=str(batch_path), index="demo", output=str(
-        work / "scores.parquet"), db=db, root=str(work / "indexes"))
+        work / "scores.parquet"), db=SecretStr(db) if url_password(db) else db,
+        root=str(work / "indexes"))
     with Ledger(db) as ledger:
         verified = ledger.verify()
         records = ledger.count()
@@ -107,7 +110,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoRepo
         frauds_in_batch=int(y.sum()), frauds_alerted=int(alerted[schema.IS_FRAUD].sum()),
         auc_roc=roc_auc(y, s), average_precision=average_precision(y, s),
         index=f"{built.name}@{built.version}", index_vectors=built.vectors,
-        ledger=db, ledger_records=records, ledger_verified=verified.ok,
+        ledger=redact_url(db), ledger_records=records, ledger_verified=verified.ok,
         scores_file=scored.output, quarantine_file=scored.quarantine,
         seconds=round(time.perf_counter() - started, 1), top_alerts=scored.top_alerts[:5],
     )

@@ -163,8 +163,35 @@ class TextEncoder:
         return np.vstack(out).astype(np.float32, copy=False)
 
 
+# Weight formats that are pickles: loading one can run arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+
+
+class UnsafeModelError(ValueError):
+    """A model directory holds pickle-format weights (or no safetensors weights at all)."""
+
+
+def check_safetensors_only(directory: str | Path) -> None:
+    """Refuse a model directory unless its weights are safetensors only: a pickle file beside
+    them is refused too, so that no loader can fall back to unpickling it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return  # a single file or a hub name: the loader itself is told safetensors only
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    pickles = sorted(p.relative_to(directory).as_posix() for p in files
+                     if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeModelError(
+            f"model directory {directory} holds pickle-format weights ({', '.join(pickles)}); "
+            "only safetensors weights are loaded, since unpickling can run code — convert them "
+            "to model.safetensors and remove the pickle files")
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise UnsafeModelError(f"model directory {directory} has no .safetensors weights")
+
+
 def load_sentence_transformer(model_ref: str, device: str):
-    """Load the packaged default, a local directory, or (where the hub is reachable) a hub name."""
+    """Load the packaged default, a local directory, or (where the hub is reachable) a hub name;
+    safetensors weights only (see :func:`check_safetensors_only`)."""
     from sentence_transformers import SentenceTransformer
 
     if model_ref == DEFAULT_ENCODER:
@@ -178,7 +205,10 @@ def load_sentence_transformer(model_ref: str, device: str):
             f"encoder {model_ref!r} is neither the packaged default ({DEFAULT_ENCODER}) nor a "
             "local directory, and the model hub is off (HF_HUB_OFFLINE)"
         )
-    model = SentenceTransformer(str(path or model_ref), device=device)
+    if path is not None:
+        check_safetensors_only(path)
+    model = SentenceTransformer(str(path or model_ref), device=device,
+                                model_kwargs={"use_safetensors": True})
     if device.startswith("cuda"):
         model = model.half()
     model.eval()

@@ -21,6 +21,9 @@ from pipeline.encoder import TextEncoder
 from pipeline.vectors import TransactionVectorizer, VectorConfig
 
 INDEXES_ENV = "FINSENTINEL_INDEXES"
+# Every file FraudIndex.load reads: each must be in the manifest, with its hash checked first.
+INDEX_FILES = ("index.faiss", "meta.parquet", "context.parquet", "vectorizer.npz",
+               "vectorizer.json")
 META_COLUMNS = (schema.TRANSACTION_ID, schema.TX_TIME, "label_time", schema.IS_FRAUD,
                 schema.CUSTOMER_ID, schema.TERMINAL_ID)
 
@@ -121,13 +124,17 @@ class FraudIndex:
               vector_config: VectorConfig | None = None, config: IndexConfig | None = None,
               until: datetime | None = None) -> FraudIndex:
         """Index the rows of ``history`` (with features and ``is_fraud``) whose label was known at
-        ``until`` (label time = transaction time + label delay); all rows when ``until`` is None."""
+        ``until`` (label time = transaction time + label delay); all rows when ``until`` is None.
+        A ``label_time`` column, where not null, gives a row's label time instead (an analyst's
+        review: the label is known from the review on)."""
         config = config or IndexConfig()
         if schema.IS_FRAUD not in history.columns:
             raise ValueError("index build needs labelled history: column 'is_fraud' is missing")
         delay = timedelta(days=config.label_delay_days)
+        default_time = pl.col(schema.TX_TIME) + delay
         history = history.with_columns(
-            (pl.col(schema.TX_TIME) + delay).alias("label_time"),
+            (pl.coalesce(pl.col("label_time").cast(pl.Datetime("us")), default_time)
+             if "label_time" in history.columns else default_time).alias("label_time"),
             pl.col(schema.IS_FRAUD).cast(pl.Int8),
         )
         labelled = history.filter(pl.col(schema.IS_FRAUD).is_not_null())
@@ -146,12 +153,13 @@ class FraudIndex:
                         if c in schema.DTYPES and c != schema.FRAUD_SCENARIO]
         context = history.filter(
             pl.col(schema.TX_TIME) > end - timedelta(days=config.context_days)
-        ).select(context_cols)
+        )
         if until is not None:  # labels not yet known at the cutoff are not known to us either
             context = context.with_columns(
-                pl.when(pl.col(schema.TX_TIME) + delay <= until).then(pl.col(schema.IS_FRAUD))
+                pl.when(pl.col("label_time") <= until).then(pl.col(schema.IS_FRAUD))
                 .otherwise(None).alias(schema.IS_FRAUD)
             )
+        context = context.select(context_cols)
         meta = labelled.select(*META_COLUMNS, *vectorizer.config.numeric_features)
         manifest = {
             "kind": "fraud-knn-index",
@@ -188,7 +196,7 @@ class FraudIndex:
         """Load after checking every file against the manifest hashes, and the encoder's
         weights against the ones the index was built with."""
         root = Path(root) if root else default_root()
-        directory, manifest = artifacts.resolve(root, name, version)
+        directory, manifest = artifacts.resolve(root, name, version, require=INDEX_FILES)
         recorded = manifest.get("encoder")
         if recorded:
             encoder = encoder or TextEncoder(recorded["id"])

@@ -22,11 +22,15 @@ Decisions worth knowing:
   "card-present"/"card-not-present" and anything else becomes null rather than quarantining.
 * Integral floats in id and text columns (pandas writes integer ids with nulls as float) become
   integer strings, so 596.0 and 596 are the same customer.
-* A CSV that is not valid UTF-8 is decoded as cp1252 (or latin-1) with an :class:`IngestWarning`.
+* A CSV that is not valid UTF-8 is decoded as cp1252 (or latin-1) with an :class:`IngestWarning`;
+  one in UTF-16/32 with a byte-order mark is decoded (with a warning too), and classic-Mac
+  line ends (CR only) are line ends (polars alone would read such a file as one header row).
+* An id containing a NUL character is quarantined: no database text column can hold it.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -206,7 +210,7 @@ def _validate(read: _Read, *, require_labels: bool, source: str) -> IngestResult
     fields = [c for c in schema.DTYPES if c in names]
     for field in fields:
         dtype = frame.schema[names[field]]
-        if dtype.is_nested() or dtype in (pl.Binary, pl.Object):
+        if dtype.is_nested() or dtype in (pl.Binary, pl.Object) or isinstance(dtype, pl.Duration):
             raise InputError(
                 f"{source}: column '{names[field]}' holds {dtype} values; expected single "
                 f"values convertible to {schema.DTYPES[field]} for '{field}'"
@@ -358,8 +362,14 @@ def _rule(field: str, dtype: pl.DataType, require_labels: bool) -> _Rule:
     col = pl.col(field)
     text = _text(col, dtype)
     if field in _ID_FIELDS:
-        missing = pl.lit(f"{field}: missing value (expected a non-blank id)")
-        return _Rule(text, bad=col.is_null(), message=missing)
+        # NUL cannot be stored in PostgreSQL text (nor safely in most tools): not an id.
+        message = (
+            pl.when(text.str.contains("\x00", literal=True))
+            .then(pl.lit(f"{field}: contains a NUL character (expected printable text)"))
+            .otherwise(pl.lit(f"{field}: missing value (expected a non-blank id)"))
+        )
+        bad = col.is_null() | col.str.contains("\x00", literal=True)
+        return _Rule(text, bad=bad, message=message)
     if field == schema.TX_TIME:
         epoch = pl.when(text.str.contains(_NUMBER)).then(
             pl.lit(" (epoch numbers are not accepted: their unit and origin are ambiguous)")
@@ -543,24 +553,63 @@ def _read_parquet(path: Path, source: str) -> _Read:
 def _read_csv(path: Path, source: str) -> _Read:
     with open(path, "rb") as handle:
         head = handle.read(1 << 16)
+    data = _recoded_csv(path, head, source)  # None: the file is read as it is (the fast path)
+    if data is not None:
+        head = data[: 1 << 16]
     first_line = head.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace")
     if not first_line.strip():
         raise InputError(f"{source}: no header row; expected column names on the first line")
+    if "\x00" in first_line:
+        raise InputError(f"{source}: the header holds NUL bytes, as UTF-16/32 text without a "
+                         "byte-order mark does; expected UTF-8 (or UTF-16 with its BOM)")
     separator = max(",;\t|", key=first_line.count)  # ties go to the comma
-    header = next(csv.reader([first_line], delimiter=separator))
+    try:
+        header = next(csv.reader([first_line.rstrip("\r")], delimiter=separator))
+    except csv.Error as error:  # e.g. a stray carriage return inside the header
+        raise InputError(f"{source}: the header row is not readable CSV ({error}); expected "
+                         "column names separated by commas") from error
     _canonical_columns(header, source)  # polars renames duplicate names, so check them here
 
     try:
-        return _Read(_polars_csv(path, separator))
+        return _Read(_polars_csv(path if data is None else data, separator))
     except pl.exceptions.PolarsError as error:
         # Not UTF-8, or rows polars cannot take (extra fields): decode, then retry or go slow.
-        text = _decode(path.read_bytes(), source)
+        text = _decode(path.read_bytes() if data is None else data, source)
         if "utf-8" in str(error).lower():
             try:
                 return _Read(_polars_csv(text.encode("utf-8"), separator))
             except pl.exceptions.PolarsError:
                 pass
         return _python_csv(text, separator, source)
+
+
+_UTF_BOMS = (  # UTF-32 first: its little-endian BOM begins with UTF-16's
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _recoded_csv(path: Path, head: bytes, source: str) -> bytes | None:
+    """UTF-8 bytes with LF line ends for the files polars would misread: UTF-16/32 (with a
+    byte-order mark) and classic-Mac CR-only line ends (polars would see one long header and
+    no rows, silently). None for every other file."""
+    encoding = next((enc for bom, enc in _UTF_BOMS if head.startswith(bom)), None)
+    cr_only = b"\r" in head and b"\n" not in head
+    if encoding is None and not cr_only:
+        return None
+    data = path.read_bytes()
+    if encoding is not None:
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError as error:
+            raise InputError(f"{source}: starts with a {encoding.upper()} byte-order mark but is "
+                             f"not valid {encoding.upper()} ({error}); expected UTF-8 text"
+                             ) from error
+        warnings.warn(f"{source}: {encoding.upper()} text; decoded and read as UTF-8",
+                      IngestWarning, stacklevel=4)
+        data = text.encode("utf-8")
+        cr_only = b"\r" in data and b"\n" not in data
+    return data.replace(b"\r", b"\n") if cr_only else data
 
 
 def _polars_csv(data: Path | bytes, separator: str) -> pl.DataFrame:

@@ -12,6 +12,7 @@ import polars as pl
 
 from pipeline import schema
 from pipeline.artifacts import atomic_path
+from pipeline.audit import FeedbackLabels, apply_feedback
 from pipeline.encoder import TextEncoder
 from pipeline.features import compute_features
 from pipeline.index import FraudIndex, IndexConfig
@@ -33,6 +34,7 @@ class BuildReport:
     frauds: int
     faiss_index: str
     label_cutoff: str
+    feedback_applied: int = 0  # history rows relabelled by analysts' reviews
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,22 @@ def quarantine_path(output: Path) -> Path:
 def build_index(ingested: IngestResult, name: str, *, root: str | Path | None = None,
                 encoder: TextEncoder | None = None, until: datetime | None = None,
                 vector_config: VectorConfig | None = None,
-                config: IndexConfig | None = None) -> BuildReport:
+                config: IndexConfig | None = None,
+                feedback: FeedbackLabels | None = None) -> BuildReport:
+    """Build and save an index of the accepted rows. With ``feedback`` (analysts' reviews from
+    the ledger), reviewed transactions carry the reviewer's label, known from the review time."""
     config = config or IndexConfig()
-    featured = compute_features(ingested.accepted, label_delay_days=config.label_delay_days)
+    history, applied = ingested.accepted, 0
+    if feedback is not None:
+        history, applied = apply_feedback(history, feedback)
+    featured = compute_features(history, label_delay_days=config.label_delay_days)
     index = FraudIndex.build(featured, encoder=encoder, vector_config=vector_config,
                              config=config, until=until)
+    if feedback is not None:
+        index.manifest["feedback"] = {
+            "rows_relabelled": applied, "reviewed_transactions": feedback.frame.height,
+            "feedback_head_seq": feedback.feedback_head_seq,
+            "feedback_head_hash": feedback.feedback_head_hash}
     version = index.save(name, root)
     m = index.manifest
     return BuildReport(
@@ -98,6 +111,7 @@ def build_index(ingested: IngestResult, name: str, *, root: str | Path | None = 
         rows_in=ingested.rows_in, rows_accepted=ingested.accepted.height,
         rows_quarantined=ingested.quarantined.height, vectors=m["vector_count"],
         frauds=m["fraud_count"], faiss_index=m["faiss_index"], label_cutoff=m["label_cutoff"],
+        feedback_applied=applied,
     )
 
 
@@ -105,12 +119,14 @@ def decisions_for(scored: ScoredBatch, batch_id: str, index: FraudIndex) -> list
     model_version = (index.manifest["encoder"] or {}).get("model_id", "numeric-only")
     rows = scored.scores.select(schema.TRANSACTION_ID, "score", "threshold", "decision",
                                 "input_hash").iter_rows()
+    inputs = scored.inputs or [None] * scored.scores.height
     return [
         Decision(batch_id=batch_id, kind="fraud", subject_id=tx, score=float(score),
                  threshold=float(threshold), decision=decision, model_version=model_version,
-                 index_version=index.version, input_hash=input_hash, explanation=explanation)
-        for (tx, score, threshold, decision, input_hash), explanation
-        in zip(rows, scored.explanations, strict=True)
+                 index_version=index.version, input_hash=input_hash, explanation=explanation,
+                 inputs=row_inputs)
+        for (tx, score, threshold, decision, input_hash), explanation, row_inputs
+        in zip(rows, scored.explanations, inputs, strict=True)
     ]
 
 

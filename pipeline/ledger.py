@@ -15,6 +15,19 @@ number is itself evidence of a deletion.
 Transient errors ("database is locked", serialization failures, dropped connections) are retried
 by :func:`retry_transient`; :meth:`Ledger.record_batch` uses it, and a retried batch is safe
 because the whole batch is one transaction and re-recording a batch is idempotent.
+
+Schema version 2 adds, per decision, the scored row's ``inputs`` (canonical input fields, full
+precision features, the exact query vector: what a replay needs). ``inputs`` is hashed into the
+record when present, so version-1 records, which have none, keep their hashes and still verify.
+It also adds analysts' reviews in ``feedback``, an append-only table with its own hash chain: a
+review names the decision and that decision's hash, so it is bound to exactly what was reviewed,
+while the decision chain keeps one gap-free record per automated decision (batch counts and
+``seq`` gaps stay evidence of deletion). Opening an older ledger applies :data:`MIGRATIONS` in
+order, under the same lock as appends, and records each step in ``ledger_meta``.
+
+:meth:`Ledger.verify` can check a created_at range (including the link into it from the record
+before), and compares the chains with :class:`Anchor` s — day heads kept outside the database —
+which a ledger rebuilt from scratch with recomputed hashes cannot match.
 """
 
 from __future__ import annotations
@@ -42,7 +55,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 DEFAULT_DB_ENV = "FINSENTINEL_DB"
 DEFAULT_WORKDIR = Path("finsentinel-work")
 DEFAULT_DB_FILE = "ledger.sqlite"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 GENESIS_HASH = "0" * 64
 DECISION_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://finsentinel/ledger/decision")
 BUSY_TIMEOUT_S = 30.0
@@ -54,6 +67,14 @@ INSERT_CHUNK = 5000
 HASHED_FIELDS = ("batch_id", "created_at", "decision", "decision_id", "explanation",
                  "index_version", "input_hash", "kind", "model_version", "prev_hash", "score",
                  "subject_id", "threshold")
+# Hashed only when not null (schema v2): version-1 records have none and keep their hashes.
+OPTIONAL_HASHED_FIELDS = ("inputs",)
+FEEDBACK_HASHED_FIELDS = ("comment", "created_at", "decision_hash", "decision_id", "feedback_id",
+                          "kind", "label", "prev_hash", "reviewer", "subject_id")
+# What a reviewer may say about a decision, by decision kind (others: REVIEW_LABELS_OTHER).
+REVIEW_LABELS = {"fraud": ("confirmed-fraud", "false-positive")}
+REVIEW_LABELS_OTHER = ("confirmed", "incorrect")
+MAX_COMMENT_CHARS = 10_000
 
 T = TypeVar("T")
 
@@ -101,6 +122,7 @@ DECISIONS = sa.Table(
     sa.Column("created_at", sa.Text, nullable=False, index=True),
     sa.Column("prev_hash", sa.CHAR(64), nullable=False),
     sa.Column("hash", sa.CHAR(64), nullable=False),
+    sa.Column("inputs", sa.Text, nullable=True),  # schema v2; null in version-1 records
     sa.UniqueConstraint("kind", "batch_id", "subject_id", name="uq_decisions_kind_batch_subject"),
 )
 
@@ -112,6 +134,54 @@ QUARANTINE = sa.Table(
     sa.Column("field", sa.Text, nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("raw", sa.Text, nullable=False),
+)
+
+
+def _feedback_table_v2(metadata: sa.MetaData) -> sa.Table:
+    """The feedback table as schema version 2 defines it (migration 1 -> 2 creates this shape;
+    a later change to it needs its own migration step)."""
+    return sa.Table(
+        "feedback", metadata,
+        sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("feedback_id", sa.Text, nullable=False, unique=True),
+        sa.Column("decision_id", sa.Text, nullable=False, index=True),
+        sa.Column("decision_hash", sa.CHAR(64), nullable=False),
+        sa.Column("kind", sa.Text, nullable=False),
+        sa.Column("subject_id", sa.Text, nullable=False, index=True),
+        sa.Column("label", sa.Text, nullable=False),
+        sa.Column("comment", sa.Text, nullable=True),
+        sa.Column("reviewer", sa.Text, nullable=False),
+        sa.Column("created_at", sa.Text, nullable=False, index=True),
+        sa.Column("prev_hash", sa.CHAR(64), nullable=False),
+        sa.Column("hash", sa.CHAR(64), nullable=False),
+    )
+
+
+FEEDBACK = _feedback_table_v2(METADATA)
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step, from ``version`` to ``version + 1``; ``apply`` runs inside the open
+    transaction that holds the ledger's write lock, so it is atomic and runs once."""
+
+    version: str
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _migrate_1_to_2(conn: Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE decisions ADD COLUMN inputs TEXT"))
+    _feedback_table_v2(sa.MetaData()).create(conn)
+    conn.execute(LEDGER_META.insert(), [{"key": "feedback_head_seq", "value": "0"},
+                                        {"key": "feedback_head_hash", "value": GENESIS_HASH}])
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration("1", "decisions.inputs (replay inputs, hashed when present); feedback hash chain",
+              _migrate_1_to_2),
 )
 
 
@@ -165,6 +235,18 @@ def explanation_json(explanation: Mapping[str, Any], where: str = "explanation")
         raise ValueError(f"{where}: explanation is not JSON-serialisable ({exc})") from exc
 
 
+def inputs_json(inputs: Mapping[str, Any], where: str = "inputs") -> str:
+    if not isinstance(inputs, Mapping):
+        raise ValueError(f"{where}: inputs must be a dict, got {type(inputs).__name__}")
+    try:
+        return canonical_json(dict(inputs))
+    except ValueError as exc:
+        raise ValueError(f"{where}: inputs contain NaN or infinity ({exc}); record them as "
+                         "null") from exc
+    except TypeError as exc:
+        raise ValueError(f"{where}: inputs are not JSON-serialisable ({exc})") from exc
+
+
 def decision_id_for(kind: str, batch_id: str, subject_id: str) -> str:
     """Deterministic id, so re-running a batch produces the same ids."""
     return str(uuid.uuid5(DECISION_NAMESPACE, f"{kind}:{batch_id}:{subject_id}"))
@@ -176,7 +258,20 @@ def record_hash(record: Mapping[str, Any]) -> str:
     material = {name: record[name] for name in HASHED_FIELDS}
     material["score"] = float(material["score"])
     material["threshold"] = float(material["threshold"])
+    for name in OPTIONAL_HASHED_FIELDS:
+        if record.get(name) is not None:
+            material[name] = record[name]
     return hashlib.sha256(canonical_json(material).encode("utf-8")).hexdigest()
+
+
+def feedback_hash(record: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of a review's fields (all but ``seq`` and ``hash``)."""
+    material = {name: record[name] for name in FEEDBACK_HASHED_FIELDS}
+    return hashlib.sha256(canonical_json(material).encode("utf-8")).hexdigest()
+
+
+def review_labels(kind: str) -> tuple[str, ...]:
+    return REVIEW_LABELS.get(kind, REVIEW_LABELS_OTHER)
 
 
 @dataclass(frozen=True)
@@ -194,6 +289,8 @@ class Decision:
     input_hash: str
     explanation: dict
     decision_id: str = ""
+    # What a replay needs (schema v2): the scored row's fields, features and query vector.
+    inputs: dict | None = None
 
     def __post_init__(self) -> None:
         where = f"decision for subject {self.subject_id!r}"
@@ -203,6 +300,8 @@ class Decision:
         object.__setattr__(self, "score", _finite_float("score", self.score, where))
         object.__setattr__(self, "threshold", _finite_float("threshold", self.threshold, where))
         explanation_json(self.explanation, where)
+        if self.inputs is not None:
+            inputs_json(self.inputs, where)
         if self.decision_id:
             _check_text("decision_id", self.decision_id, where)
         else:
@@ -240,11 +339,41 @@ class BatchReceipt:
 
 @dataclass(frozen=True)
 class VerifyReport:
+    """``chain`` names where the first problem is: "decisions", "feedback" or "anchors"; for a
+    feedback record ``first_bad_decision_id`` holds its feedback id."""
+
     ok: bool
     checked: int
     first_bad_seq: int | None
     first_bad_decision_id: str | None
     reason: str
+    chain: str = "decisions"
+    feedback_checked: int = 0
+
+
+@dataclass(frozen=True)
+class FeedbackReceipt:
+    feedback_id: str
+    seq: int
+    decision_id: str
+    kind: str
+    subject_id: str
+    label: str
+    reviewer: str
+    created_at: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A chain's head at the end of one UTC day: kept outside the database (an export), it
+    lets :meth:`Ledger.verify` tell a ledger rebuilt with recomputed hashes from the original."""
+
+    chain: str  # "decisions" | "feedback"
+    day: str  # YYYY-MM-DD (UTC, from created_at)
+    last_seq: int
+    head_hash: str
+    records: int  # records of that day
 
 
 # --- connection handling ------------------------------------------------------------------
@@ -378,20 +507,47 @@ class Ledger:
                 yield conn
 
     def _init_schema(self) -> None:
+        """Create a new ledger, or bring an older one up to :data:`SCHEMA_VERSION`. Under the
+        write lock: of several processes opening one old ledger, one migrates, the rest wait and
+        find it current."""
         with self._write() as conn:
-            METADATA.create_all(conn)
-            meta = dict(conn.execute(sa.select(LEDGER_META.c.key, LEDGER_META.c.value)).all())
-            version = meta.get("schema_version")
+            version = None
+            if sa.inspect(conn).has_table(LEDGER_META.name):
+                version = conn.execute(sa.select(LEDGER_META.c.value).where(
+                    LEDGER_META.c.key == "schema_version")).scalar_one_or_none()
             if version is None:
+                METADATA.create_all(conn)
                 conn.execute(LEDGER_META.insert(), [
                     {"key": "schema_version", "value": SCHEMA_VERSION},
                     {"key": "head_seq", "value": "0"},
                     {"key": "head_hash", "value": GENESIS_HASH},
+                    {"key": "feedback_head_seq", "value": "0"},
+                    {"key": "feedback_head_hash", "value": GENESIS_HASH},
+                    {"key": "created_schema_version", "value": SCHEMA_VERSION},
                 ])
-            elif version != SCHEMA_VERSION:
+                return
+            steps = {m.version: m for m in MIGRATIONS}
+            known = {*steps, SCHEMA_VERSION}
+            if version not in known:
                 raise LedgerError(f"{self!r}: ledger schema_version is {version!r}, but this "
-                                  f"code reads version {SCHEMA_VERSION!r}; migrate the database "
-                                  "or use a matching finsentinel release")
+                                  f"code reads version {SCHEMA_VERSION!r} (and migrates "
+                                  f"{', '.join(sorted(steps)) or 'none'}); it was written by "
+                                  "another finsentinel release — use a matching one")
+            while version != SCHEMA_VERSION:
+                step = steps[version]
+                step.apply(conn)
+                new = str(int(version) + 1)
+                conn.execute(LEDGER_META.insert().values(
+                    key=f"migration_{version}_to_{new}",
+                    value=f"{_utc_now()} {step.description}"))
+                conn.execute(LEDGER_META.update().where(LEDGER_META.c.key == "schema_version")
+                             .values(value=new))
+                version = new
+
+    def meta(self) -> dict[str, str]:
+        """The ledger_meta table: schema version, chain heads, migrations applied."""
+        with self._read() as conn:
+            return dict(conn.execute(sa.select(LEDGER_META.c.key, LEDGER_META.c.value)).all())
 
     # -- writing --
 
@@ -424,7 +580,8 @@ class Ledger:
 
     @staticmethod
     def _validate(batch_id: str, kind: str, decisions: list[Decision],
-                  quarantined: list[QuarantinedRow]) -> list[str]:
+                  quarantined: list[QuarantinedRow]) -> list[tuple[str, str | None]]:
+        """Each decision's (explanation JSON, inputs JSON or None), after checking the batch."""
         explanations, subjects, ids = [], set(), set()
         for i, d in enumerate(decisions):
             where = f"batch {batch_id!r} decision #{i} (subject {d.subject_id!r})"
@@ -438,8 +595,9 @@ class Ledger:
             subjects.add(d.subject_id)
             ids.add(d.decision_id)
             try:
-                # Recomputed here: the dict may have changed since the Decision was built.
-                explanations.append(explanation_json(d.explanation, where))
+                # Recomputed here: the dicts may have changed since the Decision was built.
+                explanations.append((explanation_json(d.explanation, where),
+                                     None if d.inputs is None else inputs_json(d.inputs, where)))
             except ValueError as exc:
                 raise LedgerError(str(exc)) from exc
         row_numbers = [q.row_number for q in quarantined]
@@ -450,7 +608,7 @@ class Ledger:
         return explanations
 
     def _append(self, batch_id: str, kind: str, input_hash: str, rows_in: int,
-                decisions: list[Decision], explanations: list[str],
+                decisions: list[Decision], explanations: list[tuple[str, str | None]],
                 quarantined: list[QuarantinedRow]) -> BatchReceipt:
         with self._write() as conn:
             existing = conn.execute(
@@ -474,13 +632,14 @@ class Ledger:
             seq, prev_hash = self._head(conn)
             now = _utc_now()
             rows = []
-            for d, explanation in zip(decisions, explanations, strict=True):
+            for d, (explanation, inputs) in zip(decisions, explanations, strict=True):
                 seq += 1
                 row = {"decision_id": d.decision_id, "batch_id": batch_id, "kind": kind,
                        "subject_id": d.subject_id, "score": d.score, "threshold": d.threshold,
                        "decision": d.decision, "model_version": d.model_version,
                        "index_version": d.index_version, "input_hash": d.input_hash,
-                       "explanation": explanation, "created_at": now, "prev_hash": prev_hash}
+                       "explanation": explanation, "inputs": inputs, "created_at": now,
+                       "prev_hash": prev_hash}
                 row["hash"] = prev_hash = record_hash(row)
                 row["seq"] = seq
                 rows.append(row)
@@ -500,76 +659,205 @@ class Ledger:
             return BatchReceipt(batch_id, len(decisions), 0, len(quarantined), prev_hash)
 
     @staticmethod
-    def _head(conn: Connection) -> tuple[int, str]:
-        last = conn.execute(sa.select(DECISIONS.c.seq, DECISIONS.c.hash)
-                            .order_by(DECISIONS.c.seq.desc()).limit(1)).first()
+    def _head(conn: Connection, table: sa.Table = DECISIONS) -> tuple[int, str]:
+        last = conn.execute(sa.select(table.c.seq, table.c.hash)
+                            .order_by(table.c.seq.desc()).limit(1)).first()
         return (0, GENESIS_HASH) if last is None else (int(last.seq), last.hash)
+
+    def record_feedback(self, decision_id: str, label: str, comment: str | None,
+                        reviewer: str) -> FeedbackReceipt:
+        """Append a reviewer's label for one decision to the feedback chain. Reviews are never
+        edited: a later review of the same decision supersedes it, and both stay on record."""
+        try:
+            _check_text("decision_id", decision_id)
+            _check_text("reviewer", reviewer, "review")
+            _check_text("label", label, "review")
+        except ValueError as exc:
+            raise LedgerError(str(exc)) from exc
+        if comment is not None:
+            if not isinstance(comment, str) or "\x00" in comment:
+                raise LedgerError("review: comment must be text without NUL characters")
+            if len(comment) > MAX_COMMENT_CHARS:
+                raise LedgerError(f"review: comment has {len(comment):,} characters; at most "
+                                  f"{MAX_COMMENT_CHARS:,} are kept")
+            comment = comment if comment.strip() else None
+        return retry_transient(lambda: self._append_feedback(decision_id, label, comment,
+                                                             reviewer))
+
+    def _append_feedback(self, decision_id: str, label: str, comment: str | None,
+                         reviewer: str) -> FeedbackReceipt:
+        with self._write() as conn:
+            target = conn.execute(
+                sa.select(DECISIONS.c.kind, DECISIONS.c.subject_id, DECISIONS.c.hash)
+                .where(DECISIONS.c.decision_id == decision_id)).first()
+            if target is None:
+                raise LedgerError(f"no decision {decision_id!r} in the ledger: nothing to review")
+            allowed = review_labels(target.kind)
+            if label not in allowed:
+                raise LedgerError(f"review of decision {decision_id}: label {label!r} is not "
+                                  f"one for a {target.kind} decision; expected one of "
+                                  f"{', '.join(allowed)}")
+            seq, prev_hash = self._head(conn, FEEDBACK)
+            row = {"feedback_id": str(uuid.uuid4()), "decision_id": decision_id,
+                   "decision_hash": target.hash, "kind": target.kind,
+                   "subject_id": target.subject_id, "label": label, "comment": comment,
+                   "reviewer": reviewer, "created_at": _utc_now(), "prev_hash": prev_hash}
+            row["hash"] = feedback_hash(row)
+            row["seq"] = seq + 1
+            conn.execute(FEEDBACK.insert().values(**row))
+            for key, value in (("feedback_head_seq", str(seq + 1)),
+                               ("feedback_head_hash", row["hash"])):
+                conn.execute(LEDGER_META.update().where(LEDGER_META.c.key == key)
+                             .values(value=value))
+            return FeedbackReceipt(row["feedback_id"], seq + 1, decision_id, target.kind,
+                                   target.subject_id, label, reviewer, row["created_at"],
+                                   row["hash"])
 
     # -- checking --
 
-    def verify(self) -> VerifyReport:
-        """Walk the chain from the genesis record and report the first record where it breaks;
-        then check the chain's end against the recorded head and each batch's decision count."""
-        columns = [DECISIONS.c.seq, DECISIONS.c.hash, *(DECISIONS.c[n] for n in HASHED_FIELDS)]
-        checked, expected_seq, prev_hash, last_id = 0, 1, GENESIS_HASH, None
+    def verify(self, since: datetime | str | None = None, until: datetime | str | None = None,
+               anchors: Sequence[Anchor] = ()) -> VerifyReport:
+        """Walk the decision chain, then the review chain, and report the first record where
+        one breaks; then check each chain's end against its recorded head, each batch's decision
+        count, and every given anchor (a ledger rebuilt with recomputed hashes fails there).
+
+        ``since`` (inclusive) and ``until`` (exclusive) limit the walk to records created in
+        that range (UTC); the range's first record must still link to the record before it, so a
+        break at the boundary is found too."""
+        lo, hi = _iso_bound(since, "since"), _iso_bound(until, "until")
         with self._read() as conn:
-            result = conn.execution_options(yield_per=2000).execute(
-                sa.select(*columns).order_by(DECISIONS.c.seq))
-            for row in result.mappings():
-                checked += 1
-                seq = int(row["seq"])
-                if record_hash(row) != row["hash"]:
-                    result.close()
-                    return _bad(checked, row, "hash mismatch: record was edited "
-                                "(its contents no longer match its hash)")
-                if row["prev_hash"] != prev_hash:
-                    gap = (f"; seq {expected_seq} expected here" if seq != expected_seq else "")
-                    result.close()
-                    return _bad(checked, row, "prev_hash does not match the previous record: a "
-                                f"record was deleted, inserted or reordered{gap}")
-                if seq != expected_seq:
-                    result.close()
-                    return _bad(checked, row, f"seq jumps from {expected_seq - 1} to {seq}: "
-                                "records were renumbered")
-                prev_hash, expected_seq, last_id = row["hash"], seq + 1, row["decision_id"]
-            last_seq = expected_seq - 1
-
             meta = dict(conn.execute(sa.select(LEDGER_META.c.key, LEDGER_META.c.value)).all())
-            head_seq = int(meta.get("head_seq", last_seq))
-            head_hash = meta.get("head_hash", prev_hash)
-            if last_seq < head_seq:
-                return VerifyReport(False, checked, last_seq + 1, None,
-                                    f"records from seq {last_seq + 1} to {head_seq} are missing: "
-                                    "the ledger head was recorded there, so records were deleted "
-                                    "from the end")
-            if last_seq > head_seq:
-                extra = conn.execute(sa.select(DECISIONS.c.seq, DECISIONS.c.decision_id)
-                                     .where(DECISIONS.c.seq == head_seq + 1)).one()
-                return VerifyReport(False, checked, int(extra.seq), extra.decision_id,
-                                    f"record is past the recorded ledger head (seq {head_seq}): "
-                                    "it was inserted outside the ledger")
-            if prev_hash != head_hash:
-                return VerifyReport(False, checked, last_seq or None, last_id,
-                                    f"the chain ends in hash {prev_hash} but the recorded head "
-                                    f"is {head_hash}: the last record was replaced")
-
-            problem = self._batch_count_problem(conn)
+            problem, checked, head = self._verify_chain(conn, _DECISION_CHAIN, meta, lo, hi)
             if problem is not None:
                 return VerifyReport(False, checked, *problem)
-        return VerifyReport(True, checked, None, None,
-                            f"chain of {checked} records verified; head {prev_hash}")
+            problem, reviews, _ = self._verify_chain(conn, _FEEDBACK_CHAIN, meta, lo, hi)
+            if problem is None:
+                problem = self._review_target_problem(conn, lo, hi)
+            if problem is not None:
+                return VerifyReport(False, checked, *problem, chain="feedback",
+                                    feedback_checked=reviews)
+            for anchor in sorted(anchors, key=lambda a: (a.chain != "decisions", a.last_seq)):
+                problem = self._anchor_problem(conn, anchor)
+                if problem is not None:
+                    return VerifyReport(False, checked, *problem, chain=anchor.chain,
+                                        feedback_checked=reviews)
+        scope = "" if lo is None and hi is None else " in range"
+        reason = f"chain of {checked} records verified{scope}; head {head}"
+        if reviews:
+            reason += f"; {reviews} reviews verified"
+        if anchors:
+            reason += f"; {len(anchors)} anchors match"
+        return VerifyReport(True, checked, None, None, reason, feedback_checked=reviews)
+
+    def _verify_chain(self, conn: Connection, chain: _ChainSpec, meta: Mapping[str, str],
+                      lo: str | None, hi: str | None
+                      ) -> tuple[tuple[int | None, str | None, str] | None, int, str]:
+        """(first problem as (seq, id, reason) or None, records checked, last hash walked)."""
+        table = chain.table
+        columns = chain.columns()
+        first_seq, last_wanted = 1, None
+        if lo is not None:
+            first_seq = conn.execute(sa.select(sa.func.min(table.c.seq))
+                                     .where(table.c.created_at >= lo)).scalar()
+            if first_seq is None:
+                return None, 0, GENESIS_HASH
+        if hi is not None:
+            last_wanted = conn.execute(sa.select(sa.func.max(table.c.seq))
+                                       .where(table.c.created_at < hi)).scalar()
+            if last_wanted is None or last_wanted < first_seq:
+                return None, 0, GENESIS_HASH
+        prev_hash = GENESIS_HASH
+        if first_seq > 1:  # the link into the range
+            before = conn.execute(sa.select(*columns).where(table.c.seq == first_seq - 1)
+                                  ).mappings().first()
+            if before is None:
+                first_id = conn.execute(sa.select(table.c[chain.id_column])
+                                        .where(table.c.seq == first_seq)).scalar_one()
+                return ((first_seq, first_id,
+                         f"seq {first_seq - 1}, the record this range's first record links to, "
+                         "is missing: a record was deleted (or records were renumbered)"),
+                        0, GENESIS_HASH)
+            if chain.hash_fn(before) != before["hash"]:
+                return ((first_seq - 1, before[chain.id_column],
+                         "hash mismatch: record was edited (its contents no longer match its "
+                         "hash); it is the record this range's first record links to"),
+                        0, GENESIS_HASH)
+            prev_hash = before["hash"]
+
+        query = sa.select(*columns).where(table.c.seq >= first_seq).order_by(table.c.seq)
+        if last_wanted is not None:
+            query = query.where(table.c.seq <= last_wanted)
+        checked, expected_seq, last_id = 0, first_seq, None
+        result = conn.execution_options(yield_per=2000).execute(query)
+        for row in result.mappings():
+            checked += 1
+            seq = int(row["seq"])
+            where = (seq, row[chain.id_column])
+            problem = None
+            if chain.hash_fn(row) != row["hash"]:
+                problem = "hash mismatch: record was edited (its contents no longer match its hash)"
+            elif row["prev_hash"] != prev_hash:
+                gap = f"; seq {expected_seq} expected here" if seq != expected_seq else ""
+                problem = ("prev_hash does not match the previous record: a record was deleted, "
+                           f"inserted or reordered{gap}")
+            elif seq != expected_seq:
+                problem = f"seq jumps from {expected_seq - 1} to {seq}: records were renumbered"
+            if problem is not None:
+                result.close()
+                return (*where, problem), checked, prev_hash
+            prev_hash, expected_seq, last_id = row["hash"], seq + 1, row[chain.id_column]
+        last_seq = expected_seq - 1
+
+        if last_wanted is None:  # the walk reached the end: check it against the recorded head
+            head_seq = int(meta.get(chain.head_keys[0], last_seq))
+            head_hash = meta.get(chain.head_keys[1], prev_hash)
+            if last_seq < head_seq:
+                return ((last_seq + 1, None,
+                         f"records from seq {last_seq + 1} to {head_seq} are missing: the ledger "
+                         "head was recorded there, so records were deleted from the end"),
+                        checked, prev_hash)
+            if last_seq > head_seq:
+                extra = conn.execute(sa.select(table.c.seq, table.c[chain.id_column])
+                                     .where(table.c.seq == head_seq + 1)).one()
+                return ((int(extra.seq), extra[1],
+                         f"record is past the recorded ledger head (seq {head_seq}): it was "
+                         "inserted outside the ledger"), checked, prev_hash)
+            if prev_hash != head_hash:
+                return ((last_seq or None, last_id,
+                         f"the chain ends in hash {prev_hash} but the recorded head is "
+                         f"{head_hash}: the last record was replaced"), checked, prev_hash)
+
+        if chain.name == "decisions":
+            seq_range = None if lo is None and hi is None else (first_seq, last_seq, lo, hi)
+            problem = self._batch_count_problem(conn, seq_range)
+            if problem is not None:
+                return problem, checked, prev_hash
+        return None, checked, prev_hash
 
     @staticmethod
-    def _batch_count_problem(conn: Connection) -> tuple[int | None, str | None, str] | None:
+    def _batch_count_problem(conn: Connection,
+                             seq_range: tuple[int, int, str | None, str | None] | None = None
+                             ) -> tuple[int | None, str | None, str] | None:
+        """A batch whose decision count differs from the count it was recorded with. With a
+        range: only batches with a record in it or recorded in it."""
         counts = conn.execute(
             sa.select(DECISIONS.c.batch_id, DECISIONS.c.kind, sa.func.count().label("n"),
-                      sa.func.min(DECISIONS.c.seq).label("first"))
+                      sa.func.min(DECISIONS.c.seq).label("first"),
+                      sa.func.max(DECISIONS.c.seq).label("last"))
             .group_by(DECISIONS.c.batch_id, DECISIONS.c.kind)).all()
         held = {(r.batch_id, r.kind): (int(r.n), int(r.first)) for r in counts}
-        recorded = {(r.batch_id, r.kind): int(r.rows_scored) for r in conn.execute(
-            sa.select(BATCHES.c.batch_id, BATCHES.c.kind, BATCHES.c.rows_scored))}
+        batches = conn.execute(sa.select(BATCHES.c.batch_id, BATCHES.c.kind,
+                                         BATCHES.c.rows_scored, BATCHES.c.created_at)).all()
+        recorded = {(r.batch_id, r.kind): int(r.rows_scored) for r in batches}
+        keys = held.keys() | recorded.keys()
+        if seq_range is not None:
+            first_seq, last_seq, lo, hi = seq_range
+            keys = {(r.batch_id, r.kind) for r in counts
+                    if r.first <= last_seq and r.last >= first_seq}
+            keys |= {(r.batch_id, r.kind) for r in batches
+                     if (lo is None or r.created_at >= lo) and (hi is None or r.created_at < hi)}
         problems = []
-        for key in held.keys() | recorded.keys():
+        for key in keys:
             n, first = held.get(key, (0, None))
             if key not in recorded:
                 problems.append((first, f"decisions of batch {key[0]!r} ({key[1]}) were never "
@@ -587,21 +875,124 @@ class Ledger:
                                        .where(DECISIONS.c.seq == first)).scalar_one()
         return first, decision_id, reason
 
+    @staticmethod
+    def _review_target_problem(conn: Connection, lo: str | None, hi: str | None
+                               ) -> tuple[int | None, str | None, str] | None:
+        """A review must point at a decision that still has the hash it was reviewed with."""
+        query = (sa.select(FEEDBACK.c.seq, FEEDBACK.c.feedback_id, FEEDBACK.c.decision_id,
+                           FEEDBACK.c.decision_hash, DECISIONS.c.hash)
+                 .join_from(FEEDBACK, DECISIONS,
+                            DECISIONS.c.decision_id == FEEDBACK.c.decision_id, isouter=True)
+                 .where(sa.or_(DECISIONS.c.hash.is_(None),
+                               DECISIONS.c.hash != FEEDBACK.c.decision_hash))
+                 .order_by(FEEDBACK.c.seq).limit(1))
+        if lo is not None:
+            query = query.where(FEEDBACK.c.created_at >= lo)
+        if hi is not None:
+            query = query.where(FEEDBACK.c.created_at < hi)
+        bad = conn.execute(query).first()
+        if bad is None:
+            return None
+        what = ("is not in the ledger" if bad.hash is None
+                else "no longer has the hash it was reviewed with")
+        return (int(bad.seq), bad.feedback_id,
+                f"the review's decision {bad.decision_id} {what}: decisions were changed")
+
+    @staticmethod
+    def _anchor_problem(conn: Connection, anchor: Anchor
+                        ) -> tuple[int | None, str | None, str] | None:
+        chain = _CHAINS.get(anchor.chain)
+        if chain is None:
+            raise LedgerError(f"anchor of {anchor.day}: unknown chain {anchor.chain!r} "
+                              f"(expected {' or '.join(_CHAINS)})")
+        row = conn.execute(sa.select(*chain.columns()).where(chain.table.c.seq == anchor.last_seq)
+                           ).mappings().first()
+        what = f"anchor of {anchor.day} ({anchor.chain} seq {anchor.last_seq}, head " \
+               f"{anchor.head_hash[:16]}…)"
+        if row is None:
+            return (anchor.last_seq, None, f"{what}: the ledger has no such record any more: "
+                    "records were deleted, or the ledger was rebuilt")
+        if row["hash"] != anchor.head_hash:
+            return (anchor.last_seq, row[chain.id_column],
+                    f"{what}: that record now has hash {row['hash'][:16]}…: the ledger was "
+                    "rewritten or rebuilt after the anchor was taken")
+        if chain.hash_fn(row) != row["hash"]:
+            return (anchor.last_seq, row[chain.id_column], f"{what}: hash mismatch: record "
+                    "was edited (its contents no longer match its hash)")
+        return None
+
+    def anchors(self, since: datetime | str | None = None, until: datetime | str | None = None
+                ) -> list[Anchor]:
+        """Each chain's head at the end of each UTC day with records (created_at in range)."""
+        lo, hi = _iso_bound(since, "since"), _iso_bound(until, "until")
+        out = []
+        with self._read() as conn:
+            for chain in _CHAINS.values():
+                table = chain.table
+                day = sa.func.substr(table.c.created_at, 1, 10)
+                query = (sa.select(day.label("day"), sa.func.max(table.c.seq).label("last_seq"),
+                                   sa.func.count().label("n")).group_by(day).order_by(day))
+                if lo is not None:
+                    query = query.where(table.c.created_at >= lo)
+                if hi is not None:
+                    query = query.where(table.c.created_at < hi)
+                days = conn.execute(query).all()
+                hashes = {}
+                wanted = [int(d.last_seq) for d in days]
+                for start in range(0, len(wanted), 1000):
+                    hashes |= dict(conn.execute(
+                        sa.select(table.c.seq, table.c.hash)
+                        .where(table.c.seq.in_(wanted[start:start + 1000]))).all())
+                out += [Anchor(chain.name, d.day, int(d.last_seq), hashes[int(d.last_seq)],
+                               int(d.n)) for d in days]
+        return out
+
     # -- reading --
 
-    def decisions(self, batch_id: str | None = None, kind: str | None = None
-                  ) -> list[dict[str, Any]]:
-        """Decisions in ledger order, with the explanation parsed back into a dict."""
+    def decisions(self, batch_id: str | None = None, kind: str | None = None, *,
+                  since: datetime | str | None = None, until: datetime | str | None = None,
+                  decision_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Decisions in ledger order, with the explanation and inputs parsed back into dicts
+        (inputs None for records without them). since/until: created_at, until exclusive."""
         query = sa.select(DECISIONS).order_by(DECISIONS.c.seq)
         if batch_id is not None:
             query = query.where(DECISIONS.c.batch_id == batch_id)
         if kind is not None:
             query = query.where(DECISIONS.c.kind == kind)
+        lo, hi = _iso_bound(since, "since"), _iso_bound(until, "until")
+        if lo is not None:
+            query = query.where(DECISIONS.c.created_at >= lo)
+        if hi is not None:
+            query = query.where(DECISIONS.c.created_at < hi)
+        if decision_ids is not None:
+            query = query.where(DECISIONS.c.decision_id.in_(list(decision_ids)))
         with self._read() as conn:
             rows = [dict(r) for r in conn.execute(query).mappings()]
         for row in rows:
             row["explanation"] = json.loads(row["explanation"])
+            row["inputs"] = None if row["inputs"] is None else json.loads(row["inputs"])
         return rows
+
+    def decision(self, decision_id: str) -> dict[str, Any] | None:
+        found = self.decisions(decision_ids=[decision_id])
+        return found[0] if found else None
+
+    def feedback(self, decision_id: str | None = None, kind: str | None = None, *,
+                 since: datetime | str | None = None, until: datetime | str | None = None
+                 ) -> list[dict[str, Any]]:
+        """Reviews in the order they were recorded (the last one per decision is current)."""
+        query = sa.select(FEEDBACK).order_by(FEEDBACK.c.seq)
+        if decision_id is not None:
+            query = query.where(FEEDBACK.c.decision_id == decision_id)
+        if kind is not None:
+            query = query.where(FEEDBACK.c.kind == kind)
+        lo, hi = _iso_bound(since, "since"), _iso_bound(until, "until")
+        if lo is not None:
+            query = query.where(FEEDBACK.c.created_at >= lo)
+        if hi is not None:
+            query = query.where(FEEDBACK.c.created_at < hi)
+        with self._read() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
 
     def batches(self) -> list[dict[str, Any]]:
         query = sa.select(BATCHES).order_by(BATCHES.c.created_at, BATCHES.c.batch_id,
@@ -626,5 +1017,40 @@ class Ledger:
             return conn.execute(sa.select(sa.func.count()).select_from(DECISIONS)).scalar_one()
 
 
-def _bad(checked: int, row: Mapping[str, Any], reason: str) -> VerifyReport:
-    return VerifyReport(False, checked, int(row["seq"]), row["decision_id"], reason)
+@dataclass(frozen=True)
+class _ChainSpec:
+    """One hash chain in the ledger: its table, hashed fields, hash function and head keys."""
+
+    name: str
+    table: sa.Table
+    fields: tuple[str, ...]
+    id_column: str
+    hash_fn: Callable[[Mapping[str, Any]], str]
+    head_keys: tuple[str, str]
+
+    def columns(self) -> list[sa.Column]:
+        names = dict.fromkeys(("seq", "hash", self.id_column, *self.fields))
+        return [self.table.c[n] for n in names]
+
+
+_DECISION_CHAIN = _ChainSpec("decisions", DECISIONS, HASHED_FIELDS + OPTIONAL_HASHED_FIELDS,
+                             "decision_id", record_hash, ("head_seq", "head_hash"))
+_FEEDBACK_CHAIN = _ChainSpec("feedback", FEEDBACK, FEEDBACK_HASHED_FIELDS, "feedback_id",
+                             feedback_hash, ("feedback_head_seq", "feedback_head_hash"))
+_CHAINS = {c.name: c for c in (_DECISION_CHAIN, _FEEDBACK_CHAIN)}
+
+
+def _iso_bound(value: datetime | str | None, name: str) -> str | None:
+    """A time bound as the ledger writes created_at (ISO-8601 UTC, microseconds), so that text
+    comparison orders it; naive times are UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: expected an ISO-8601 time, got {value!r}") from exc
+    if not isinstance(value, datetime):
+        raise ValueError(f"{name}: expected a datetime, got {type(value).__name__}")
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return value.isoformat(timespec="microseconds")

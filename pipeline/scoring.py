@@ -10,9 +10,11 @@ The smoothing term pulls scores with little or distant evidence towards the base
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -59,12 +61,18 @@ def knn_score(similarities: np.ndarray, labels: np.ndarray, *, prior: float, smo
     return np.clip(score, 0.0, 1.0)
 
 
+ISO_US = "%Y-%m-%dT%H:%M:%S%.6f"
+
+
+def canonical_rows(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    """Each row's schema fields (sorted; times as ISO-8601 text with microseconds)."""
+    cols = sorted(c for c in frame.columns if c in schema.DTYPES)
+    return frame.select(cols).with_columns(pl.col(pl.Datetime).dt.to_string(ISO_US)).to_dicts()
+
+
 def row_hashes(frame: pl.DataFrame) -> list[str]:
     """sha256 of each row's canonical JSON: what exactly was scored, for the ledger."""
-    cols = sorted(c for c in frame.columns if c in schema.DTYPES)
-    rows = frame.select(cols).with_columns(
-        pl.col(pl.Datetime).dt.to_string("%Y-%m-%dT%H:%M:%S%.6f")
-    ).to_dicts()
+    rows = canonical_rows(frame)
     return [hashlib.sha256(json.dumps(r, sort_keys=True, separators=(",", ":"),
                                       default=str).encode()).hexdigest() for r in rows]
 
@@ -100,6 +108,8 @@ class ScoredBatch:
     # input_hash
     scores: pl.DataFrame
     explanations: list[dict[str, Any]]
+    # Per row, what a replay needs (see FraudScorer.decision_inputs); recorded in the ledger.
+    inputs: list[dict[str, Any]] = field(default_factory=list)
 
 
 class FraudScorer:
@@ -147,7 +157,34 @@ class FraudScorer:
             .otherwise(pl.lit("pass")).alias("decision")
         )
         explanations = self.explain(featured, sims, labels, positions)
-        return ScoredBatch(frame, explanations)
+        inputs = self.decision_inputs(featured, vectors, frame["input_hash"].to_list())
+        return ScoredBatch(frame, explanations, inputs)
+
+    def decision_inputs(self, featured: pl.DataFrame, vectors: np.ndarray,
+                        input_hashes: list[str]) -> list[dict[str, Any]]:
+        """Per row: the scored fields, the features at full precision, the exact query vector,
+        the row's place in this search call, and the scoring settings. FAISS's float32
+        distances (and the text embeddings) depend on which rows are computed together, so a
+        replay searches the recorded vectors of the same call together again."""
+        cfg = self.config
+        names = list(self.index.vectorizer.config.numeric_features)
+        fields = canonical_rows(featured)
+        values = featured.select(names).rows()
+        call = hashlib.sha256("".join(input_hashes).encode()).hexdigest()[:16]
+        settings = {"k": cfg.k, "smoothing": cfg.smoothing, "prior": self.prior,
+                    "prior_source": "index" if cfg.prior is None else "config",
+                    "threshold": cfg.threshold, "alerts_per_day": cfg.alerts_per_day,
+                    "explain_neighbours": cfg.explain_neighbours,
+                    "label_delay_days": self.index.config.label_delay_days}
+        device = "gpu" if self.index.gpu else "cpu"
+        little = np.ascontiguousarray(vectors, dtype="<f4")
+        return [{
+            "transaction": fields[i],
+            "features": {n: _exact(v) for n, v in zip(names, values[i], strict=True)},
+            "vector_f32": base64.b64encode(little[i].tobytes()).decode("ascii"),
+            "search": {"call": call, "row": i, "rows": len(fields), "device": device},
+            "scoring": settings,
+        } for i in range(len(fields))]
 
     def explain(self, featured: pl.DataFrame, sims: np.ndarray, labels: np.ndarray,
                 positions: np.ndarray) -> list[dict[str, Any]]:
@@ -199,6 +236,11 @@ class FraudScorer:
                 "features": features,
             })
         return out
+
+
+def _exact(x: float | None) -> float | None:
+    """The value at full precision (JSON round-trips floats exactly); non-finite as null."""
+    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def _num(x: float) -> float | None:

@@ -16,6 +16,7 @@ import polars as pl
 
 from pipeline import schema
 from pipeline.encoder import TextEncoder
+from pipeline.features import AMOUNT_RATIO_FEATURES, with_derived_features
 
 TEXT_FIELDS = (schema.CHANNEL, schema.MERCHANT_CATEGORY, schema.MERCHANT_NAME, schema.COUNTRY,
                schema.CURRENCY, schema.DESCRIPTION)
@@ -93,6 +94,8 @@ class TransactionVectorizer:
         return len(self.config.numeric_features) + text
 
     def _numeric(self, frame: pl.DataFrame) -> np.ndarray:
+        if any(c in AMOUNT_RATIO_FEATURES for c in self.config.numeric_features):
+            frame = with_derived_features(frame)
         missing = [c for c in self.config.numeric_features if c not in frame.columns]
         if missing:
             raise ValueError(f"cannot vectorise: missing feature columns {missing}")

@@ -74,3 +74,29 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def sentiment_model(shared_data, tmp_path_factory):
+    """A sentiment model fine-tuned on a small balanced slice of PhraseBank's all-agree
+    sentences (2 epochs, short texts: quick on CPU), published under a temporary models root,
+    with held-out sentences it never saw. Shared by the sentiment and news tests."""
+    import numpy as np
+
+    from pipeline.sentiment.data import load_labelled
+    from pipeline.sentiment.train import TrainConfig, train_classifier
+
+    data = load_labelled(shared_data / "sentiment/financial-phrasebank/Sentences_AllAgree.txt")
+    rng = np.random.default_rng(7)
+    train_idx, held_idx = [], []
+    for label in range(3):
+        members = rng.permutation(np.flatnonzero(data.labels == label))
+        train_idx += members[:70].tolist()
+        held_idx += members[70:120].tolist()
+    train = data.subset(train_idx)
+    trained = train_classifier(train, TrainConfig(epochs=2, max_length=32, batch_size=16,
+                                                  val_fraction=0.15, seed=0))
+    root = tmp_path_factory.mktemp("models")
+    version, directory = trained.publish(root / "fpb-small")
+    return {"root": root, "name": "fpb-small", "version": version, "directory": directory,
+            "trained": trained, "train": train, "held_out": data.subset(held_idx)}

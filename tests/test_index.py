@@ -72,12 +72,13 @@ def test_a_failed_build_leaves_the_previous_version_live(history, tmp_path):
     assert [p.name for p in (tmp_path / "cards").iterdir() if p.name.startswith(".")] == []
 
 
-def test_old_versions_are_pruned_but_current_kept(history, tmp_path):
+def test_old_versions_are_pruned_but_current_kept(history, tmp_path, monkeypatch):
+    monkeypatch.setenv(artifacts.KEEP_VERSIONS_ENV, "3")
     idx = FraudIndex.build(history.head(2000), encoder=None,
                            vector_config=VectorConfig(text_dim=0))
     versions = [idx.save("cards", tmp_path) for _ in range(5)]
     kept = sorted(p.name for p in (tmp_path / "cards").iterdir() if p.is_dir())
-    assert kept == versions[-artifacts.KEEP_VERSIONS:]
+    assert kept == versions[-3:]
 
 
 def test_missing_index_is_a_clear_error(tmp_path):

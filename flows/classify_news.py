@@ -1,0 +1,120 @@
+"""Prefect flow: classify a news file, record every classification in the ledger, and update
+the per-ticker daily sentiment table. Scheduled by serving it:
+``python -m flows.classify_news --input news.jsonl --model NAME --cron "*/15 * * * *"``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+
+from pipeline.ingest import IngestResult
+from pipeline.ledger import BatchReceipt, Ledger
+from pipeline.news import read_news
+from pipeline.news_store import NewsStore
+from pipeline.sentiment.backends import load_classifier
+from pipeline.sentiment.jobs import (
+    ClassifiedNews,
+    SentimentReport,
+    article_rows,
+    record,
+    report_for,
+    resolve_batch_id,
+    write_results,
+)
+from pipeline.sentiment.jobs import (
+    classify_news as classify_batch,
+)
+from pipeline.tickers import TickerExtractor
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def ingest_news(path: str) -> IngestResult:
+    return read_news(path)
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def load_model(backend: str, model: str, root: str | None, endpoint: str | None):
+    return load_classifier(backend, model, root=root, endpoint=endpoint)
+
+
+@task(cache_policy=NO_CACHE)
+def classify(ingested: IngestResult, classifier, companies: str | None) -> ClassifiedNews:
+    return classify_batch(ingested, classifier, extractor=TickerExtractor.from_file(companies))
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def write_outputs(classified: ClassifiedNews, ingested: IngestResult, batch_id: str,
+                  output: str) -> tuple[Path, Path | None]:
+    return write_results(classified, ingested, batch_id, output)
+
+
+@task(retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
+def record_decisions(db: str | None, ingested: IngestResult, classified: ClassifiedNews,
+                     batch_id: str) -> BatchReceipt:
+    with Ledger(db) as ledger:
+        return record(ledger, ingested, classified, batch_id)
+
+
+@task(retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
+def update_daily(db: str | None, classified: ClassifiedNews, batch_id: str) -> int:
+    with NewsStore(db) as store:
+        return store.record(article_rows(classified, batch_id))
+
+
+@flow(name="classify_news", log_prints=True)
+def classify_news(input: str, model: str, output: str, backend: str = "encoder",
+                  endpoint: str | None = None, batch_id: str | None = None,
+                  db: str | None = None, root: str | None = None,
+                  companies: str | None = None) -> SentimentReport:
+    """Classify ``input`` with ``model``; decisions go to the ledger at ``db`` (default
+    ``$FINSENTINEL_DB`` or the local SQLite ledger). Re-running a batch adds nothing."""
+    import time
+
+    started = time.perf_counter()
+    ingested = ingest_news(input)
+    classifier = load_model(backend, model, root, endpoint)
+    classified = classify(quote(ingested), quote(classifier), companies)
+    batch_id = resolve_batch_id(input, classified, batch_id)
+    out, qpath = write_outputs(quote(classified), quote(ingested), batch_id, output)
+    receipt = record_decisions(db, quote(ingested), quote(classified), batch_id)
+    daily = update_daily(db, quote(classified), batch_id)
+    report = report_for(batch_id, ingested, classified, receipt, daily, out, qpath,
+                        time.perf_counter() - started)
+    create_table_artifact(
+        key="news-sentiment-batch",
+        table=[{"batch_id": batch_id, "rows_in": report.rows_in,
+                "classified": report.rows_classified, "quarantined": report.rows_quarantined,
+                "failures": report.failures, **report.labels,
+                "ledger_added": report.ledger_added, "ticker_days": report.daily_rows}],
+        description=f"News batch {batch_id} with {report.model_id}")
+    if report.per_ticker:
+        create_table_artifact(key="news-sentiment-tickers", table=report.per_ticker,
+                              description=f"Tickers in batch {batch_id}")
+    print(f"batch {batch_id}: {report.rows_classified} classified {report.labels}, "
+          f"{report.rows_quarantined} quarantined, {report.failures} failures, "
+          f"{report.ledger_added} new ledger records, {daily} ticker-days updated")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve the classify_news flow on a schedule.")
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--backend", default="encoder")
+    parser.add_argument("--endpoint")
+    parser.add_argument("--db")
+    parser.add_argument("--cron", default="*/15 * * * *")
+    args = parser.parse_args()
+    classify_news.serve(name="classify-news", cron=args.cron, parameters={
+        "input": args.input, "model": args.model, "output": args.output,
+        "backend": args.backend, "endpoint": args.endpoint, "db": args.db})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""The fraud handbook's prequential evaluation protocol (Le Borgne et al., ch. 5.2-5.3).
+
+One fold: train on ``train_days`` days, wait ``delay_days`` days (labels not known yet), test on
+the next ``test_days`` days. Fold 0 tests from ``test_start``; each further fold steps back
+``test_days`` days. A test day leaves out the cards already known to be compromised: those with a
+fraud in the training period or in the delay period up to that test day minus the delay (the
+handbook's ``get_train_test_set``: for test day t, frauds on days before t - delay). Metrics per
+fold: AUC ROC, Average Precision and Card Precision@k over the fold's test rows; the summary is
+their mean and (population, as scikit-learn's grid search reports) standard deviation over folds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, timedelta
+from typing import Any, Protocol
+
+import numpy as np
+import polars as pl
+
+from pipeline import schema
+from pipeline.metrics import average_precision, card_precision_at_k, roc_auc
+
+DAY = "_day"
+METRICS = ("auc_roc", "average_precision", "card_precision_at_k")
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """The handbook's defaults: 7 days train, 7 days label delay, 7 days test, 4 folds, CP@100."""
+
+    train_days: int = 7
+    delay_days: int = 7
+    test_days: int = 7
+    folds: int = 4
+    top_k: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("train_days", "test_days", "folds", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.delay_days < 0:
+            raise ValueError(f"delay_days must be >= 0, got {self.delay_days}")
+
+
+class Scorer(Protocol):
+    """What the protocol evaluates: fit on a training frame, score a test frame (higher = more
+    likely fraud). Frames carry the canonical columns and the handbook features."""
+
+    name: str
+
+    def fit(self, train: pl.DataFrame) -> Scorer: ...
+
+    def score(self, test: pl.DataFrame) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class FoldSplit:
+    """The rows of one fold: ``test`` already without the known-compromised cards."""
+
+    fold: int
+    train_start: date
+    train_end: date  # exclusive
+    test_start: date
+    test_end: date  # exclusive
+    train: pl.DataFrame
+    test: pl.DataFrame
+    test_rows_removed: int
+    cards_removed: int
+
+
+def with_day(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add the calendar day of each transaction (the handbook's TX_TIME_DAYS, as a date)."""
+    if DAY in frame.columns:
+        return frame
+    return frame.with_columns(pl.col(schema.TX_TIME).dt.date().alias(DAY))
+
+
+def fold_test_starts(test_start: date, config: ProtocolConfig) -> list[date]:
+    """Test start of each fold: fold 0 at ``test_start``, then ``test_days`` earlier each."""
+    return [test_start - timedelta(days=i * config.test_days) for i in range(config.folds)]
+
+
+def split_fold(frame: pl.DataFrame, test_start: date, config: ProtocolConfig, fold: int = 0,
+               *, check_coverage: bool = True) -> FoldSplit:
+    """Training rows and (known-compromised cards removed) test rows of the fold testing from
+    ``test_start``. ``frame`` needs tx_time, customer_id and is_fraud."""
+    frame = with_day(frame)
+    train_start = test_start - timedelta(days=config.delay_days + config.train_days)
+    train_end = train_start + timedelta(days=config.train_days)
+    test_end = test_start + timedelta(days=config.test_days)
+    if check_coverage:
+        _check_coverage(frame, train_start, test_end, fold)
+    day = pl.col(DAY)
+    train = frame.filter((day >= train_start) & (day < train_end))
+    # First fraud day of each card from the training start on: a card is known compromised on
+    # test day t when that day is before t - delay (the delay period's frauds become known one
+    # day at a time, as in the handbook).
+    first_fraud = (
+        frame.filter((pl.col(schema.IS_FRAUD) == 1) & (day >= train_start)
+                     & (day < test_end - timedelta(days=config.delay_days)))
+        .group_by(schema.CUSTOMER_ID).agg(day.min().alias("_first_fraud"))
+    )
+    test_all = frame.filter((day >= test_start) & (day < test_end))
+    known = (
+        test_all.select(schema.CUSTOMER_ID, DAY)
+        .join(first_fraud, on=schema.CUSTOMER_ID, how="left", maintain_order="left")
+        .select(pl.col("_first_fraud").is_not_null()
+                & (pl.col("_first_fraud") < pl.col(DAY) - timedelta(days=config.delay_days)))
+        .to_series()
+    )
+    test = test_all.filter(~known)
+    return FoldSplit(
+        fold=fold, train_start=train_start, train_end=train_end, test_start=test_start,
+        test_end=test_end, train=train, test=test, test_rows_removed=int(known.sum()),
+        cards_removed=test_all.filter(known)[schema.CUSTOMER_ID].n_unique(),
+    )
+
+
+def _check_coverage(frame: pl.DataFrame, train_start: date, test_end: date, fold: int) -> None:
+    first, last = frame[DAY].min(), frame[DAY].max()
+    if first is None or train_start < first or test_end - timedelta(days=1) > last:
+        raise ValueError(
+            f"fold {fold} needs data from {train_start} to {test_end - timedelta(days=1)} "
+            f"(training start to last test day), but the data covers {first} to {last}; "
+            "choose a later --test-start or fewer --folds")
+
+
+def prequential_splits(frame: pl.DataFrame, test_start: date, config: ProtocolConfig
+                       ) -> list[FoldSplit]:
+    frame = with_day(frame)
+    return [split_fold(frame, start, config, fold)
+            for fold, start in enumerate(fold_test_starts(test_start, config))]
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    fold: int
+    train_start: str
+    train_end: str
+    test_start: str
+    test_end: str
+    train_rows: int
+    train_frauds: int
+    test_rows: int
+    test_frauds: int
+    test_rows_removed: int
+    cards_removed: int
+    auc_roc: float
+    average_precision: float
+    card_precision_at_k: float
+    card_precision_per_day: list[float]
+    fit_seconds: float
+    score_seconds: float
+
+
+def fold_metrics(test: pl.DataFrame, scores: np.ndarray, top_k: int) -> dict[str, Any]:
+    """AUC ROC, AP and CP@k of ``scores`` on the rows of ``test``."""
+    test = with_day(test)
+    labels = test[schema.IS_FRAUD].to_numpy()
+    cp, per_day = card_precision_at_k(test[DAY].to_numpy(), test[schema.CUSTOMER_ID].to_numpy(),
+                                      labels, scores, top_k)
+    return {"auc_roc": roc_auc(labels, scores),
+            "average_precision": average_precision(labels, scores),
+            "card_precision_at_k": cp, "card_precision_per_day": per_day}
+
+
+def evaluate_fold(split: FoldSplit, scorer: Scorer, config: ProtocolConfig) -> FoldResult:
+    if split.train.height == 0 or split.test.height == 0:
+        raise ValueError(f"fold {split.fold}: no {'training' if not split.train.height else 'test'}"
+                         f" rows between {split.train_start} and {split.test_end}")
+    started = time.perf_counter()
+    scorer.fit(split.train)
+    fitted = time.perf_counter()
+    scores = np.asarray(scorer.score(split.test), dtype=np.float64)
+    scored = time.perf_counter()
+    if scores.shape != (split.test.height,):
+        raise ValueError(f"scorer {scorer.name!r} returned {scores.shape} scores for "
+                         f"{split.test.height} test rows")
+    metrics = fold_metrics(split.test, scores, config.top_k)
+    return FoldResult(
+        fold=split.fold, train_start=split.train_start.isoformat(),
+        train_end=split.train_end.isoformat(), test_start=split.test_start.isoformat(),
+        test_end=split.test_end.isoformat(), train_rows=split.train.height,
+        train_frauds=int(split.train[schema.IS_FRAUD].sum()), test_rows=split.test.height,
+        test_frauds=int(split.test[schema.IS_FRAUD].sum()),
+        test_rows_removed=split.test_rows_removed, cards_removed=split.cards_removed,
+        **metrics, fit_seconds=round(fitted - started, 3), score_seconds=round(scored - fitted, 3),
+    )
+
+
+def summarise(folds: list[FoldResult]) -> dict[str, dict[str, float]]:
+    """Mean and population standard deviation over folds of each metric."""
+    out = {}
+    for name in METRICS:
+        values = np.array([getattr(f, name) for f in folds], dtype=np.float64)
+        out[name] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+    out["seconds"] = {"mean": float(np.mean([f.fit_seconds + f.score_seconds for f in folds])),
+                      "std": float(np.std([f.fit_seconds + f.score_seconds for f in folds]))}
+    return out
+
+
+@dataclass
+class EvaluationReport:
+    scorer: str
+    settings: dict[str, Any]
+    folds: list[FoldResult]
+    summary: dict[str, dict[str, float]]
+    wall_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scorer": self.scorer, "settings": self.settings,
+                "summary": self.summary, "folds": [asdict(f) for f in self.folds],
+                "wall_seconds": round(self.wall_seconds, 3)}
+
+
+def evaluate(frame: pl.DataFrame, make_scorer: Callable[[], Scorer], test_start: date,
+             config: ProtocolConfig | None = None, *, settings: dict[str, Any] | None = None,
+             on_fold: Callable[[FoldResult], None] | None = None) -> EvaluationReport:
+    """Run the protocol: a fresh scorer per fold, fitted on its training rows only."""
+    config = config or ProtocolConfig()
+    started = time.perf_counter()
+    frame = with_day(frame)
+    splits = prequential_splits(frame, test_start, config)  # checks every fold's coverage first
+    results = []
+    name = "?"
+    for split in splits:
+        scorer = make_scorer()
+        name = scorer.name
+        result = evaluate_fold(split, scorer, config)
+        results.append(result)
+        if on_fold:
+            on_fold(result)
+    all_settings = {"test_start": test_start.isoformat(), "protocol": asdict(config),
+                    **(settings or {})}
+    return EvaluationReport(scorer=name, settings=all_settings, folds=results,
+                            summary=summarise(results),
+                            wall_seconds=time.perf_counter() - started)
+
+
+def parse_day(value: str | date | datetime) -> date:
+    """A test start as a date: ``2018-07-25`` (a time of day is refused: folds are whole days)."""
+    if isinstance(value, datetime):
+        if value.time() != datetime.min.time():
+            raise ValueError(f"test start must be a day, got {value.isoformat()}")
+        return value.date()
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"test start: expected a day such as 2018-07-25, got {value!r}") from None

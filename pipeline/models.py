@@ -1,0 +1,165 @@
+"""Named fraud scorers for the evaluation protocol: the handbook's baselines and the kNN family.
+
+Every scorer has ``fit(train)`` and ``score(test)`` on feature frames (canonical columns plus the
+handbook features, as :func:`pipeline.features.compute_features` makes them) and returns one
+score per test row, higher meaning more likely fraud.
+
+- ``logreg``, ``random-forest``, ``xgboost``: the handbook's baselines (ch. 5.3), standardised
+  15 features, with the handbook's selected hyper-parameters; XGBoost with ``base_score=0.5`` and
+  ``tree_method="exact"`` as the handbook's XGBoost 1.x ran.
+- ``knn``: the pipeline's scorer (:mod:`pipeline.scoring`) on the numeric features.
+- ``knn-text``: the same with the merchant-text embedding (identical to ``knn`` on data without
+  descriptive text, such as the handbook's).
+- ``knn-weighted``, ``knn-stacked``: see :mod:`pipeline.stacking`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from pipeline import schema
+from pipeline.encoder import TextEncoder
+from pipeline.index import FraudIndex, IndexConfig
+from pipeline.scoring import ScoringConfig, knn_score, similarity
+from pipeline.vectors import VectorConfig
+
+
+def feature_matrix(frame: pl.DataFrame, features: tuple[str, ...] = schema.MODEL_FEATURES
+                   ) -> np.ndarray:
+    missing = [c for c in features if c not in frame.columns]
+    if missing:
+        raise ValueError(f"missing feature columns {missing}; compute the features first "
+                         "(pipeline.features.compute_features)")
+    return frame.select(pl.col(features).cast(pl.Float64)).to_numpy()
+
+
+def labels_of(frame: pl.DataFrame) -> np.ndarray:
+    if schema.IS_FRAUD not in frame.columns:
+        raise ValueError("training rows need the label column 'is_fraud'")
+    labels = frame[schema.IS_FRAUD]
+    if labels.null_count():
+        raise ValueError(f"{labels.null_count()} training row(s) have no is_fraud label")
+    return labels.cast(pl.Int8).to_numpy()
+
+
+class HandbookBaseline:
+    """StandardScaler (fit on the training rows) then a classifier, as the handbook's
+    ``fit_model_and_get_predictions`` and its model-selection pipeline do."""
+
+    def __init__(self, name: str, make_estimator: Callable[[], object],
+                 features: tuple[str, ...] = schema.MODEL_FEATURES):
+        self.name = name
+        self.make_estimator = make_estimator
+        self.features = features
+        self.scaler = None
+        self.estimator = None
+
+    def fit(self, train: pl.DataFrame) -> HandbookBaseline:
+        from sklearn.preprocessing import StandardScaler
+
+        x = feature_matrix(train, self.features)
+        self.scaler = StandardScaler().fit(x)
+        self.estimator = self.make_estimator()
+        self.estimator.fit(self.scaler.transform(x), labels_of(train))
+        return self
+
+    def score(self, test: pl.DataFrame) -> np.ndarray:
+        if self.estimator is None:
+            raise RuntimeError(f"scorer {self.name!r} is not fitted")
+        x = self.scaler.transform(feature_matrix(test, self.features))
+        return self.estimator.predict_proba(x)[:, 1]
+
+
+def logistic_regression(n_jobs: int = 1) -> HandbookBaseline:
+    from sklearn.linear_model import LogisticRegression
+
+    return HandbookBaseline("logreg", lambda: LogisticRegression(C=0.1, random_state=0))
+
+
+def random_forest(n_jobs: int = 1) -> HandbookBaseline:
+    from sklearn.ensemble import RandomForestClassifier
+
+    return HandbookBaseline("random-forest", lambda: RandomForestClassifier(
+        n_estimators=100, max_depth=20, random_state=0, n_jobs=n_jobs))
+
+
+def xgboost_baseline(n_jobs: int = 1) -> HandbookBaseline:
+    from xgboost import XGBClassifier
+
+    return HandbookBaseline("xgboost", lambda: XGBClassifier(
+        n_estimators=100, learning_rate=0.1, max_depth=3, random_state=0, n_jobs=n_jobs,
+        base_score=0.5, tree_method="exact", verbosity=0))
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    """The pipeline's kNN scorer: vector layout, neighbours and smoothing."""
+
+    vector: VectorConfig = field(default_factory=lambda: VectorConfig(text_dim=0))
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    index: IndexConfig = field(default_factory=lambda: IndexConfig(kind="flat", use_gpu=None))
+
+
+class KnnScorer:
+    """The production kNN score: a FraudIndex of the training rows, queried with each test
+    row's vector; score = smoothed similarity-weighted fraud share of its k neighbours."""
+
+    def __init__(self, name: str = "knn", settings: KnnSettings | None = None,
+                 encoder: TextEncoder | None = None):
+        self.name = name
+        self.settings = settings or KnnSettings()
+        self.encoder = encoder
+        self.index: FraudIndex | None = None
+
+    def fit(self, train: pl.DataFrame) -> KnnScorer:
+        labels_of(train)
+        self.index = FraudIndex.build(train, encoder=self.encoder,
+                                      vector_config=self.settings.vector,
+                                      config=self.settings.index)
+        return self
+
+    def neighbours(self, frame: pl.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(squared distances, positions in the index) of each row's k nearest labelled
+        neighbours whose label was known at the row's time."""
+        if self.index is None:
+            raise RuntimeError(f"scorer {self.name!r} is not fitted")
+        vectors = self.index.vectorizer.transform(frame)
+        times = frame[schema.TX_TIME].dt.epoch("us").to_numpy()
+        ids = frame[schema.TRANSACTION_ID].cast(pl.String).to_numpy()
+        return self.index.neighbours(vectors, times, ids, k)
+
+    def score(self, test: pl.DataFrame) -> np.ndarray:
+        cfg = self.settings.scoring
+        distances, positions = self.neighbours(test, cfg.k)
+        prior = cfg.prior if cfg.prior is not None else self.index.fraud_rate
+        return knn_score(similarity(distances), self.index.labels_at(positions), prior=prior,
+                         smoothing=cfg.smoothing)
+
+
+def knn(n_jobs: int = 1) -> KnnScorer:
+    return KnnScorer("knn")
+
+
+def knn_text(n_jobs: int = 1, encoder: TextEncoder | None = None) -> KnnScorer:
+    return KnnScorer("knn-text", KnnSettings(vector=VectorConfig(text_dim=8)),
+                     encoder=encoder or TextEncoder())
+
+
+SCORERS: dict[str, Callable[..., object]] = {
+    "logreg": logistic_regression,
+    "random-forest": random_forest,
+    "xgboost": xgboost_baseline,
+    "knn": knn,
+    "knn-text": knn_text,
+}
+
+
+def make_scorer(name: str, n_jobs: int = 1):
+    """A fresh, unfitted scorer by name."""
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; expected one of {', '.join(SCORERS)}")
+    return SCORERS[name](n_jobs=n_jobs)

@@ -1,0 +1,143 @@
+"""Per-ticker daily news sentiment for the dashboard, in the ledger's database.
+
+Two tables, created if missing: ``news_sentiment_articles`` (one row per (news_id, ticker): the
+latest classification of that article) and ``news_sentiment_daily`` (one row per (ticker, day):
+mean signed score, counts per label, article count). Writing a batch upserts its article rows
+and recomputes the daily rows of the (ticker, day) pairs it touched from the article table, in
+one transaction, so re-running a batch, or classifying an article again, never double-counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from pipeline.ledger import resolve_db_url, retry_transient
+
+METADATA = sa.MetaData()
+
+ARTICLES = sa.Table(
+    "news_sentiment_articles", METADATA,
+    sa.Column("news_id", sa.Text, primary_key=True),
+    sa.Column("ticker", sa.Text, primary_key=True),
+    sa.Column("day", sa.Date, nullable=False, index=True),
+    sa.Column("published_at", sa.DateTime, nullable=False),
+    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("score", sa.Double, nullable=False),
+    sa.Column("model_version", sa.Text, nullable=False),
+    sa.Column("batch_id", sa.Text, nullable=False),
+)
+
+DAILY = sa.Table(
+    "news_sentiment_daily", METADATA,
+    sa.Column("ticker", sa.Text, primary_key=True),
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("mean_score", sa.Double, nullable=False),
+    sa.Column("positive", sa.Integer, nullable=False),
+    sa.Column("negative", sa.Integer, nullable=False),
+    sa.Column("neutral", sa.Integer, nullable=False),
+    sa.Column("articles", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.Text, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class ArticleSentiment:
+    news_id: str
+    ticker: str
+    published_at: datetime  # naive UTC
+    label: str
+    score: float  # P(positive) - P(negative)
+    model_version: str
+    batch_id: str
+
+
+class NewsStore:
+    """The per-ticker tables on a database URL (the ledger's, by default)."""
+
+    def __init__(self, url: str | None = None):
+        self.url = resolve_db_url(url)
+        if make_url(self.url).get_backend_name() == "sqlite":
+            self._engine = sa.create_engine(self.url, connect_args={"timeout": 30})
+        else:
+            self._engine = sa.create_engine(self.url, pool_pre_ping=True)
+        retry_transient(lambda: METADATA.create_all(self._engine))
+
+    def __enter__(self) -> NewsStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def _upsert(self, table: sa.Table, rows: list[dict], keys: Sequence[str]):
+        dialect = self._engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:  # pragma: no cover - other databases are not supported by the ledger either
+            raise ValueError(f"news store: unsupported database {dialect!r}")
+        stmt = insert(table).values(rows)
+        updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+        return stmt.on_conflict_do_update(index_elements=list(keys), set_=updates)
+
+    def record(self, articles: Iterable[ArticleSentiment]) -> int:
+        """Upsert article rows and recompute the touched daily rows; returns daily rows
+        written."""
+        rows = [{"news_id": a.news_id, "ticker": a.ticker, "day": a.published_at.date(),
+                 "published_at": a.published_at, "label": a.label, "score": float(a.score),
+                 "model_version": a.model_version, "batch_id": a.batch_id} for a in articles]
+        if not rows:
+            return 0
+        return retry_transient(lambda: self._record(rows))
+
+    def _record(self, rows: list[dict]) -> int:
+        touched = sorted({(r["ticker"], r["day"]) for r in rows})
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        with self._engine.begin() as conn:
+            for start in range(0, len(rows), 1000):
+                conn.execute(self._upsert(ARTICLES, rows[start:start + 1000],
+                                          ("news_id", "ticker")))
+            label = ARTICLES.c.label
+            pairs = sa.tuple_(ARTICLES.c.ticker, ARTICLES.c.day).in_(touched)
+            query = (sa.select(
+                ARTICLES.c.ticker, ARTICLES.c.day,
+                sa.func.avg(ARTICLES.c.score).label("mean_score"),
+                sa.func.sum(sa.case((label == "positive", 1), else_=0)).label("positive"),
+                sa.func.sum(sa.case((label == "negative", 1), else_=0)).label("negative"),
+                sa.func.sum(sa.case((label == "neutral", 1), else_=0)).label("neutral"),
+                sa.func.count().label("articles"))
+                .where(pairs).group_by(ARTICLES.c.ticker, ARTICLES.c.day))
+            daily = [{**dict(r), "mean_score": float(r.mean_score), "updated_at": now}
+                     for r in conn.execute(query).mappings()]
+            for start in range(0, len(daily), 1000):
+                conn.execute(self._upsert(DAILY, daily[start:start + 1000], ("ticker", "day")))
+        return len(daily)
+
+    def daily(self, ticker: str | None = None, start: date | None = None,
+              end: date | None = None) -> list[dict]:
+        """Daily rows ordered by ticker and day (``end`` inclusive)."""
+        query = sa.select(DAILY).order_by(DAILY.c.ticker, DAILY.c.day)
+        if ticker is not None:
+            query = query.where(DAILY.c.ticker == ticker)
+        if start is not None:
+            query = query.where(DAILY.c.day >= start)
+        if end is not None:
+            query = query.where(DAILY.c.day <= end)
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def articles(self, ticker: str | None = None) -> list[dict]:
+        query = sa.select(ARTICLES).order_by(ARTICLES.c.ticker, ARTICLES.c.day,
+                                             ARTICLES.c.news_id)
+        if ticker is not None:
+            query = query.where(ARTICLES.c.ticker == ticker)
+        with self._engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]

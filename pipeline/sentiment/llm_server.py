@@ -1,0 +1,153 @@
+"""A small OpenAI-compatible chat-completions server over a local transformers causal LM.
+
+``POST /v1/chat/completions`` and ``GET /v1/models``, enough of the protocol for the ``llm``
+backend (and for trying it without vLLM): a ``response_format`` of type ``json_schema`` whose
+schema is the sentiment answer's gets constrained decoding; anything else is generated freely.
+Run it with ``python -m pipeline.sentiment.llm_server --model DIR --port 8000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from pipeline.sentiment.llm import ConstrainedDecoder, generate_free, render_prompt
+
+
+class ChatModel:
+    """One model answering one request at a time (a lock: transformers models are not
+    re-entrant), with a decoder per label set asked for."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, max_rationale_tokens: int = 48):
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.max_rationale_tokens = max_rationale_tokens
+        self.lock = threading.Lock()
+        self.decoders: dict[tuple[str, ...], ConstrainedDecoder] = {}
+        self.requests = 0
+
+    @classmethod
+    def load(cls, directory: str | Path, name: str | None = None, **kwargs: Any) -> ChatModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(directory)
+        return cls(AutoModelForCausalLM.from_pretrained(str(path)),
+                   AutoTokenizer.from_pretrained(str(path)), name or path.name, **kwargs)
+
+    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            raise ValueError("messages: expected a non-empty list of {role, content} objects")
+        labels = _schema_labels(body.get("response_format"))
+        with self.lock:
+            self.requests += 1
+            prompt = render_prompt(self.tokenizer, messages)
+            if labels is not None:
+                decoder = self.decoders.get(labels)
+                if decoder is None:
+                    decoder = self.decoders[labels] = ConstrainedDecoder(
+                        self.model, self.tokenizer, labels, self.max_rationale_tokens)
+                content, _ = decoder.decode(prompt)
+            else:
+                content = generate_free(
+                    self.model, self.tokenizer, prompt,
+                    max_new_tokens=int(body.get("max_tokens") or 128),
+                    temperature=float(body.get("temperature") or 0.0),
+                    seed=int(body.get("seed") or 0))
+        completion = len(self.tokenizer(content, add_special_tokens=False)["input_ids"])
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+            "created": int(time.time()), "model": self.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                      "total_tokens": len(prompt) + completion},
+        }
+
+
+def _schema_labels(response_format: Any) -> tuple[str, ...] | None:
+    """The label enum of a sentiment json_schema response format, or None for free text."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return None
+    schema = (response_format.get("json_schema") or {}).get("schema") or {}
+    props = schema.get("properties") or {}
+    if set(props) != {"label", "confidence", "rationale"} or not props["label"].get("enum"):
+        raise ValueError("response_format: this server constrains only the sentiment answer "
+                         "schema {label (enum), confidence, rationale}")
+    return tuple(str(x) for x in props["label"]["enum"])
+
+
+def make_handler(chat: ChatModel) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _send(self, status: int, payload: dict[str, Any]) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.rstrip("/") == "/v1/models":
+                self._send(200, {"object": "list", "data": [
+                    {"id": chat.name, "object": "model", "owned_by": "local"}]})
+            else:
+                self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                self._send(404, {"error": {"message": f"no route {self.path}"}})
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not isinstance(body, dict):
+                    raise ValueError("request body must be a JSON object")
+                if body.get("model") not in (None, chat.name):
+                    self._send(404, {"error": {"message": f"model {body.get('model')!r} not "
+                                               f"served here (serving {chat.name!r})"}})
+                    return
+                self._send(200, chat.complete(body))
+            except (ValueError, json.JSONDecodeError) as exc:
+                self._send(400, {"error": {"message": str(exc), "type": "invalid_request"}})
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet by default
+            pass
+
+    return Handler
+
+
+def serve(chat: ChatModel, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """Start serving in a background thread; the caller calls ``shutdown()`` when done.
+    ``port`` 0 picks a free port (``server.server_address[1]``)."""
+    server = ThreadingHTTPServer((host, port), make_handler(chat))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True, name="llm-server").start()
+    return server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="local causal-LM directory")
+    parser.add_argument("--name", help="model name clients ask for (default: directory name)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    server = serve(ChatModel.load(args.model, args.name), args.host, args.port)
+    print(f"serving {args.model} on http://{args.host}:{server.server_address[1]}/v1", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
+if __name__ == "__main__":
+    main()

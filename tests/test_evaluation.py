@@ -1,0 +1,183 @@
+"""The handbook's evaluation protocol on hand-made examples: AP and Card Precision@k with known
+values, the fold split and the removal of known-compromised cards, and the fold loop."""
+
+from datetime import date, datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline import schema
+from pipeline.evaluation import (
+    ProtocolConfig,
+    evaluate,
+    fold_test_starts,
+    parse_day,
+    split_fold,
+)
+from pipeline.metrics import average_precision, card_precision_at_k
+
+
+def test_average_precision_by_hand():
+    # Ranked: fraud, genuine, fraud, genuine -> precision at each fraud 1/1 and 2/3.
+    labels = np.array([1, 0, 1, 0])
+    scores = np.array([0.9, 0.8, 0.7, 0.2])
+    assert average_precision(labels, scores) == pytest.approx((1 + 2 / 3) / 2)
+
+
+def _cp_example():
+    """Three days, k = 2. Rows: (day, card, label, score)."""
+    rows = [
+        # Day 1. Card A: a genuine high score and a fraud low score -> card score 0.9, label 1.
+        (1, "A", 0, 0.9), (1, "A", 1, 0.1), (1, "B", 0, 0.8), (1, "C", 1, 0.7), (1, "D", 0, 0.2),
+        # Day 2. A was caught on day 1 and is left out: the top 2 become C (fraud) and B.
+        (2, "A", 1, 0.95), (2, "C", 1, 0.9), (2, "B", 0, 0.8),
+        # Day 3. One card only: precision is still over k = 2.
+        (3, "F", 1, 0.3),
+    ]
+    day, card, label, score = (np.array(c) for c in zip(*rows, strict=True))
+    return day, card, label, score
+
+
+def test_card_precision_at_k_by_hand():
+    day, card, label, score = _cp_example()
+    mean, per_day = card_precision_at_k(day, card, label, score, k=2)
+    # Day 1: top A (fraud), B -> 1/2. Day 2 without A: C (fraud), B -> 1/2. Day 3: F -> 1/2.
+    assert per_day == [0.5, 0.5, 0.5]
+    assert mean == pytest.approx(0.5)
+    # Without removing caught cards, day 2's top 2 are A and C, both compromised.
+    mean_kept, per_day_kept = card_precision_at_k(day, card, label, score, k=2,
+                                                  remove_detected=False)
+    assert per_day_kept == [0.5, 1.0, 0.5]
+    assert mean_kept == pytest.approx(2 / 3)
+
+
+def test_card_precision_does_not_depend_on_row_order():
+    day, card, label, score = _cp_example()
+    order = np.random.default_rng(3).permutation(len(day))
+    assert card_precision_at_k(day[order], card[order], label[order], score[order], k=2) == \
+        card_precision_at_k(day, card, label, score, k=2)
+
+
+def test_card_precision_rejects_bad_input():
+    with pytest.raises(ValueError, match="k must be"):
+        card_precision_at_k(np.array([1]), np.array(["a"]), np.array([1]), np.array([0.1]), k=0)
+    with pytest.raises(ValueError, match="same length"):
+        card_precision_at_k(np.array([1, 2]), np.array(["a"]), np.array([1]), np.array([0.1]))
+
+
+def _frame(rows: list[tuple[str, date, int]]) -> pl.DataFrame:
+    """Transactions (card, day, is_fraud), one per row, at noon."""
+    return pl.DataFrame({
+        schema.TRANSACTION_ID: [str(i) for i in range(len(rows))],
+        schema.TX_TIME: [datetime.combine(d, datetime.min.time()) + timedelta(hours=12)
+                         for _, d, _ in rows],
+        schema.CUSTOMER_ID: [c for c, _, _ in rows],
+        schema.TERMINAL_ID: ["t"] * len(rows),
+        schema.AMOUNT: [10.0 + i for i in range(len(rows))],
+        schema.IS_FRAUD: [f for _, _, f in rows],
+    }, schema_overrides={schema.IS_FRAUD: pl.Int8})
+
+
+JAN = [date(2018, 1, d) for d in range(1, 11)]
+
+
+def _protocol_frame() -> pl.DataFrame:
+    """Train Jan 1-2, delay Jan 3-4, test Jan 5-7 (train 2, delay 2, test 3 days)."""
+    rows = [
+        ("f", date(2017, 12, 31), 1),  # fraud before the training period: not known
+        ("a", JAN[0], 1),              # fraud in training: known on every test day
+        ("e", JAN[1], 0),
+        ("b", JAN[2], 1),              # fraud on delay day 1 (Jan 3): known from Jan 6
+        ("c", JAN[3], 1),              # fraud on delay day 2 (Jan 4): known from Jan 7
+        ("d", JAN[4], 1),              # fraud in the test week: never removed
+    ]
+    for card in "abcdef":
+        for day in JAN[4:7]:
+            rows.append((card, day, 0))
+    rows.append(("e", JAN[7], 1))      # after the test week: outside the fold
+    return _frame(rows)
+
+
+def test_split_removes_known_compromised_cards_day_by_day():
+    config = ProtocolConfig(train_days=2, delay_days=2, test_days=3, folds=1)
+    split = split_fold(_protocol_frame(), JAN[4], config, check_coverage=False)
+    assert (split.train_start, split.train_end) == (JAN[0], JAN[2])
+    assert (split.test_start, split.test_end) == (JAN[4], JAN[7])
+    assert sorted(split.train[schema.CUSTOMER_ID].to_list()) == ["a", "e"]
+    kept = sorted((c, d.day) for c, d in split.test.select(
+        schema.CUSTOMER_ID, pl.col(schema.TX_TIME).dt.date()).iter_rows())
+    expected = sorted(
+        [("b", 5), ("c", 5), ("c", 6)]
+        + [(card, day) for card in "def" for day in (5, 6, 7)]
+        + [("d", 5)]  # d's own fraud row on Jan 5
+    )
+    assert kept == expected
+    assert split.cards_removed == 3  # a (all days), b (Jan 6-7), c (Jan 7)
+    assert split.test_rows_removed == 3 + 2 + 1
+
+
+def test_folds_step_back_by_the_test_period_and_coverage_is_checked():
+    config = ProtocolConfig(folds=4)
+    assert fold_test_starts(date(2018, 7, 25), config) == [
+        date(2018, 7, 25), date(2018, 7, 18), date(2018, 7, 11), date(2018, 7, 4)]
+    frame = _protocol_frame()
+    with pytest.raises(ValueError, match="fold 0 needs data from 2017-12-22"):
+        split_fold(frame, JAN[4], ProtocolConfig())
+    short = ProtocolConfig(train_days=2, delay_days=2, test_days=3, folds=2)
+    with pytest.raises(ValueError, match="fold 1 needs data"):
+        evaluate(frame, lambda: _Recorder(), JAN[4], short)
+
+
+class _Recorder:
+    """Scores by amount and remembers what it was given."""
+
+    name = "recorder"
+
+    def fit(self, train: pl.DataFrame):
+        self.train = train
+        return self
+
+    def score(self, test: pl.DataFrame) -> np.ndarray:
+        self.test = test
+        return test[schema.AMOUNT].to_numpy()
+
+
+def test_evaluate_fits_each_fold_on_its_own_training_rows():
+    rng = np.random.default_rng(0)
+    rows = [(f"c{rng.integers(40)}", JAN[0] + timedelta(days=int(d)), int(rng.random() < 0.2))
+            for d in rng.integers(0, 21, size=600)]
+    frame = _frame(rows)
+    scorers: list[_Recorder] = []
+
+    def make():
+        scorers.append(_Recorder())
+        return scorers[-1]
+
+    config = ProtocolConfig(train_days=3, delay_days=2, test_days=2, folds=3, top_k=5)
+    test_start = JAN[0] + timedelta(days=14)
+    report = evaluate(frame, make, test_start, config)
+    assert [f.test_start for f in report.folds] == ["2018-01-15", "2018-01-13", "2018-01-11"]
+    for fold, scorer in zip(report.folds, scorers, strict=True):
+        train_days = scorer.train[schema.TX_TIME].dt.date()
+        assert train_days.min() >= date.fromisoformat(fold.train_start)
+        assert train_days.max() < date.fromisoformat(fold.train_end)
+        assert (date.fromisoformat(fold.train_end) - date.fromisoformat(fold.train_start)).days \
+            == 3
+        assert scorer.test.height == fold.test_rows
+        labels = scorer.test[schema.IS_FRAUD].to_numpy()
+        assert fold.average_precision == pytest.approx(
+            average_precision(labels, scorer.test[schema.AMOUNT].to_numpy()))
+    values = [f.average_precision for f in report.folds]
+    assert report.summary["average_precision"]["mean"] == pytest.approx(np.mean(values))
+    assert report.summary["average_precision"]["std"] == pytest.approx(np.std(values))
+    assert report.settings["protocol"]["folds"] == 3
+
+
+def test_parse_day():
+    assert parse_day("2018-07-25") == date(2018, 7, 25)
+    assert parse_day(datetime(2018, 7, 25)) == date(2018, 7, 25)
+    with pytest.raises(ValueError, match="must be a day"):
+        parse_day(datetime(2018, 7, 25, 12))
+    with pytest.raises(ValueError, match="expected a day"):
+        parse_day("25/07/2018")

@@ -1,0 +1,228 @@
+"""News items in: validation and quarantine, ticker extraction, sentence aggregation, the
+per-ticker daily table, and classification end to end (library, CLI, Prefect flow) into the
+ledger."""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+
+import polars as pl
+import pytest
+
+from pipeline.ingest import InputError
+from pipeline.ledger import Ledger
+from pipeline.news import read_news
+from pipeline.news_store import ArticleSentiment, NewsStore
+from pipeline.sentiment import Prediction
+from pipeline.sentiment.articles import aggregate, split_sentences
+from pipeline.tickers import TickerExtractor
+
+GOOD = [
+    {"id": "n1", "published": "2024-05-01T13:30:00Z", "source": "wire",
+     "headline": "$AAPL beats estimates as iPhone sales jump", "tickers": ["aapl"]},
+    {"id": "n2", "published": "2024-05-01T15:00:00+02:00", "source": "wire",
+     "headline": "Bitcoin slides 8% as ETF outflows mount",
+     "body": "Bitcoin fell to its lowest in two months. Ether dropped too. Analysts at Acme "
+             "Inc. expect more volatility."},
+    {"id": "n3", "published": "2024-05-02", "source": "blog",
+     "headline": "Microsoft schedules annual shareholder meeting", "tickers": "MSFT"},
+]
+BAD = [
+    {"id": "n4", "published": "last tuesday", "source": "wire", "headline": "x"},
+    {"id": "n1", "published": "2024-05-03", "source": "wire", "headline": "dup id"},
+    {"id": "n5", "published": "2024-05-03", "source": "  ", "headline": "no source"},
+    {"id": "n6", "published": "2024-05-03", "source": "s", "headline": "h",
+     "tickers": "AAPL, not*a*ticker"},
+    {"id": "n7", "published": "2024-05-03", "source": "s", "headline": ""},
+]
+
+
+def _write_jsonl(path, rows, extra_lines=()):
+    path.write_text("\n".join([*(json.dumps(r) for r in rows), *extra_lines]) + "\n")
+    return path
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def test_news_rows_are_accepted_or_quarantined_with_reasons(tmp_path):
+    result = read_news(_write_jsonl(tmp_path / "n.jsonl", GOOD + BAD, ["{broken json"]))
+    assert result.rows_in == 9 == result.accepted.height + result.quarantined.height
+    assert result.accepted["news_id"].to_list() == ["n1", "n2", "n3"]
+    assert result.accepted["published_at"].to_list() == [
+        datetime(2024, 5, 1, 13, 30), datetime(2024, 5, 1, 13, 0), datetime(2024, 5, 2)]
+    assert result.accepted["tickers"].to_list() == [["AAPL"], [], ["MSFT"]]
+    q = {r["row_number"]: r for r in result.quarantined.iter_rows(named=True)}
+    assert q[3]["field"] == "published_at" and "'last tuesday'" in q[3]["reason"]
+    assert q[4]["field"] == "news_id" and "duplicates row 0" in q[4]["reason"]
+    assert q[5]["field"] == "source"
+    assert q[6]["field"] == "tickers" and "'not*a*ticker'" in q[6]["reason"]
+    assert q[7]["field"] == "headline"
+    assert q[8]["field"] == "row" and q[8]["reason"].startswith("invalid JSON")
+    assert json.loads(q[4]["raw"])["headline"] == "dup id"
+
+
+def test_csv_and_parquet_read_the_same_items(tmp_path):
+    frame = pl.DataFrame([{**r, "tickers": ",".join(r["tickers"]) if isinstance(
+        r.get("tickers"), list) else r.get("tickers"), "body": r.get("body")} for r in GOOD])
+    frame = frame.rename({"id": "article_id", "published": "published_at", "headline": "Title"})
+    frame.write_csv(tmp_path / "n.csv")
+    frame.write_parquet(tmp_path / "n.parquet")
+    from_csv, from_parquet = read_news(tmp_path / "n.csv"), read_news(tmp_path / "n.parquet")
+    assert from_csv.accepted.equals(from_parquet.accepted)
+    assert from_csv.accepted["news_id"].to_list() == ["n1", "n2", "n3"]
+    assert from_csv.accepted["body"][1].startswith("Bitcoin fell")
+
+
+def test_a_file_without_headlines_is_refused_naming_the_column(tmp_path):
+    (tmp_path / "n.csv").write_text("id,published,source\n1,2024-01-01,wire\n")
+    with pytest.raises(InputError, match=r"missing required column 'headline' \(also accepted: "
+                                         r"title\); found columns: id, published, source"):
+        read_news(tmp_path / "n.csv")
+
+
+# --- tickers and articles ---------------------------------------------------------------------
+
+def test_tickers_from_cashtags_crypto_and_company_names(tmp_path):
+    extractor = TickerExtractor()
+    text = ("$NVDA and $brk.b gain; Bitcoin tops $100k while ETH and ether ETFs lag. "
+            "Apple CEO says IT budgets are up. A Tesla rival, $1.5bn raised")
+    assert extractor.extract(text) == ["NVDA", "BRK.B", "BTC", "ETH", "AAPL", "TSLA"]
+    assert extractor.extract("The CEO said IT and AI spending rose at A.P. Moller") == []
+    companies = tmp_path / "companies.json"
+    companies.write_text(json.dumps({"Nokia": "NOKIA.HE", "Acme Corp": "ACME"}))
+    custom = TickerExtractor.from_file(companies)
+    assert custom.extract("Nokia and ACME CORP sign deal; nokia shares up") == ["NOKIA.HE",
+                                                                              "ACME"]
+    assert custom.extract_all("$AAPL up", "Nokia too", given=["MSFT"]) == ["MSFT", "AAPL",
+                                                                          "NOKIA.HE"]
+    companies.write_text(json.dumps({"Bad": "not a ticker"}))
+    with pytest.raises(ValueError, match="not a ticker symbol"):
+        TickerExtractor.from_file(companies)
+
+
+def test_sentences_split_at_ends_not_at_abbreviations():
+    body = ("Acme Inc. said revenue rose 12% to $3.4bn. The U.S. unit grew fastest! "
+            "\"We are pleased,\" the CEO said. Shares rose 3.5 % in early trade.")
+    assert split_sentences(body) == [
+        "Acme Inc. said revenue rose 12% to $3.4bn.", "The U.S. unit grew fastest!",
+        "\"We are pleased,\" the CEO said.", "Shares rose 3.5 % in early trade."]
+    assert split_sentences("   ") == [] and len(split_sentences("A. " * 100, 40)) <= 40
+
+
+def test_aggregation_weights_sentences_by_confidence():
+    sure_neg = Prediction("negative", {"negative": 0.9, "neutral": 0.05, "positive": 0.05})
+    hedged = Prediction("positive", {"negative": 0.3, "neutral": 0.3, "positive": 0.4})
+    failed = Prediction(None, {}, failure="no answer")
+    label, probs, weights = aggregate([sure_neg, hedged, hedged, failed])
+    assert weights == [0.9, 0.4, 0.4]
+    assert probs["negative"] == pytest.approx((0.9 * 0.9 + 2 * 0.4 * 0.3) / 1.7, abs=1e-6)
+    assert label == "negative"  # an unweighted mean would say negative by less; a vote, positive
+    assert aggregate([failed]) == (None, {}, [])
+
+
+# --- the per-ticker daily table ---------------------------------------------------------------
+
+def test_daily_table_is_upserted_per_ticker_and_day_without_double_counting(db_url):
+    def art(news_id, ticker, day, label, score, batch="b1"):
+        return ArticleSentiment(news_id, ticker, datetime(2024, 5, day, 9), label, score,
+                                "m@1", batch)
+
+    with NewsStore(db_url) as store:
+        store.record([art("a", "AAPL", 1, "positive", 0.8), art("b", "AAPL", 1, "negative", -0.6),
+                      art("b", "MSFT", 1, "negative", -0.6), art("c", "AAPL", 2, "neutral", 0.1)])
+        store.record([art("a", "AAPL", 1, "positive", 0.8)])  # the same article again
+        rows = {(r["ticker"], r["day"]): r for r in store.daily()}
+        assert rows[("AAPL", date(2024, 5, 1))]["articles"] == 2
+        assert rows[("AAPL", date(2024, 5, 1))]["mean_score"] == pytest.approx(0.1)
+        assert (rows[("AAPL", date(2024, 5, 1))]["positive"],
+                rows[("AAPL", date(2024, 5, 1))]["negative"]) == (1, 1)
+        # Re-classified by a newer model: the article's row is replaced, the day recomputed.
+        store.record([art("b", "AAPL", 1, "neutral", 0.0, batch="b2")])
+        day = store.daily("AAPL", start=date(2024, 5, 1), end=date(2024, 5, 1))
+        assert [(d["articles"], d["negative"], d["neutral"]) for d in day] == [(2, 0, 1)]
+        assert day[0]["mean_score"] == pytest.approx(0.4)
+        assert len(store.daily()) == 3
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+@pytest.fixture
+def news_file(tmp_path):
+    return _write_jsonl(tmp_path / "news.jsonl", GOOD + BAD[:2])
+
+
+def _check_batch(db_url, report, model_dir):
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    with Ledger(db_url) as ledger:
+        assert ledger.verify().ok
+        decisions = {d["subject_id"]: d for d in ledger.decisions(kind="sentiment")}
+        quarantined = ledger.quarantined(report.batch_id)
+    assert sorted(decisions) == ["n1", "n2", "n3"] and len(quarantined) == 2
+    n2 = decisions["n2"]
+    e = n2["explanation"]
+    assert n2["model_version"] == manifest["model_id"]
+    assert n2["index_version"].endswith(":training-examples")
+    assert e["weights_sha256"] == manifest["weights_sha256"]
+    assert n2["decision"] in ("negative", "neutral", "positive")
+    assert n2["score"] == pytest.approx(e["probabilities"][n2["decision"]])
+    assert e["tickers"] == ["BTC", "ETH"]
+    assert e["units"] == 4 and e["aggregation"]["units"] == 4  # headline + 3 sentences
+    assert e["attributions"]["method"] == "occlusion" and e["attributions"]["words"]
+    assert len(e["nearest_training_examples"]) == 3
+    assert len(n2["input_hash"]) == 64
+    with NewsStore(db_url) as store:
+        tickers = {(r["ticker"], r["day"]) for r in store.daily()}
+    assert tickers == {("AAPL", date(2024, 5, 1)), ("BTC", date(2024, 5, 1)),
+                       ("ETH", date(2024, 5, 1)), ("MSFT", date(2024, 5, 2))}
+
+
+def test_classify_file_records_every_decision_and_rerun_adds_nothing(
+        sentiment_model, news_file, db_url, tmp_path):
+    from pipeline.sentiment.backends import EncoderClassifier
+    from pipeline.sentiment.jobs import classify_file
+
+    classifier = EncoderClassifier.load(sentiment_model["directory"])
+    with Ledger(db_url) as ledger, NewsStore(db_url) as store:
+        report = classify_file(news_file, classifier, tmp_path / "out.parquet", ledger=ledger,
+                               store=store)
+        again = classify_file(news_file, classifier, tmp_path / "out.parquet", ledger=ledger,
+                              store=store)
+    assert (report.rows_in, report.rows_classified, report.rows_quarantined) == (5, 3, 2)
+    assert report.ledger_added == 3 and again.ledger_added == 0
+    assert again.batch_id == report.batch_id and again.ledger_already_present == 3
+    out = pl.read_parquet(report.output)
+    assert out["news_id"].to_list() == ["n1", "n2", "n3"]
+    assert ((out["p_negative"] + out["p_neutral"] + out["p_positive"] - 1).abs() < 1e-5).all()
+    assert out["score"].to_list() == pytest.approx(
+        (out["p_positive"] - out["p_negative"]).to_list())
+    _check_batch(db_url, report, sentiment_model["directory"])
+
+
+def test_classify_command(sentiment_model, news_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    db = f"sqlite:///{tmp_path / 'cli.sqlite'}"
+    result = CliRunner().invoke(app, [
+        "sentiment", "classify", "--input", str(news_file), "--model", sentiment_model["name"],
+        "--root", str(sentiment_model["root"]), "--output", str(tmp_path / "out.csv"),
+        "--db", db, "--backend", "encoder"])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())  # rich wraps long lines
+    assert "ledger +3" in flat and "4 ticker-days updated" in flat
+    out = pl.read_csv(tmp_path / "out.csv")
+    assert out["tickers"].to_list() == ["AAPL", "BTC,ETH", "MSFT"]
+    assert (tmp_path / "out.quarantine.parquet").exists()
+
+
+def test_classify_news_flow(sentiment_model, news_file, prefect_harness, tmp_path):
+    from flows.classify_news import classify_news
+
+    db = f"sqlite:///{tmp_path / 'flow.sqlite'}"
+    report = classify_news(input=str(news_file), model=sentiment_model["name"],
+                           output=str(tmp_path / "flow.parquet"), db=db,
+                           root=str(sentiment_model["root"]))
+    assert report.rows_classified == 3 and report.ledger_added == 3 and report.daily_rows == 4
+    _check_batch(db, report, sentiment_model["directory"])

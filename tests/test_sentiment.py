@@ -1,0 +1,288 @@
+"""Sentiment training, the encoder and hf backends, calibration, explanations, artifacts and
+the train/evaluate commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.artifacts import ArtifactError
+from pipeline.ingest import InputError
+from pipeline.sentiment import LABELS
+from pipeline.sentiment.backends import EncoderClassifier, HFClassifier, hf_label_order
+from pipeline.sentiment.calibration import expected_calibration_error, fit_temperature, softmax
+from pipeline.sentiment.data import load_labelled, parse_label_map, read_phrasebank
+from pipeline.sentiment.metrics import classification_report
+from pipeline.sentiment.model import weights_hash
+
+# --- data -------------------------------------------------------------------------------------
+
+def test_phrasebank_lines_are_latin1_crlf_and_split_at_the_last_at_sign(tmp_path):
+    path = tmp_path / "fpb.txt"
+    path.write_bytes("Net sales rose 5 % @ EUR 3m in Espoo , Finland .@positive\r\n"
+                     "Café chain cuts 40 jobs .@negative\r\n"
+                     "The board meets on Monday .@neutral\r\n".encode("latin-1"))
+    data = read_phrasebank(path)
+    assert data.texts[0] == "Net sales rose 5 % @ EUR 3m in Espoo , Finland ."
+    assert data.texts[1] == "Café chain cuts 40 jobs ."
+    assert [LABELS[i] for i in data.labels] == ["positive", "negative", "neutral"]
+    lines = tmp_path / "lines.txt"
+    lines.write_text("2\n0\n")
+    subset = load_labelled(path, lines=lines)
+    assert subset.texts == [data.texts[2], data.texts[0]] and subset.ids == ["fpb.txt:2",
+                                                                             "fpb.txt:0"]
+    lines.write_text("7\n")
+    with pytest.raises(InputError, match="line number 7 is outside the file"):
+        load_labelled(path, lines=lines)
+
+
+def test_twitter_labels_need_the_preset_or_a_label_map(tmp_path):
+    path = tmp_path / "tweets.csv"
+    path.write_text('text,label\n"$AAPL down 3%",0\nFed holds rates,2\n"$TSLA soars",1\n')
+    twitter = load_labelled(path, format="twitter")
+    assert [LABELS[i] for i in twitter.labels] == ["negative", "neutral", "positive"]
+    assert twitter.label_map == {"0": "negative", "1": "positive", "2": "neutral"}
+    with pytest.raises(InputError, match=r"row 0: label '0' .*--label-map"):
+        load_labelled(path)
+    mapped = load_labelled(path, label_map="0=bearish,1=bullish,2=neutral")
+    assert mapped.labels.tolist() == twitter.labels.tolist()
+    with pytest.raises(ValueError, match="'great' is not one of"):
+        parse_label_map("0=great")
+
+
+def test_classification_report_matches_scikit_learn():
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 500)
+    p = np.where(rng.random(500) < 0.7, y, rng.integers(0, 3, 500))
+    report = classification_report(y, p)
+    assert report["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert report["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+    assert report["weighted_f1"] == pytest.approx(f1_score(y, p, average="weighted"))
+    assert report["confusion_matrix"]["rows_true_columns_predicted"] == \
+        confusion_matrix(y, p).tolist()
+
+
+def test_temperature_scaling_recovers_the_true_temperature():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (20000, 3))
+    labels = np.array([rng.choice(3, p=row) for row in softmax(logits, 2.0)])
+    t = fit_temperature(logits, labels)
+    assert t == pytest.approx(2.0, rel=0.08)
+    assert expected_calibration_error(softmax(logits, t), labels) < \
+        expected_calibration_error(softmax(logits), labels) / 2
+
+
+# --- the trained encoder backend --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def classifier(sentiment_model):
+    return EncoderClassifier.load(sentiment_model["name"], sentiment_model["root"], device="cpu")
+
+
+def test_training_on_a_small_slice_really_learns(sentiment_model, classifier):
+    held = sentiment_model["held_out"]  # 50 per class: the majority class scores 1/3
+    predictions = classifier.classify(held.texts, explain=False)
+    predicted = np.array([LABELS.index(p.label) for p in predictions])
+    accuracy = float((predicted == held.labels).mean())
+    assert accuracy >= 0.6, accuracy  # typically ~0.75 after 2 short epochs
+    trained = sentiment_model["trained"]
+    assert trained.history[-1]["train_loss"] < trained.history[0]["train_loss"]
+    assert 0.05 < trained.head.temperature < 20
+
+
+def test_artifact_is_safetensors_with_manifest_hashes_and_model_card(sentiment_model,
+                                                                     classifier):
+    directory = sentiment_model["directory"]
+    names = {p.name for p in directory.iterdir()}
+    assert {"model.safetensors", "examples.safetensors", "README.md", "manifest.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl", ".pickle"))]
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["weights_sha256"] == weights_hash(classifier.model)
+    assert manifest["data"]["sha256"] == sentiment_model["train"].sha256
+    card = (directory / "README.md").read_text()
+    assert manifest["weights_sha256"] in card and manifest["data"]["sha256"] in card
+    assert "Validation: accuracy" in card
+    assert classifier.model_id == f"fpb-small@{manifest['weights_sha256'][:12]}"
+
+
+def test_tampered_weights_are_refused(sentiment_model, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sentiment_model["directory"], copy)
+    with open(copy / "model.safetensors", "r+b") as handle:
+        handle.seek(-8, 2)
+        handle.write(b"\x00" * 8)
+    with pytest.raises(ArtifactError, match="does not match the manifest"):
+        EncoderClassifier.load(copy)
+
+
+def test_inference_is_deterministic_calibrated_and_batch_independent(classifier,
+                                                                      sentiment_model):
+    texts = sentiment_model["held_out"].texts[:12]
+    first = classifier.classify(texts, explain=False)
+    again = classifier.classify(texts, explain=False)
+    alone = classifier.classify(texts[3:4], explain=False)[0]
+    assert [p.probabilities for p in first] == [p.probabilities for p in again]
+    assert [alone.probabilities[k] for k in LABELS] == pytest.approx(
+        [first[3].probabilities[k] for k in LABELS], abs=1e-5)
+    # Probabilities are the temperature-scaled softmax of the network's logits.
+    batch = classifier.tokenizer(texts[:1], return_tensors="pt", truncation=True,
+                                 max_length=classifier.head.max_length)
+    with torch.no_grad():
+        logits, _ = classifier.model(batch["input_ids"], batch["attention_mask"])
+    expected = softmax(logits.numpy(), classifier.head.temperature)[0]
+    assert [first[0].probabilities[k] for k in LABELS] == pytest.approx(expected, abs=1e-5)
+
+
+def test_occlusion_weights_are_the_probability_drop_without_the_word(classifier):
+    text = "Operating profit fell sharply and the company cut its outlook"
+    pred = classifier.classify([text])[0]
+    words = pred.explanation["attributions"]["words"]
+    assert pred.explanation["attributions"]["method"] == "occlusion"
+    assert len(words) == 6 and words == sorted(words, key=lambda w: -abs(w["weight"]))
+    top = words[0]
+    tokens = text.split()
+    without = " ".join(t for i, t in enumerate(tokens) if i != top["position"])
+    assert top["word"] == tokens[top["position"]]
+    dropped = classifier.classify([without], explain=False)[0]
+    assert top["weight"] == pytest.approx(
+        pred.probabilities[pred.label] - dropped.probabilities[pred.label], abs=1e-4)
+
+
+def test_nearest_training_examples_find_the_training_sentence_itself(classifier,
+                                                                      sentiment_model):
+    train = sentiment_model["trained"].data.subset(sentiment_model["trained"].train_index)
+    pred = classifier.classify([train.texts[5]])[0]
+    nearest = pred.explanation["nearest_training_examples"]
+    assert len(nearest) == 3
+    assert nearest[0]["text"] == train.texts[5] and nearest[0]["similarity"] > 0.999
+    assert nearest[0]["label"] == LABELS[train.labels[5]]
+    assert nearest[0]["similarity"] >= nearest[1]["similarity"] >= nearest[2]["similarity"]
+
+
+def test_int8_quantised_inference_agrees_with_fp32(sentiment_model, classifier):
+    quantised = EncoderClassifier.load(sentiment_model["directory"], quantize=True,
+                                       neighbours=0)
+    texts = sentiment_model["held_out"].texts[::2]
+    fp32 = [p.label for p in classifier.classify(texts, explain=False)]
+    int8 = [p.label for p in quantised.classify(texts, explain=False)]
+    assert np.mean(np.array(fp32) == np.array(int8)) >= 0.9
+    assert quantised.audit_fields()["runtime"] == "int8-dynamic"
+
+
+# --- the hf backend ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """A tiny random BERT classifier whose outputs are in an unusual order: bullish, bearish,
+    neutral."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from pipeline.encoder import packaged_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_model_path()))
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, num_labels=3,
+                        id2label={0: "bullish", 1: "bearish", 2: "neutral"},
+                        label2id={"bullish": 0, "bearish": 1, "neutral": 2})
+    model = BertForSequenceClassification(config).eval()
+    directory = tmp_path_factory.mktemp("hf") / "tiny-finbert"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, model, tokenizer
+
+
+def test_hf_backend_reads_the_label_order_from_the_checkpoint(hf_checkpoint):
+    directory, model, tokenizer = hf_checkpoint
+    hf = HFClassifier(directory)
+    text = "Shares slump after the profit warning"
+    pred = hf.classify([text])[0]
+    with torch.no_grad():
+        raw = torch.softmax(model(**tokenizer([text], return_tensors="pt")).logits, -1)[0]
+    assert pred.probabilities["positive"] == pytest.approx(float(raw[0]), abs=1e-5)
+    assert pred.probabilities["negative"] == pytest.approx(float(raw[1]), abs=1e-5)
+    assert pred.probabilities["neutral"] == pytest.approx(float(raw[2]), abs=1e-5)
+    assert pred.explanation["attributions"]["method"] == "occlusion"
+    audit = hf.audit_fields()
+    assert audit["id2label"] == {"0": "bullish", "1": "bearish", "2": "neutral"}
+    assert "model.safetensors" in audit["weights_sha256"]
+
+
+def test_hf_labels_that_say_nothing_are_refused_unless_mapped():
+    generic = {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    with pytest.raises(ValueError, match="LABEL_0.*label map"):
+        hf_label_order(generic)
+    order = hf_label_order(generic, {"LABEL_0": "positive", "LABEL_1": "negative",
+                                     "LABEL_2": "neutral"})
+    assert order == [LABELS.index("positive"), LABELS.index("negative"),
+                     LABELS.index("neutral")]
+    with pytest.raises(ValueError, match="exactly once"):
+        hf_label_order({0: "positive", 1: "bullish", 2: "neutral"})
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_evaluate_command_writes_metrics_and_confusion_matrix(sentiment_model, tmp_path):
+    held = sentiment_model["held_out"]
+    data = tmp_path / "held.csv"
+    import csv
+
+    with open(data, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows((t, LABELS[y]) for t, y in zip(held.texts, held.labels, strict=True))
+    result = _cli("sentiment", "evaluate", "--data", str(data), "--model",
+                  sentiment_model["name"], "--root", str(sentiment_model["root"]),
+                  "--output", str(tmp_path / "m.json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "m.json").read_text())
+    matrix = np.array(report["confusion_matrix"]["rows_true_columns_predicted"])
+    assert matrix.sum() == len(held) == report["n"]
+    assert report["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert matrix.sum(axis=1).tolist() == [50, 50, 50]
+    assert report["model"]["weights_sha256"] == json.loads(
+        (sentiment_model["directory"] / "manifest.json").read_text())["weights_sha256"]
+
+
+def test_train_command_publishes_a_model_with_held_out_metrics(shared_data, tmp_path):
+    fpb = shared_data / "sentiment/financial-phrasebank"
+    (tmp_path / "train.txt").write_text("\n".join(str(i) for i in range(0, 2264, 60)))
+    (tmp_path / "test.txt").write_text("\n".join(str(i) for i in range(7, 2264, 150)))
+    result = _cli("sentiment", "train", "--data", str(fpb / "Sentences_AllAgree.txt"),
+                  "--lines", str(tmp_path / "train.txt"), "--eval-data",
+                  str(fpb / "Sentences_AllAgree.txt"), "--eval-lines",
+                  str(tmp_path / "test.txt"), "--output", str(tmp_path / "models/tiny"),
+                  "--epochs", "1", "--max-length", "16")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(next((tmp_path / "models/tiny").glob("*/manifest.json")).read_text())
+    assert manifest["split"]["train"] + manifest["split"]["validation"] == 38
+    assert manifest["test_metrics"]["n"] == 16
+    assert "held-out: accuracy" in result.output
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path):
+    import subprocess
+
+    bad = tmp_path / "x.csv"
+    bad.write_text("text,label\nhello,3\n")
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "sentiment", "evaluate",
+                          "--data", str(bad), "--model", "nope", "--root", str(tmp_path),
+                          "--output", str(tmp_path / "o.json")], capture_output=True, text=True)
+    assert run.returncode == 2 and "error:" in run.stderr and "Traceback" not in run.stderr
+    assert "no sentiment model 'nope'" in run.stderr
