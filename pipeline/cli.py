@@ -25,8 +25,9 @@ audit_app = typer.Typer(help="Audit ledger: verify, anchor, replay, export, revi
 app.add_typer(index_app, name="index")
 app.add_typer(audit_app, name="audit")
 app.add_typer(sentiment_app, name="sentiment")
-console = Console(stderr=True)
-out = Console()
+# soft_wrap: messages stay on one line whatever the terminal width, so they can be grepped.
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 DbOption = Annotated[str | None, typer.Option(
     "--db", help="Ledger database URL (sqlite:///path or postgresql://…); default "
@@ -126,6 +127,10 @@ def index_build(
         "--db", help="Ledger whose analyst reviews relabel the history (confirmed-fraud -> 1, "
                      "false-positive -> 0, known from the review time); default $FINSENTINEL_DB; "
                      "neither: no reviews applied.")] = None,
+    scorer: Annotated[str, typer.Option(
+        "--scorer", help="knn: the similarity-weighted neighbour vote (default); knn-stacked: "
+                         "learned vector weights plus an XGBoost model over neighbour evidence "
+                         "and features, stored in the index (see docs/benchmarks.md).")] = "knn",
 ) -> None:
     """Build a FAISS index of labelled history and save it with a manifest."""
     from pipeline import jobs
@@ -149,7 +154,8 @@ def index_build(
         report = jobs.build_index(
             ingested, name, root=root, encoder=TextEncoder(encoder) if text_dim else None,
             until=cutoff, vector_config=VectorConfig(text_dim=text_dim),
-            config=IndexConfig(kind=kind, label_delay_days=label_delay_days), feedback=feedback)
+            config=IndexConfig(kind=kind, label_delay_days=label_delay_days), feedback=feedback,
+            scorer=scorer)
     if feedback is not None:
         console.print(f"analyst reviews: {feedback.frame.height:,} reviewed transactions, "
                       f"{report.feedback_applied:,} history rows relabelled")
@@ -210,6 +216,45 @@ FromOption = Annotated[str | None, typer.Option(
     "--from", help="First day (2024-05-01) or time, UTC, of records created; inclusive.")]
 ToOption = Annotated[str | None, typer.Option(
     "--to", help="Last day or time, UTC, inclusive (a date covers its whole day).")]
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option("--data", help="Labelled transactions (parquet/csv/jsonl)."
+                                       )],
+    test_start: Annotated[str, typer.Option(
+        "--test-start", help="First test day of the latest fold (YYYY-MM-DD); each further "
+                             "fold tests one test period earlier.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSON report to write.")],
+    folds: Annotated[int, typer.Option("--folds", help="Number of prequential folds.")] = 4,
+    scorer: Annotated[str, typer.Option(
+        "--scorer", help="logreg | random-forest | xgboost | knn | knn-text | knn-weighted | "
+                         "knn-stacked")] = "knn-stacked",
+    train_days: Annotated[int, typer.Option("--train-days")] = 7,
+    delay_days: Annotated[int, typer.Option("--delay-days")] = 7,
+    test_days: Annotated[int, typer.Option("--test-days")] = 7,
+    top_k: Annotated[int, typer.Option("--top-k", help="k of Card Precision@k.")] = 100,
+    jobs: Annotated[int, typer.Option("--jobs", help="Threads for the models.")] = 1,
+) -> None:
+    """The fraud handbook's prequential evaluation: per fold train, wait out the label delay,
+    test (known-compromised cards removed); AUC ROC, Average Precision, Card Precision@k."""
+    from pipeline.evaluation import ProtocolConfig, evaluate_file
+
+    config = ProtocolConfig(train_days=train_days, delay_days=delay_days, test_days=test_days,
+                            folds=folds, top_k=top_k)
+
+    def show(fold) -> None:
+        console.print(f"fold {fold.fold}: test {fold.test_start}..{fold.test_end} "
+                      f"AUC {fold.auc_roc:.3f} AP {fold.average_precision:.3f} "
+                      f"CP@{top_k} {fold.card_precision_at_k:.3f}")
+
+    report = evaluate_file(data, test_start, scorer, output, config, n_jobs=jobs, on_fold=show)
+    s = report.summary
+    out.print(f"{report.scorer}: AUC ROC {s['auc_roc']['mean']:.3f} ± {s['auc_roc']['std']:.3f}"
+              f", AP {s['average_precision']['mean']:.3f} ± "
+              f"{s['average_precision']['std']:.3f}, CP@{top_k} "
+              f"{s['card_precision_at_k']['mean']:.3f} ± {s['card_precision_at_k']['std']:.3f}"
+              f" over {len(report.folds)} folds; report in {output}", markup=False)
 
 
 @audit_app.command("verify")

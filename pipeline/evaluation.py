@@ -11,10 +11,12 @@ their mean and (population, as scikit-learn's grid search reports) standard devi
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,13 +49,18 @@ class ProtocolConfig:
 
 class Scorer(Protocol):
     """What the protocol evaluates: fit on a training frame, score a test frame (higher = more
-    likely fraud). Frames carry the canonical columns and the handbook features."""
+    likely fraud). Frames carry the canonical columns and the handbook features.
+
+    ``history`` is the labelled data a scorer may consult as evidence beside its training rows:
+    every transaction before the last test day minus the delay. A scorer must use a row's label
+    only from the row's time + delay on (the rule the handbook's terminal-risk features follow);
+    the model itself is fitted on ``train`` only."""
 
     name: str
 
-    def fit(self, train: pl.DataFrame) -> Scorer: ...
+    def fit(self, train: pl.DataFrame, history: pl.DataFrame | None = None) -> Scorer: ...
 
-    def score(self, test: pl.DataFrame) -> np.ndarray: ...
+    def score(self, test: pl.DataFrame, history: pl.DataFrame | None = None) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,14 @@ def _check_coverage(frame: pl.DataFrame, train_start: date, test_end: date, fold
             "choose a later --test-start or fewer --folds")
 
 
+def labelled_history(frame: pl.DataFrame, split: FoldSplit, config: ProtocolConfig
+                     ) -> pl.DataFrame:
+    """The rows whose label can be known at some moment of the fold's test period: transaction
+    time + delay before the end of the last test day. (No test row is among them.)"""
+    end = datetime.combine(split.test_end, datetime.min.time())
+    return frame.filter(pl.col(schema.TX_TIME) < end - timedelta(days=config.delay_days))
+
+
 def prequential_splits(frame: pl.DataFrame, test_start: date, config: ProtocolConfig
                        ) -> list[FoldSplit]:
     frame = with_day(frame)
@@ -167,14 +182,15 @@ def fold_metrics(test: pl.DataFrame, scores: np.ndarray, top_k: int) -> dict[str
             "card_precision_at_k": cp, "card_precision_per_day": per_day}
 
 
-def evaluate_fold(split: FoldSplit, scorer: Scorer, config: ProtocolConfig) -> FoldResult:
+def evaluate_fold(split: FoldSplit, scorer: Scorer, config: ProtocolConfig,
+                  history: pl.DataFrame | None = None) -> FoldResult:
     if split.train.height == 0 or split.test.height == 0:
         raise ValueError(f"fold {split.fold}: no {'training' if not split.train.height else 'test'}"
                          f" rows between {split.train_start} and {split.test_end}")
     started = time.perf_counter()
-    scorer.fit(split.train)
+    scorer.fit(split.train, history)
     fitted = time.perf_counter()
-    scores = np.asarray(scorer.score(split.test), dtype=np.float64)
+    scores = np.asarray(scorer.score(split.test, history), dtype=np.float64)
     scored = time.perf_counter()
     if scores.shape != (split.test.height,):
         raise ValueError(f"scorer {scorer.name!r} returned {scores.shape} scores for "
@@ -229,7 +245,7 @@ def evaluate(frame: pl.DataFrame, make_scorer: Callable[[], Scorer], test_start:
     for split in splits:
         scorer = make_scorer()
         name = scorer.name
-        result = evaluate_fold(split, scorer, config)
+        result = evaluate_fold(split, scorer, config, labelled_history(frame, split, config))
         results.append(result)
         if on_fold:
             on_fold(result)
@@ -252,3 +268,55 @@ def parse_day(value: str | date | datetime) -> date:
         return date.fromisoformat(value)
     except ValueError:
         raise ValueError(f"test start: expected a day such as 2018-07-25, got {value!r}") from None
+
+
+def load_featured(path: str | Path, label_delay_days: int = 7) -> tuple[pl.DataFrame, dict]:
+    """Read labelled transactions (quarantining bad rows) and compute the handbook features
+    over the whole file, as the handbook does before splitting. Returns the frame and a record
+    of what was read (path, sha256, rows, quarantined, first and last day)."""
+    from pipeline.artifacts import sha256_file
+    from pipeline.features import compute_features
+    from pipeline.ingest import read_transactions
+
+    ingested = read_transactions(path, require_labels=True)
+    frame = with_day(compute_features(ingested.accepted, label_delay_days=label_delay_days))
+    if frame.height == 0:
+        raise ValueError(f"{path}: no accepted transaction to evaluate on")
+    record = {"data": str(path), "data_sha256": sha256_file(path),
+              "rows_in": ingested.rows_in, "rows_accepted": frame.height,
+              "rows_quarantined": ingested.quarantined.height,
+              "data_first_day": frame[DAY].min().isoformat(),
+              "data_last_day": frame[DAY].max().isoformat()}
+    return frame, record
+
+
+def evaluate_file(path: str | Path, test_start: str | date, scorer: str, output: str | Path,
+                  config: ProtocolConfig | None = None, *, n_jobs: int = 1,
+                  on_fold: Callable[[FoldResult], None] | None = None) -> EvaluationReport:
+    """``finsentinel evaluate``: the protocol on a file, the report written as JSON."""
+    from pipeline.models import make_scorer
+
+    config = config or ProtocolConfig()
+    start = parse_day(test_start)
+    make_scorer(scorer, n_jobs=n_jobs)  # an unknown name fails before the data is read
+    frame, record = load_featured(path, config.delay_days)
+    settings = {**record, "scorer": scorer, "folds": config.folds, "n_jobs": n_jobs,
+                "command": command_line(path, start, scorer, output, config)}
+    report = evaluate(frame, lambda: make_scorer(scorer, n_jobs=n_jobs), start, config,
+                      settings=settings, on_fold=on_fold)
+    write_report(report, output)
+    return report
+
+
+def write_report(report: EvaluationReport, output: str | Path) -> Path:
+    from pipeline.artifacts import atomic_write_bytes
+
+    text = json.dumps(report.to_dict(), indent=2, sort_keys=False, allow_nan=True)
+    return atomic_write_bytes(output, (text + "\n").encode())
+
+
+def command_line(path: str | Path, start: date, scorer: str, output: str | Path,
+                 config: ProtocolConfig) -> str:
+    parts = ["finsentinel evaluate", f"--data {path}", f"--test-start {start.isoformat()}",
+             f"--folds {config.folds}", f"--scorer {scorer}", f"--output {output}"]
+    return " ".join(parts)

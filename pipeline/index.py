@@ -106,6 +106,7 @@ class FraudIndex:
         self._ids = meta[schema.TRANSACTION_ID].to_numpy()
         self.gpu = bool(config.use_gpu if config.use_gpu is not None else gpu_available())
         self._search_index = _to_gpu(index) if self.gpu and gpu_available() else index
+        self.model = None  # optional StackedModel (pipeline.stacking), saved beside the index
 
     @property
     def size(self) -> int:
@@ -186,6 +187,8 @@ class FraudIndex:
             self.meta.write_parquet(directory / "meta.parquet")
             self.context.write_parquet(directory / "context.parquet")
             self.vectorizer.save(directory)
+            if self.model is not None:
+                self.model.save(directory)
         _, manifest = artifacts.resolve(root, name, verify=False)
         self.manifest = manifest
         return manifest["version"]
@@ -214,7 +217,17 @@ class FraudIndex:
             index.nprobe = config.ivf_nprobe
         meta = pl.read_parquet(directory / "meta.parquet")
         context = pl.read_parquet(directory / "context.parquet")
-        return cls(vectorizer, index, meta, context, manifest, config)
+        loaded = cls(vectorizer, index, meta, context, manifest, config)
+        if manifest.get("model"):  # a stacked model: its files were hash-checked with the rest
+            from pipeline.stacking import StackedModel
+
+            unlisted = [f for f in manifest["model"]["files"] if f not in manifest["files"]]
+            if unlisted:
+                raise artifacts.ArtifactError(
+                    f"index {name!r} version {manifest['version']}: model file(s) {unlisted} "
+                    "are not in the manifest, so their hashes cannot be checked")
+            loaded.model = StackedModel.load(directory)
+        return loaded
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Squared L2 distances and row positions in ``meta`` (-1 where fewer than k exist)."""

@@ -89,16 +89,27 @@ def build_index(ingested: IngestResult, name: str, *, root: str | Path | None = 
                 encoder: TextEncoder | None = None, until: datetime | None = None,
                 vector_config: VectorConfig | None = None,
                 config: IndexConfig | None = None,
-                feedback: FeedbackLabels | None = None) -> BuildReport:
+                feedback: FeedbackLabels | None = None, scorer: str = "knn") -> BuildReport:
     """Build and save an index of the accepted rows. With ``feedback`` (analysts' reviews from
-    the ledger), reviewed transactions carry the reviewer's label, known from the review time."""
+    the ledger), reviewed transactions carry the reviewer's label, known from the review time.
+    ``scorer="knn-stacked"`` adds learned vector weights and a stacked XGBoost model (trained on
+    the last 7 days of labelled rows) to the index (see pipeline.stacking)."""
+    if scorer not in ("knn", "knn-stacked"):
+        raise ValueError(f"scorer: expected knn or knn-stacked, got {scorer!r}")
     config = config or IndexConfig()
     history, applied = ingested.accepted, 0
     if feedback is not None:
         history, applied = apply_feedback(history, feedback)
     featured = compute_features(history, label_delay_days=config.label_delay_days)
-    index = FraudIndex.build(featured, encoder=encoder, vector_config=vector_config,
-                             config=config, until=until)
+    if scorer == "knn-stacked":
+        from pipeline.stacking import build_stacked_index
+
+        index = build_stacked_index(
+            featured, encoder=encoder, text_dim=(vector_config or VectorConfig()).text_dim,
+            config=config, until=until)
+    else:
+        index = FraudIndex.build(featured, encoder=encoder, vector_config=vector_config,
+                                 config=config, until=until)
     if feedback is not None:
         index.manifest["feedback"] = {
             "rows_relabelled": applied, "reviewed_transactions": feedback.frame.height,

@@ -23,9 +23,11 @@ import polars as pl
 
 from pipeline import schema
 from pipeline.encoder import TextEncoder
+from pipeline.features import with_derived_features
 from pipeline.index import FraudIndex, IndexConfig
 from pipeline.scoring import ScoringConfig, knn_score, similarity
-from pipeline.vectors import VectorConfig
+from pipeline.stacking import StackedModel, StackingConfig, stacked_vector_config
+from pipeline.vectors import VectorConfig, has_text
 
 
 def feature_matrix(frame: pl.DataFrame, features: tuple[str, ...] = schema.MODEL_FEATURES
@@ -58,7 +60,8 @@ class HandbookBaseline:
         self.scaler = None
         self.estimator = None
 
-    def fit(self, train: pl.DataFrame) -> HandbookBaseline:
+    def fit(self, train: pl.DataFrame, history: pl.DataFrame | None = None
+            ) -> HandbookBaseline:
         from sklearn.preprocessing import StandardScaler
 
         x = feature_matrix(train, self.features)
@@ -67,7 +70,7 @@ class HandbookBaseline:
         self.estimator.fit(self.scaler.transform(x), labels_of(train))
         return self
 
-    def score(self, test: pl.DataFrame) -> np.ndarray:
+    def score(self, test: pl.DataFrame, history: pl.DataFrame | None = None) -> np.ndarray:
         if self.estimator is None:
             raise RuntimeError(f"scorer {self.name!r} is not fitted")
         x = self.scaler.transform(feature_matrix(test, self.features))
@@ -109,18 +112,30 @@ class KnnScorer:
     row's vector; score = smoothed similarity-weighted fraud share of its k neighbours."""
 
     def __init__(self, name: str = "knn", settings: KnnSettings | None = None,
-                 encoder: TextEncoder | None = None):
+                 encoder: TextEncoder | None = None, use_text: bool = False):
         self.name = name
         self.settings = settings or KnnSettings()
         self.encoder = encoder
+        self.use_text = use_text
         self.index: FraudIndex | None = None
 
-    def fit(self, train: pl.DataFrame) -> KnnScorer:
+    def fit(self, train: pl.DataFrame, history: pl.DataFrame | None = None) -> KnnScorer:
         labels_of(train)
-        self.index = FraudIndex.build(train, encoder=self.encoder,
-                                      vector_config=self.settings.vector,
+        self.index = FraudIndex.build(train, encoder=self._encoder_for(train),
+                                      vector_config=self.vector_config(train),
                                       config=self.settings.index)
         return self
+
+    def vector_config(self, train: pl.DataFrame) -> VectorConfig:
+        return self.settings.vector
+
+    def _encoder_for(self, frame: pl.DataFrame) -> TextEncoder | None:
+        """The text encoder, loaded only when the data has descriptive text to embed."""
+        if not self.use_text or not has_text(frame.columns) or self.settings.vector.text_dim == 0:
+            return None
+        if self.encoder is None:
+            self.encoder = TextEncoder()
+        return self.encoder
 
     def neighbours(self, frame: pl.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(squared distances, positions in the index) of each row's k nearest labelled
@@ -132,7 +147,7 @@ class KnnScorer:
         ids = frame[schema.TRANSACTION_ID].cast(pl.String).to_numpy()
         return self.index.neighbours(vectors, times, ids, k)
 
-    def score(self, test: pl.DataFrame) -> np.ndarray:
+    def score(self, test: pl.DataFrame, history: pl.DataFrame | None = None) -> np.ndarray:
         cfg = self.settings.scoring
         distances, positions = self.neighbours(test, cfg.k)
         prior = cfg.prior if cfg.prior is not None else self.index.fraud_rate
@@ -145,8 +160,51 @@ def knn(n_jobs: int = 1) -> KnnScorer:
 
 
 def knn_text(n_jobs: int = 1, encoder: TextEncoder | None = None) -> KnnScorer:
-    return KnnScorer("knn-text", KnnSettings(vector=VectorConfig(text_dim=8)),
-                     encoder=encoder or TextEncoder())
+    return KnnScorer("knn-text", KnnSettings(vector=VectorConfig(text_dim=8)), encoder=encoder,
+                     use_text=True)
+
+
+class KnnWeighted(KnnScorer):
+    """The pipeline's kNN score on a better vector: the 15 features plus the amount-to-usual
+    ratios, each weighted by what it is worth (learned on the training rows), plus the text."""
+
+    def __init__(self, name: str = "knn-weighted", settings: KnnSettings | None = None,
+                 encoder: TextEncoder | None = None, use_text: bool = True, n_jobs: int = 1):
+        super().__init__(name, settings or KnnSettings(vector=VectorConfig(text_dim=8)),
+                         encoder, use_text)
+        self.n_jobs = n_jobs
+
+    def vector_config(self, train: pl.DataFrame) -> VectorConfig:
+        text_dim = self.settings.vector.text_dim if self._encoder_for(train) else 0
+        return stacked_vector_config(train, text_dim=text_dim, n_jobs=self.n_jobs)
+
+    def fit(self, train: pl.DataFrame, history: pl.DataFrame | None = None) -> KnnWeighted:
+        return super().fit(with_derived_features(train), history)
+
+    def score(self, test: pl.DataFrame, history: pl.DataFrame | None = None) -> np.ndarray:
+        return super().score(with_derived_features(test), history)
+
+
+class KnnStacked(KnnWeighted):
+    """Neighbour evidence into XGBoost: the weighted kNN's statistics at several k, the
+    terminal's most recent known labels, and the features (see :mod:`pipeline.stacking`)."""
+
+    def __init__(self, name: str = "knn-stacked", stacking: StackingConfig | None = None,
+                 encoder: TextEncoder | None = None, use_text: bool = True, n_jobs: int = 1):
+        super().__init__(name, None, encoder, use_text, n_jobs)
+        self.model = StackedModel(stacking)
+
+    def fit(self, train: pl.DataFrame, history: pl.DataFrame | None = None) -> KnnStacked:
+        super().fit(train, history)
+        labelled = train if history is None else history
+        self.model.fit(with_derived_features(train), self.index, labelled, n_jobs=self.n_jobs)
+        return self
+
+    def score(self, test: pl.DataFrame, history: pl.DataFrame | None = None) -> np.ndarray:
+        if self.index is None:
+            raise RuntimeError(f"scorer {self.name!r} is not fitted")
+        labelled = self.index.meta if history is None else history
+        return self.model.predict(test, self.index, labelled, contributions=False).scores
 
 
 SCORERS: dict[str, Callable[..., object]] = {
@@ -155,6 +213,8 @@ SCORERS: dict[str, Callable[..., object]] = {
     "xgboost": xgboost_baseline,
     "knn": knn,
     "knn-text": knn_text,
+    "knn-weighted": lambda n_jobs=1: KnnWeighted(n_jobs=n_jobs),
+    "knn-stacked": lambda n_jobs=1: KnnStacked(n_jobs=n_jobs),
 }
 
 

@@ -144,6 +144,10 @@ class FraudScorer:
         sims = similarity(distances)
         labels = self.index.labels_at(positions)
         scores = knn_score(sims, labels, prior=self.prior, smoothing=cfg.smoothing)
+        stacked = None
+        if self.index.model is not None:  # an index built with --scorer knn-stacked
+            stacked = self.index.model.predict(featured, self.index, self.index.meta)
+            scores = stacked.scores
         frame = featured.select(
             schema.TRANSACTION_ID, schema.TX_TIME, schema.CUSTOMER_ID, schema.TERMINAL_ID,
             schema.AMOUNT,
@@ -157,6 +161,8 @@ class FraudScorer:
             .otherwise(pl.lit("pass")).alias("decision")
         )
         explanations = self.explain(featured, sims, labels, positions)
+        if stacked is not None:
+            self.explain_stacked(explanations, stacked)
         inputs = self.decision_inputs(featured, vectors, frame["input_hash"].to_list())
         return ScoredBatch(frame, explanations, inputs)
 
@@ -185,6 +191,25 @@ class FraudScorer:
             "search": {"call": call, "row": i, "rows": len(fields), "device": device},
             "scoring": settings,
         } for i in range(len(fields))]
+
+    def explain_stacked(self, explanations: list[dict[str, Any]], stacked: Any) -> None:
+        """Add the stacked model's part: its largest per-input contributions (log-odds), the
+        neighbours from other cards and terminals behind its kNN inputs, the kNN score alone."""
+        model, meta = self.index.model, self.index.meta
+        ids, times = meta[schema.TRANSACTION_ID].to_list(), meta[schema.TX_TIME].to_list()
+        found = stacked.neighbours
+        sims = similarity(found.distances)
+        n_exp = min(self.config.explain_neighbours, found.positions.shape[1])
+        for row, explanation in enumerate(explanations):
+            explanation["knn_score"] = round(float(
+                (explanation["fraud_weight"] + explanation["smoothing"] * explanation["prior"])
+                / (explanation["total_weight"] + explanation["smoothing"])), 6)
+            explanation["method"] = "knn-stacked"
+            explanation["model"] = model.explain(stacked, row)
+            explanation["model"]["neighbours_other_cards_terminals"] = [
+                {"transaction_id": ids[p], "similarity": round(float(sims[row, j]), 6),
+                 "is_fraud": int(found.labels[row, j]), "tx_time": _iso(times[p])}
+                for j in range(n_exp) if (p := int(found.positions[row, j])) >= 0]
 
     def explain(self, featured: pl.DataFrame, sims: np.ndarray, labels: np.ndarray,
                 positions: np.ndarray) -> list[dict[str, Any]]:

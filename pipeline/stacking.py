@@ -54,6 +54,7 @@ class StackingConfig:
 
     ks: tuple[int, ...] = (5, 20, 50)
     fetch: int = 100
+    use_knn: bool = True  # False: no feature-space neighbour inputs (a control for the ablation)
     smoothing: float = 1.0
     learn_weights: bool = True
     label_delay_days: int = 7
@@ -69,6 +70,8 @@ class StackingConfig:
 
     @property
     def knn_features(self) -> tuple[str, ...]:
+        if not self.use_knn:
+            return ()
         return (*(f"KNN_FRAUD_SHARE_{k}" for k in self.ks), "KNN_NEAREST_FRAUD_DISTANCE",
                 "KNN_NEAREST_DISTANCE")
 
@@ -252,9 +255,14 @@ class StackedModel:
         """The booster's input matrix for ``frame`` and the neighbours behind it."""
         cfg = self.config
         frame = with_derived_features(frame)
-        found = other_neighbours(index, frame, max(cfg.ks), cfg.fetch,
-                                 known_by_query_time=not training)
-        knn = neighbour_statistics(found, cfg.ks, self.prior, cfg.smoothing)
+        if cfg.use_knn:
+            found = other_neighbours(index, frame, max(cfg.ks), cfg.fetch,
+                                     known_by_query_time=not training)
+            knn = neighbour_statistics(found, cfg.ks, self.prior, cfg.smoothing)
+        else:
+            found = Neighbours(np.full((frame.height, 0), np.inf), np.full((frame.height, 0), -1),
+                               np.zeros((frame.height, 0), dtype=np.int8))
+            knn = np.zeros((frame.height, 0))
         terminal = terminal_evidence(frame, labelled, cfg.label_delay_days)
         x = np.hstack([
             frame.select(pl.col(VECTOR_FEATURES).cast(pl.Float64)).to_numpy(),
@@ -280,8 +288,8 @@ class StackedModel:
         self.booster.feature_names = list(self.input_names)
         return self
 
-    def predict(self, frame: pl.DataFrame, index: FraudIndex, labelled: pl.DataFrame
-                ) -> StackedPrediction:
+    def predict(self, frame: pl.DataFrame, index: FraudIndex, labelled: pl.DataFrame,
+                *, contributions: bool = True) -> StackedPrediction:
         import xgboost
 
         if self.booster is None:
@@ -289,7 +297,8 @@ class StackedModel:
         x, found = self.design(frame, index, labelled, training=False)
         matrix = xgboost.DMatrix(x, feature_names=list(self.input_names))
         scores = self.booster.predict(matrix)
-        contributions = self.booster.predict(matrix, pred_contribs=True)
+        contributions = (self.booster.predict(matrix, pred_contribs=True) if contributions
+                         else np.zeros((len(x), 0)))
         return StackedPrediction(scores.astype(np.float64), contributions, x, found)
 
     def save(self, directory: str | Path) -> None:
@@ -330,6 +339,8 @@ class StackedModel:
             "inputs": {names[i]: round(float(prediction.inputs[row, i]), 6) for i in order},
             "bias_log_odds": round(float(contrib[-1]), 6),
             "other_inputs_log_odds": round(float(np.delete(contrib[:-1], order).sum()), 6),
+            "terminal_neighbours": {n: round(float(prediction.inputs[row, names.index(n)]), 6)
+                                    for n in TERMINAL_FEATURES},
         }
 
 
@@ -350,8 +361,11 @@ def build_stacked_index(history: pl.DataFrame, *, encoder=None, text_dim: int = 
     history = with_derived_features(history)
     delay = timedelta(days=config.label_delay_days)
     labelled = history.filter(pl.col(schema.IS_FRAUD).is_not_null())
-    if until is not None:
-        labelled = labelled.filter(pl.col(schema.TX_TIME) + delay <= until)
+    if until is not None:  # as FraudIndex.build: an analyst's review time, else time + delay
+        known = pl.col(schema.TX_TIME) + delay
+        if "label_time" in labelled.columns:
+            known = pl.coalesce(pl.col("label_time").cast(pl.Datetime("us")), known)
+        labelled = labelled.filter(known <= until)
     if labelled.height == 0:
         raise ValueError("no labelled transaction to train the stacked model on")
     end = labelled[schema.TX_TIME].max()

@@ -134,11 +134,11 @@ class _Recorder:
 
     name = "recorder"
 
-    def fit(self, train: pl.DataFrame):
-        self.train = train
+    def fit(self, train: pl.DataFrame, history: pl.DataFrame | None = None):
+        self.train, self.history = train, history
         return self
 
-    def score(self, test: pl.DataFrame) -> np.ndarray:
+    def score(self, test: pl.DataFrame, history: pl.DataFrame | None = None) -> np.ndarray:
         self.test = test
         return test[schema.AMOUNT].to_numpy()
 
@@ -165,6 +165,12 @@ def test_evaluate_fits_each_fold_on_its_own_training_rows():
         assert (date.fromisoformat(fold.train_end) - date.fromisoformat(fold.train_start)).days \
             == 3
         assert scorer.test.height == fold.test_rows
+        # The evidence a scorer may consult ends before the last test day minus the delay:
+        # no test row's label is in it.
+        last_known = date.fromisoformat(fold.test_end) - timedelta(days=2)
+        assert scorer.history[schema.TX_TIME].dt.date().max() < last_known
+        assert not set(scorer.history[schema.TRANSACTION_ID]) & set(scorer.test[
+            schema.TRANSACTION_ID])
         labels = scorer.test[schema.IS_FRAUD].to_numpy()
         assert fold.average_precision == pytest.approx(
             average_precision(labels, scorer.test[schema.AMOUNT].to_numpy()))

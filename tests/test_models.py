@@ -1,0 +1,233 @@
+"""The named scorers and the stacked kNN model: terminal neighbours and left-out neighbours on
+hand-made rows, every scorer on synthetic data through the protocol, the stacked index as a
+hash-checked artifact without pickle, its explanations in the ledger, and `finsentinel
+evaluate`."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline import schema
+from pipeline.artifacts import ArtifactError
+from pipeline.evaluation import ProtocolConfig, evaluate, with_day
+from pipeline.features import compute_features
+from pipeline.index import FraudIndex, IndexConfig
+from pipeline.models import SCORERS, make_scorer
+from pipeline.stacking import (
+    NO_EVENT_DAYS,
+    build_stacked_index,
+    other_neighbours,
+    terminal_evidence,
+)
+from pipeline.synthetic import SyntheticConfig, generate
+from pipeline.vectors import VectorConfig
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = datetime(2018, 5, 1)
+
+
+def test_terminal_evidence_by_hand():
+    labelled = pl.DataFrame({
+        schema.TRANSACTION_ID: ["h1", "h2", "h3", "h4"],
+        schema.TERMINAL_ID: ["T", "T", "T", "V"],
+        schema.TX_TIME: [T0 + timedelta(days=1), T0 + timedelta(days=2),
+                         T0 + timedelta(days=3), T0 + timedelta(days=1)],
+        schema.IS_FRAUD: [0, 1, 1, 1],
+    })
+    queries = pl.DataFrame({
+        schema.TRANSACTION_ID: ["q10", "q9", "q8", "u"],
+        schema.TERMINAL_ID: ["T", "T", "T", "U"],
+        schema.TX_TIME: [T0 + timedelta(days=10), T0 + timedelta(days=9, hours=12),
+                         T0 + timedelta(days=8, hours=12), T0 + timedelta(days=10)],
+    })
+    got = terminal_evidence(queries, labelled, delay_days=7).rows(named=True)
+    assert [r[schema.TRANSACTION_ID] for r in got] == ["q10", "q9", "q8", "u"]
+    # Day 10: all three labels of T are known (days 1-3 + 7 <= 10); the fraud run began day 2.
+    assert got[0] == pytest.approx({
+        schema.TRANSACTION_ID: "q10", "TERMINAL_LAST_LABEL": 1.0,
+        "TERMINAL_FRAUD_SHARE_LAST_3": 2 / 3, "TERMINAL_FRAUD_SHARE_LAST_10": 2 / 3,
+        "TERMINAL_DAYS_SINCE_FRAUD": 7.0, "TERMINAL_DAYS_IN_FRAUD_RUN": 8.0,
+        "TERMINAL_DAYS_SINCE_LABEL": 7.0}, abs=1e-9)
+    # Day 9.5: days 1 and 2 are known.
+    assert got[1]["TERMINAL_FRAUD_SHARE_LAST_3"] == pytest.approx(0.5)
+    assert got[1]["TERMINAL_DAYS_IN_FRAUD_RUN"] == pytest.approx(7.5)
+    # Day 8.5: only the genuine day-1 label: no fraud, no run.
+    assert got[2]["TERMINAL_LAST_LABEL"] == 0.0
+    assert got[2]["TERMINAL_DAYS_SINCE_FRAUD"] == NO_EVENT_DAYS
+    assert got[2]["TERMINAL_DAYS_IN_FRAUD_RUN"] == NO_EVENT_DAYS
+    assert got[2]["TERMINAL_DAYS_SINCE_LABEL"] == pytest.approx(7.5)
+    # A terminal with no labelled history (V's fraud is another terminal's).
+    assert got[3]["TERMINAL_LAST_LABEL"] == 0.0
+    assert got[3]["TERMINAL_DAYS_SINCE_LABEL"] == NO_EVENT_DAYS
+
+
+def test_other_neighbours_leave_out_same_card_terminal_and_unknown_labels():
+    history = pl.DataFrame({
+        schema.TRANSACTION_ID: ["a1", "a2", "b1", "c1", "d1"],
+        schema.TX_TIME: [T0, T0, T0, T0, T0 + timedelta(days=5)],
+        schema.CUSTOMER_ID: ["a", "a", "b", "c", "d"],
+        schema.TERMINAL_ID: ["t1", "t2", "t2", "t3", "t4"],
+        schema.AMOUNT: [1.0, 2.0, 3.0, 4.0, 1.2],
+        schema.IS_FRAUD: [1, 1, 0, 1, 1],
+    })
+    index = FraudIndex.build(history, encoder=None, config=IndexConfig(kind="flat"),
+                             vector_config=VectorConfig(numeric_features=(schema.AMOUNT,),
+                                                        log_features=(), text_dim=0))
+    query = pl.DataFrame({
+        schema.TRANSACTION_ID: ["q"], schema.TX_TIME: [T0 + timedelta(days=10)],
+        schema.CUSTOMER_ID: ["a"], schema.TERMINAL_ID: ["t2"], schema.AMOUNT: [1.1]})
+    # Card a (a1, a2) and terminal t2 (b1) are left out; d1's label is known only on day 12.
+    found = other_neighbours(index, query, k=3, fetch=5, known_by_query_time=True)
+    ids = index.meta[schema.TRANSACTION_ID].to_list()
+    assert [ids[p] for p in found.positions[0] if p >= 0] == ["c1"]
+    assert found.labels[0].tolist() == [1, 0, 0]
+    assert np.isinf(found.distances[0, 1:]).all()
+    # For the booster's own training rows every indexed label counts.
+    training = other_neighbours(index, query, k=3, fetch=5, known_by_query_time=False)
+    assert [ids[p] for p in training.positions[0] if p >= 0] == ["d1", "c1"]
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    """Five weeks of synthetic payments (with merchant text) and their features."""
+    raw = generate(SyntheticConfig(n_customers=500, n_terminals=1000, n_days=35, seed=5))
+    return raw, with_day(compute_features(raw))
+
+
+def test_every_scorer_ranks_frauds_through_the_protocol(synthetic):
+    raw, featured = synthetic
+    start = featured["_day"].max() - timedelta(days=6)
+    config = ProtocolConfig(folds=1, top_k=20)
+    folds = {}
+    for name in SCORERS:
+        report = evaluate(featured, lambda name=name: make_scorer(name, n_jobs=1), start, config)
+        fold = folds[name] = report.folds[0]
+        base_rate = fold.test_frauds / fold.test_rows
+        assert fold.auc_roc > 0.7, (name, fold)
+        assert fold.average_precision > 3 * base_rate, (name, fold)
+        assert 0 < fold.card_precision_at_k <= 1
+    # The learned vector and the stacked evidence rank frauds better than the plain vote.
+    assert folds["knn-weighted"].average_precision > folds["knn"].average_precision
+    assert folds["knn-stacked"].average_precision > folds["knn"].average_precision
+
+
+def test_text_scorers_embed_the_merchant_text(synthetic):
+    _, featured = synthetic
+    train = featured.head(3000)
+    scorer = make_scorer("knn-text").fit(train)
+    assert scorer.index.vectorizer.use_text_
+    assert scorer.index.vectorizer.dimension == len(schema.MODEL_FEATURES) + 8
+    assert not make_scorer("knn").fit(train).index.vectorizer.use_text_
+
+
+def test_unknown_scorer_is_refused():
+    with pytest.raises(ValueError, match="unknown scorer 'knn-magic'"):
+        make_scorer("knn-magic")
+
+
+@pytest.fixture(scope="module")
+def stacked_index(synthetic, tmp_path_factory):
+    raw, _ = synthetic
+    cutoff = datetime.combine(raw[schema.TX_TIME].max().date(), datetime.min.time())
+    history = compute_features(raw.filter(pl.col(schema.TX_TIME) < cutoff - timedelta(days=7)))
+    batch = raw.filter(pl.col(schema.TX_TIME) >= cutoff - timedelta(days=7))
+    index = build_stacked_index(history, encoder=None, config=IndexConfig(kind="flat"))
+    root = tmp_path_factory.mktemp("indexes")
+    index.save("stacked", root)
+    return index, root, batch
+
+
+def test_stacked_index_is_saved_as_json_and_hash_checked(stacked_index):
+    index, root, batch = stacked_index
+    directory = root / "stacked" / index.manifest["version"]
+    booster = directory / "booster.json"
+    assert json.loads(booster.read_text())["learner"]  # XGBoost's JSON model, not a pickle
+    assert {"booster.json", "stacking.json"} <= set(index.manifest["files"])
+    assert not any(p.suffix in (".pkl", ".pickle", ".joblib") for p in directory.iterdir())
+    loaded = FraudIndex.load("stacked", root)
+    featured = compute_features(batch.head(300))
+    a = index.model.predict(featured, index, index.meta).scores
+    b = loaded.model.predict(featured, loaded, loaded.meta).scores
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert loaded.vectorizer.config.numeric_weights == index.vectorizer.config.numeric_weights
+    booster.write_text(booster.read_text().replace('"learner"', '"learner" ', 1))
+    with pytest.raises(ArtifactError, match="booster.json"):
+        FraudIndex.load("stacked", root)
+
+
+def test_stacked_scores_and_contributions_in_the_ledger(synthetic, tmp_path):
+    from pipeline import jobs
+    from pipeline.ingest import read_transactions
+    from pipeline.ledger import Ledger
+
+    raw, _ = synthetic
+    cutoff = datetime.combine(raw[schema.TX_TIME].max().date(), datetime.min.time())
+    history_path, batch_path = tmp_path / "history.parquet", tmp_path / "batch.parquet"
+    raw.filter(pl.col(schema.TX_TIME) < cutoff).write_parquet(history_path)
+    raw.filter(pl.col(schema.TX_TIME) >= cutoff).drop(
+        schema.IS_FRAUD, schema.FRAUD_SCENARIO).write_parquet(batch_path)
+    report = jobs.build_index(read_transactions(history_path, require_labels=True), "s",
+                              root=tmp_path / "idx", encoder=None,
+                              vector_config=VectorConfig(text_dim=0),
+                              config=IndexConfig(kind="flat"), scorer="knn-stacked")
+    index = FraudIndex.load("s", tmp_path / "idx")
+    assert index.model is not None and report.vectors == index.size
+    db = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    with Ledger(db) as ledger:
+        jobs.score_file(batch_path, index, tmp_path / "scores.parquet", ledger=ledger,
+                        history=raw.filter(pl.col(schema.TX_TIME) < cutoff))
+        decisions = ledger.decisions()
+        assert ledger.verify().ok
+    assert decisions
+    for d in decisions[:50]:
+        e = d["explanation"]
+        assert e["method"] == "knn-stacked" and e["neighbours"]
+        model = e["model"]
+        # Contributions are log-odds: shown ones + the rest + bias give the score back.
+        logit = sum(model["contributions_log_odds"].values()) + model["other_inputs_log_odds"] \
+            + model["bias_log_odds"]
+        assert 1 / (1 + math.exp(-logit)) == pytest.approx(d["score"], abs=1e-4)
+        assert set(model["terminal_neighbours"]) >= {"TERMINAL_LAST_LABEL"}
+        for n in model["neighbours_other_cards_terminals"]:
+            assert n["transaction_id"] in set(index.meta[schema.TRANSACTION_ID])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
+
+
+def test_cli_evaluate_writes_the_report(synthetic, tmp_path):
+    raw, featured = synthetic
+    data = tmp_path / "raw.parquet"
+    raw.write_parquet(data)
+    start = (featured["_day"].max() - timedelta(days=6)).isoformat()
+    out = tmp_path / "report.json"
+    result = _cli("evaluate", "--data", str(data), "--test-start", start, "--folds", "1",
+                  "--scorer", "logreg", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["scorer"] == "logreg"
+    assert report["settings"]["test_start"] == start
+    assert report["settings"]["rows_accepted"] == raw.height
+    assert report["settings"]["protocol"]["delay_days"] == 7
+    assert len(report["folds"]) == 1 and report["folds"][0]["test_start"] == start
+    assert report["summary"]["auc_roc"]["mean"] == report["folds"][0]["auc_roc"] > 0.75
+    assert "logreg: AUC ROC" in result.stdout
+
+    too_early = _cli("evaluate", "--data", str(data), "--test-start", "2018-04-05", "--scorer",
+                     "logreg", "--output", str(tmp_path / "x.json"))
+    assert too_early.returncode == 2 and "Traceback" not in too_early.stderr
+    assert "fold 0 needs data from" in too_early.stderr
+    bad_scorer = _cli("evaluate", "--data", str(data), "--test-start", start, "--scorer",
+                      "magic", "--output", str(tmp_path / "x.json"))
+    assert bad_scorer.returncode == 2 and "unknown scorer 'magic'" in bad_scorer.stderr
