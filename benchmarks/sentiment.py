@@ -50,20 +50,36 @@ def throughput(classifier, texts: list[str], *, explain: bool = False, repeat: i
     return repeat * len(texts) / (time.perf_counter() - started)
 
 
-def run_task(name: str, train, test, models: Path, threads: int, extra_tests: dict | None = None
-             ) -> dict[str, Any]:
-    from pipeline.sentiment.backends import EncoderClassifier
+def run_task(name: str, train, test, models: Path, threads: int, extra_tests: dict | None = None,
+             reuse: bool = False) -> dict[str, Any]:
+    from pipeline.sentiment.backends import EncoderClassifier, resolve_model
     from pipeline.sentiment.jobs import evaluate
     from pipeline.sentiment.train import TrainConfig, evaluate_trained, train_classifier
 
-    print(f"[{name}] training on {len(train)} texts", flush=True)
-    trained = train_classifier(train, TrainConfig(threads=threads), progress=print)
-    held = evaluate_trained(trained, test)
-    version, directory = trained.publish(models / name, {"test_metrics": held})
+    published = None
+    if reuse and (models / name / "CURRENT").exists():
+        directory, manifest = resolve_model(models / name)
+        if manifest["data"]["sha256"] == train.sha256 and "test_metrics" in manifest:
+            published = directory, manifest
+    if published is None:
+        print(f"[{name}] training on {len(train)} texts", flush=True)
+        trained = train_classifier(train, TrainConfig(threads=threads), progress=print)
+        held = evaluate_trained(trained, test)
+        version, directory = trained.publish(models / name, {"test_metrics": held})
+        manifest = json.loads((directory / "manifest.json").read_text())
+    else:
+        directory, manifest = published
+        print(f"[{name}] reusing {directory} (trained on the same data)", flush=True)
+    held = manifest["test_metrics"]
     result: dict[str, Any] = {
-        "train_rows": len(train), "test_rows": len(test), "train_seconds": round(trained.seconds),
-        "history": trained.history, "temperature": trained.head.temperature,
-        "model": f"{name}@{version}", "test": _short(held), "test_ece": held["ece"],
+        "train_rows": len(train), "test_rows": len(test),
+        "train_seconds": round(manifest["train_seconds"]), "history": manifest["history"],
+        "temperature": manifest["temperature"], "model": f"{name}@{manifest['version']}",
+        "test": _short(held), "test_ece": held["ece"],
+        "run": {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "command": "python -m benchmarks.sentiment " + " ".join(sys.argv[1:]),
+                "load_average": os.getloadavg(),
+                "trained_at": manifest["version"]},
     }
     fp32 = EncoderClassifier.load(directory, device="cpu")
     int8 = EncoderClassifier.load(directory, device="cpu", quantize=True, neighbours=0)
@@ -104,6 +120,8 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=REPO / "models")
     parser.add_argument("--skip-fpb", action="store_true")
     parser.add_argument("--skip-twitter", action="store_true")
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate the published model when it was trained on the same data")
     args = parser.parse_args()
     if args.write_only:
         write_section(json.loads((REPO / "docs" / "benchmarks-sentiment.json").read_text()))
@@ -125,14 +143,14 @@ def main() -> None:
         all_agree = set(read_phrasebank(FPB / "Sentences_AllAgree.txt").texts)
         agree = test.subset([i for i, t in enumerate(test.texts) if t in all_agree])
         results["fpb"] = run_task("fpb-fingpt", train, test, args.models, args.threads,
-                                  {"test_all_agree": agree})
+                                  {"test_all_agree": agree}, reuse=args.reuse)
         gpu = gpu_throughput(args.models / "fpb-fingpt", test.texts)
         results["gpu"] = gpu
     if not args.skip_twitter:
         data = load_labelled(TWITTER, format="twitter")
         keep, held = stratified_split(data.labels, 0.15, seed=42)
         results["twitter"] = run_task("twitter", data.subset(keep), data.subset(held),
-                                      args.models, args.threads)
+                                      args.models, args.threads, reuse=args.reuse)
     out = REPO / "docs" / "benchmarks-sentiment.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     merged = {**previous, **results}
@@ -193,6 +211,11 @@ def write_section(r: dict[str, Any]) -> None:
     if "twitter" not in r:
         lines += ["", "Twitter Financial News: not measured yet (`python -m benchmarks.sentiment "
                   "--skip-fpb` trains on 85 % of sent_train.csv and scores the other 15 %)."]
+    runs = [f"{key}: `{r[key]['run']['command']}` on {r[key]['run']['date']} (model trained "
+            f"{r[key]['run']['trained_at']}, load average {r[key]['run']['load_average'][0]:.1f})"
+            for key in ("fpb", "twitter") if key in r and "run" in r[key]]
+    if runs:
+        lines += ["", "Runs: " + "; ".join(runs) + "."]
     gpu = r.get("gpu")
     lines += ["", f"GPU fp16 throughput: {gpu['fp16_per_s']} headlines/s on {gpu['device']}."
               if gpu else "GPU fp16 throughput: not measured (no GPU on the benchmark machine; "

@@ -36,24 +36,26 @@ def read_feedback(db: str | None) -> FeedbackLabels:
 @task(cache_policy=NO_CACHE)
 def build_and_save(ingested: IngestResult, name: str, root: str | None, encoder_ref: str | None,
                    until: datetime | None, text_dim: int, kind: str,
-                   feedback: FeedbackLabels | None = None) -> jobs.BuildReport:
+                   feedback: FeedbackLabels | None = None, scorer: str = "knn"
+                   ) -> jobs.BuildReport:
     encoder = TextEncoder(encoder_ref) if text_dim > 0 else None
     return jobs.build_index(ingested, name, root=root, encoder=encoder, until=until,
                             vector_config=VectorConfig(text_dim=text_dim),
-                            config=IndexConfig(kind=kind), feedback=feedback)
+                            config=IndexConfig(kind=kind), feedback=feedback, scorer=scorer)
 
 
 @flow(name="build_index", log_prints=True)
 def build_index(input: str, name: str, root: str | None = None, encoder: str | None = None,
                 until: datetime | None = None, text_dim: int = 8, kind: str = "auto",
-                db: str | SecretStr | None = None) -> jobs.BuildReport:
+                db: str | SecretStr | None = None, scorer: str = "knn") -> jobs.BuildReport:
     """Index labelled history under ``root/name`` (default ``indexes/``). With a ledger (``db``
-    or ``$FINSENTINEL_DB``), analysts' fraud reviews relabel the history they cover."""
+    or ``$FINSENTINEL_DB``), analysts' fraud reviews relabel the history they cover.
+    ``scorer="knn-stacked"`` stores the stacked model with the index (pipeline.stacking)."""
     db = flow_db_url(db)
     ingested = ingest_history(str(Path(input)))
     feedback = read_feedback(db) if db or os.environ.get(DEFAULT_DB_ENV) else None
     report = build_and_save(quote(ingested), name, root, encoder, until, text_dim, kind,
-                            quote(feedback))
+                            quote(feedback), scorer)
     create_table_artifact(
         key="index-build",
         table=[{"index": f"{report.name}@{report.version}", "rows_in": report.rows_in,

@@ -22,7 +22,11 @@ import numpy as np
 import polars as pl
 
 from pipeline import schema
-from pipeline.features import compute_batch_features
+from pipeline.features import (
+    AMOUNT_RATIO_FEATURES,
+    compute_batch_features,
+    with_derived_features,
+)
 from pipeline.index import FraudIndex
 
 
@@ -131,8 +135,12 @@ class FraudScorer:
                 [c for c in context.columns if c in history.columns])], how="diagonal_relaxed")
             context = context.unique(schema.TRANSACTION_ID, keep="last", maintain_order=True)
         batch = batch.drop(schema.IS_FRAUD, schema.FRAUD_SCENARIO, strict=False)
-        return compute_batch_features(batch, context,
-                                      label_delay_days=self.index.config.label_delay_days)
+        featured = compute_batch_features(batch, context,
+                                          label_delay_days=self.index.config.label_delay_days)
+        # Vectors with the amount ratios (--scorer knn-stacked) show them among the features.
+        if set(AMOUNT_RATIO_FEATURES) & set(self.index.vectorizer.config.numeric_features):
+            featured = with_derived_features(featured)
+        return featured
 
     def score(self, batch: pl.DataFrame, history: pl.DataFrame | None = None) -> ScoredBatch:
         cfg = self.config

@@ -99,7 +99,7 @@ def test_other_neighbours_leave_out_same_card_terminal_and_unknown_labels():
 @pytest.fixture(scope="module")
 def synthetic():
     """Five weeks of synthetic payments (with merchant text) and their features."""
-    raw = generate(SyntheticConfig(n_customers=500, n_terminals=1000, n_days=35, seed=5))
+    raw = generate(SyntheticConfig(n_customers=300, n_terminals=600, n_days=35, seed=5))
     return raw, with_day(compute_features(raw))
 
 
@@ -228,6 +228,19 @@ def test_cli_evaluate_writes_the_report(synthetic, tmp_path):
                      "logreg", "--output", str(tmp_path / "x.json"))
     assert too_early.returncode == 2 and "Traceback" not in too_early.stderr
     assert "fold 0 needs data from" in too_early.stderr
-    bad_scorer = _cli("evaluate", "--data", str(data), "--test-start", start, "--scorer",
-                      "magic", "--output", str(tmp_path / "x.json"))
-    assert bad_scorer.returncode == 2 and "unknown scorer 'magic'" in bad_scorer.stderr
+
+
+def test_evaluate_flow_matches_the_library(synthetic, prefect_harness, tmp_path):
+    from flows.evaluate import evaluate_scorer
+
+    raw, featured = synthetic
+    data = tmp_path / "raw.parquet"
+    raw.write_parquet(data)
+    start = featured["_day"].max() - timedelta(days=6)
+    out = tmp_path / "flow.json"
+    got = evaluate_scorer(str(data), start.isoformat(), str(out), scorer="logreg", folds=1)
+    direct = evaluate(featured, lambda: make_scorer("logreg"), start, ProtocolConfig(folds=1))
+    assert json.loads(out.read_text())["summary"] == got["summary"]
+    for metric in ("auc_roc", "average_precision", "card_precision_at_k"):
+        assert got["folds"][0][metric] == pytest.approx(getattr(direct.folds[0], metric))
+    assert got["settings"]["data_sha256"] and got["settings"]["scorer"] == "logreg"

@@ -286,3 +286,16 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path):
                           "--output", str(tmp_path / "o.json")], capture_output=True, text=True)
     assert run.returncode == 2 and "error:" in run.stderr and "Traceback" not in run.stderr
     assert "no sentiment model 'nope'" in run.stderr
+
+
+def test_nearest_examples_survive_texts_with_unicode_line_separators(tmp_path):
+    from pipeline.sentiment.data import LabelledTexts
+    from pipeline.sentiment.examples import NearestExamples, save_examples
+
+    texts = ["Shares\u2028up 5%", "Profit\u2029warning\x85issued", "Flat\x1cday"]
+    data = LabelledTexts(texts, np.array([2, 0, 1]), ["a", "b", "c"], "mem")
+    vectors = np.eye(3, dtype=np.float32)
+    save_examples(tmp_path, vectors, data)
+    found = NearestExamples.load(tmp_path).search(np.array([[0.1, 1.0, 0.0]], np.float32), 2)
+    assert [(f["id"], f["text"], f["label"]) for f in found[0]] == [
+        ("b", texts[1], "negative"), ("a", texts[0], "positive")]

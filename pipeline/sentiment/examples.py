@@ -29,8 +29,8 @@ def save_examples(directory: Path, pooled: np.ndarray, data: LabelledTexts) -> N
               str(directory / EXAMPLES_TENSORS))
     with open(directory / EXAMPLES_ROWS, "w", encoding="utf-8") as handle:
         for id_, text, label in zip(data.ids, data.texts, data.labels.tolist(), strict=True):
-            handle.write(json.dumps({"id": id_, "text": text, "label": LABELS[label]},
-                                    ensure_ascii=False) + "\n")
+            # ASCII escapes: texts may hold U+2028 and other characters that split lines.
+            handle.write(json.dumps({"id": id_, "text": text, "label": LABELS[label]}) + "\n")
 
 
 class NearestExamples:
@@ -53,8 +53,8 @@ class NearestExamples:
         from safetensors.numpy import load_file
 
         tensors = load_file(str(directory / EXAMPLES_TENSORS))
-        rows = [json.loads(line) for line in
-                (directory / EXAMPLES_ROWS).read_text(encoding="utf-8").splitlines()]
+        text = (directory / EXAMPLES_ROWS).read_text(encoding="utf-8")
+        rows = [json.loads(line) for line in text.split("\n") if line.strip()]
         return cls(tensors["embeddings"], rows)
 
     def __len__(self) -> int:
