@@ -281,7 +281,7 @@ def _commit() -> str:
 
 def section(report: dict[str, Any]) -> str:
     m, c, s = report["machine"], report["config"], report["summary"]
-    ledger = {"none": "no ledger", "sqlite": "SQLite ledger (WAL)"}.get(
+    ledger = {"none": "no ledger", "sqlite": "SQLite ledger, WAL journal"}.get(
         c["db"], "ledger at " + c["db"].split("://")[0])
     lines = [
         START, "## Sustained scoring stream (reliability: memory, handles, throughput)", "",
@@ -299,7 +299,7 @@ def section(report: dict[str, Any]) -> str:
         f"({report['setup_seconds']} s) are not in the times.", "",
         "| measure | value |", "| --- | --- |",
         f"| rows scored / recorded in the ledger | {s['scored']:,} / "
-        f"{s['ledger_records'] if s['ledger_records'] is not None else '—'} |",
+        f"{'—' if s['ledger_records'] is None else format(s['ledger_records'], ',')} |",
         f"| throughput (all batches) | {s['rows_per_s']:,.0f} rows/s |",
         f"| batch time, median / 95th percentile | {s['batch_seconds_median']} s / "
         f"{s['batch_seconds_p95']} s |",
@@ -343,6 +343,11 @@ def write_section(text: str) -> None:
         doc = doc.rstrip("\n") + "\n\n" + text
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(doc)
+
+
+def rewrite(raw: Path = RAW) -> None:
+    """Rewrite the docs section from the raw numbers of the last run (no new run)."""
+    write_section(section(json.loads(raw.read_text())))
 
 
 def main(argv: list[str] | None = None) -> None:

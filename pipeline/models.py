@@ -77,20 +77,20 @@ class HandbookBaseline:
         return self.estimator.predict_proba(x)[:, 1]
 
 
-def logistic_regression(n_jobs: int = 1) -> HandbookBaseline:
+def logistic_regression(n_jobs: int = 1, encoder: TextEncoder | None = None) -> HandbookBaseline:
     from sklearn.linear_model import LogisticRegression
 
     return HandbookBaseline("logreg", lambda: LogisticRegression(C=0.1, random_state=0))
 
 
-def random_forest(n_jobs: int = 1) -> HandbookBaseline:
+def random_forest(n_jobs: int = 1, encoder: TextEncoder | None = None) -> HandbookBaseline:
     from sklearn.ensemble import RandomForestClassifier
 
     return HandbookBaseline("random-forest", lambda: RandomForestClassifier(
         n_estimators=100, max_depth=20, random_state=0, n_jobs=n_jobs))
 
 
-def xgboost_baseline(n_jobs: int = 1) -> HandbookBaseline:
+def xgboost_baseline(n_jobs: int = 1, encoder: TextEncoder | None = None) -> HandbookBaseline:
     from xgboost import XGBClassifier
 
     return HandbookBaseline("xgboost", lambda: XGBClassifier(
@@ -155,7 +155,7 @@ class KnnScorer:
                          smoothing=cfg.smoothing)
 
 
-def knn(n_jobs: int = 1) -> KnnScorer:
+def knn(n_jobs: int = 1, encoder: TextEncoder | None = None) -> KnnScorer:
     return KnnScorer("knn")
 
 
@@ -213,13 +213,14 @@ SCORERS: dict[str, Callable[..., object]] = {
     "xgboost": xgboost_baseline,
     "knn": knn,
     "knn-text": knn_text,
-    "knn-weighted": lambda n_jobs=1: KnnWeighted(n_jobs=n_jobs),
-    "knn-stacked": lambda n_jobs=1: KnnStacked(n_jobs=n_jobs),
+    "knn-weighted": lambda n_jobs=1, encoder=None: KnnWeighted(encoder=encoder, n_jobs=n_jobs),
+    "knn-stacked": lambda n_jobs=1, encoder=None: KnnStacked(encoder=encoder, n_jobs=n_jobs),
 }
 
 
-def make_scorer(name: str, n_jobs: int = 1):
-    """A fresh, unfitted scorer by name."""
+def make_scorer(name: str, n_jobs: int = 1, encoder: TextEncoder | None = None):
+    """A fresh, unfitted scorer by name; ``encoder``: a text encoder to share (the scorers that
+    embed text load the default one, only when the data has text, otherwise)."""
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; expected one of {', '.join(SCORERS)}")
-    return SCORERS[name](n_jobs=n_jobs)
+    return SCORERS[name](n_jobs=n_jobs, encoder=encoder)

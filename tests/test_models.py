@@ -103,13 +103,21 @@ def synthetic():
     return raw, with_day(compute_features(raw))
 
 
-def test_every_scorer_ranks_frauds_through_the_protocol(synthetic):
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    from pipeline.encoder import TextEncoder
+
+    return TextEncoder(cache_dir=tmp_path_factory.mktemp("embeddings"))
+
+
+def test_every_scorer_ranks_frauds_through_the_protocol(synthetic, encoder):
     raw, featured = synthetic
     start = featured["_day"].max() - timedelta(days=6)
     config = ProtocolConfig(folds=1, top_k=20)
     folds = {}
     for name in SCORERS:
-        report = evaluate(featured, lambda name=name: make_scorer(name, n_jobs=1), start, config)
+        report = evaluate(featured, lambda name=name: make_scorer(name, encoder=encoder), start,
+                          config)
         fold = folds[name] = report.folds[0]
         base_rate = fold.test_frauds / fold.test_rows
         assert fold.auc_roc > 0.7, (name, fold)
@@ -120,10 +128,10 @@ def test_every_scorer_ranks_frauds_through_the_protocol(synthetic):
     assert folds["knn-stacked"].average_precision > folds["knn"].average_precision
 
 
-def test_text_scorers_embed_the_merchant_text(synthetic):
+def test_text_scorers_embed_the_merchant_text(synthetic, encoder):
     _, featured = synthetic
     train = featured.head(3000)
-    scorer = make_scorer("knn-text").fit(train)
+    scorer = make_scorer("knn-text", encoder=encoder).fit(train)
     assert scorer.index.vectorizer.use_text_
     assert scorer.index.vectorizer.dimension == len(schema.MODEL_FEATURES) + 8
     assert not make_scorer("knn").fit(train).index.vectorizer.use_text_

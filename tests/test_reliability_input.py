@@ -296,7 +296,7 @@ def any_file():
     )
 
 
-@settings(PROPERTY, max_examples=40)
+@settings(PROPERTY, max_examples=30)
 @given(file=any_file())
 def test_cli_on_bad_files_prints_a_message_never_a_traceback(tmp_path: Path, small_index: Path,
                                                             file) -> None:

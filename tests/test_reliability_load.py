@@ -24,14 +24,14 @@ def load_benchmark():
 
 def test_a_stream_of_batches_keeps_handles_and_memory_flat(tmp_path):
     bench = load_benchmark()
-    config = bench.LoadConfig(batches=20, batch_size=1000, customers=200, terminals=400,
+    config = bench.LoadConfig(batches=20, batch_size=600, customers=200, terminals=400,
                               history_days=14, pool_days=7, text_dim=0, index_kind="flat",
                               workdir=tmp_path)
     result = bench.run_stream(config)
     summary = bench.summarise(result)
     stats = result.batches
 
-    assert [s.rows for s in stats] == [1000] * 20
+    assert [s.rows for s in stats] == [600] * 20
     assert all(s.scored + s.quarantined == s.rows and s.recorded == s.scored for s in stats)
     assert result.ledger_records == summary["recorded"] == sum(s.scored for s in stats)
     with Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}") as ledger:
@@ -40,7 +40,7 @@ def test_a_stream_of_batches_keeps_handles_and_memory_flat(tmp_path):
     # A Ledger is opened and closed per batch, files are read and written: none may stay open.
     assert summary["fds_max_after_warmup"] <= summary["fds_after_warmup"]
     assert summary["threads_max_after_warmup"] <= summary["threads_after_warmup"] + 2
-    # A leak of one batch's scores or explanations (~1000 dicts) per batch would add
+    # A leak of one batch's scores or explanations (600 dicts) per batch would add
     # megabytes per batch; allow allocator noise only.
     low, high = summary["rss_mb_min_max_after_warmup"]
     assert high - low < 40, summary
