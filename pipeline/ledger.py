@@ -959,11 +959,7 @@ class Ledger:
             query = query.where(DECISIONS.c.batch_id == batch_id)
         if kind is not None:
             query = query.where(DECISIONS.c.kind == kind)
-        lo, hi = _iso_bound(since, "since"), _iso_bound(until, "until")
-        if lo is not None:
-            query = query.where(DECISIONS.c.created_at >= lo)
-        if hi is not None:
-            query = query.where(DECISIONS.c.created_at < hi)
+        query = _created_between(query, DECISIONS.c.created_at, since, until)
         if decision_ids is not None:
             query = query.where(DECISIONS.c.decision_id.in_(list(decision_ids)))
         with self._read() as conn:
@@ -986,11 +982,7 @@ class Ledger:
             query = query.where(FEEDBACK.c.decision_id == decision_id)
         if kind is not None:
             query = query.where(FEEDBACK.c.kind == kind)
-        lo, hi = _iso_bound(since, "since"), _iso_bound(until, "until")
-        if lo is not None:
-            query = query.where(FEEDBACK.c.created_at >= lo)
-        if hi is not None:
-            query = query.where(FEEDBACK.c.created_at < hi)
+        query = _created_between(query, FEEDBACK.c.created_at, since, until)
         with self._read() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 
@@ -1038,6 +1030,17 @@ _DECISION_CHAIN = _ChainSpec("decisions", DECISIONS, HASHED_FIELDS + OPTIONAL_HA
 _FEEDBACK_CHAIN = _ChainSpec("feedback", FEEDBACK, FEEDBACK_HASHED_FIELDS, "feedback_id",
                              feedback_hash, ("feedback_head_seq", "feedback_head_hash"))
 _CHAINS = {c.name: c for c in (_DECISION_CHAIN, _FEEDBACK_CHAIN)}
+
+
+def _created_between(query: sa.Select, column: sa.ColumnElement, since: datetime | str | None,
+                     until: datetime | str | None) -> sa.Select:
+    """Restrict ``query`` to since <= column < until (either bound optional)."""
+    lo, hi = _iso_bound(since, "since"), _iso_bound(until, "until")
+    if lo is not None:
+        query = query.where(column >= lo)
+    if hi is not None:
+        query = query.where(column < hi)
+    return query
 
 
 def _iso_bound(value: datetime | str | None, name: str) -> str | None:
