@@ -295,6 +295,9 @@ def replay(ledger: Ledger, decision_id: str, *, root: str | Path | None = None,
     sims = similarity(distances)
     labels = index.labels_at(positions)
     scores = knn_score(sims, labels, prior=prior, smoothing=float(settings["smoothing"]))
+    knn_replayed = float(scores[target])
+    if index.model is not None:  # a --scorer knn-stacked index: its booster gave the score
+        scores = index.model.predict(frame, index, index.meta, contributions=False).scores
     replayed = float(scores[target])
 
     threshold = float(settings["threshold"])
@@ -332,6 +335,10 @@ def replay(ledger: Ledger, decision_id: str, *, root: str | Path | None = None,
                         f"{record['threshold']!r}")
     if decision != record["decision"]:
         problems.append(f"decision {decision!r} differs from the recorded {record['decision']!r}")
+    recorded_knn = record["explanation"].get("knn_score")
+    if recorded_knn is not None and abs(knn_replayed - float(recorded_knn)) > max(tolerance, 1e-6):
+        problems.append(f"the kNN score {knn_replayed!r} behind the stacked model differs from "
+                        f"the recorded {recorded_knn!r}")
     if not same_neighbours:
         problems.append("the neighbours differ from the recorded explanation "
                         f"({replayed_ids[:3]}… vs {recorded_neighbours[:3]}…)")

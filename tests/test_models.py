@@ -208,6 +208,18 @@ def test_stacked_scores_and_contributions_in_the_ledger(synthetic, tmp_path):
         for n in model["neighbours_other_cards_terminals"]:
             assert n["transaction_id"] in set(index.meta[schema.TRANSACTION_ID])
 
+    # An auditor's replay recomputes the booster's score, not the plain kNN vote behind it.
+    from pipeline.audit import replay
+
+    highest = max(decisions, key=lambda d: d["score"])
+    with Ledger(db) as ledger:
+        for d in [highest, *decisions[:3]]:
+            got = replay(ledger, d["decision_id"], root=tmp_path / "idx")
+            assert got.ok, got.reason
+            assert got.replayed_score == pytest.approx(d["score"], abs=1e-9)
+        top = replay(ledger, highest["decision_id"], root=tmp_path / "idx")
+    assert top.replayed_score != pytest.approx(highest["explanation"]["knn_score"], abs=1e-3)
+
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
