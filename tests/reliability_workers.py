@@ -23,7 +23,8 @@ PAUSE_S = 600.0
 
 
 def pause(point: str) -> None:
-    print(f"PAUSED {point}", flush=True)
+    # The real stdout: run_cli captures sys.stdout while the CLI runs.
+    print(f"PAUSED {point}", file=sys.__stdout__, flush=True)
     time.sleep(PAUSE_S)
 
 
@@ -125,6 +126,34 @@ def index_main(point: str, root: str, source: str) -> None:
             return
 
 
+# --- sentiment model publish -------------------------------------------------------------------
+
+def model_main(point: str, data: str, output: str) -> None:
+    """``finsentinel sentiment train --data DATA --output OUTPUT`` (tiny settings), pausing at
+    ``point`` of the publish:
+
+    weights   the safetensors weights are written into staging, the tokenizer and card are not
+    """
+    import safetensors.torch
+
+    if point == "weights":
+        real_save = safetensors.torch.save_file
+
+        def save_then_pause(*args, **kwargs):
+            real_save(*args, **kwargs)
+            pause("weights")
+
+        safetensors.torch.save_file = save_then_pause
+    code, out, err = run_cli(*model_train_args(data, output))
+    print(f"EXIT {code} {out.strip()} {err.strip()}", flush=True)
+
+
+def model_train_args(data: str, output: str) -> list[str]:
+    return ["sentiment", "train", "--data", data, "--output", output, "--epochs", "1",
+            "--max-length", "16", "--batch-size", "16", "--val-fraction", "0.25",
+            "--threads", "1"]
+
+
 # --- the CLI in this process (for the tests) --------------------------------------------------
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -172,6 +201,8 @@ if __name__ == "__main__":
         ledger_main(args[0], args[1], int(args[2]), int(args[3]), int(args[4]))
     elif mode == "index":
         index_main(*args)
+    elif mode == "model":
+        model_main(*args)
     elif mode == "flow":
         flow_main(*args)
     else:

@@ -1,5 +1,5 @@
-"""Crash safety with real processes killed by SIGKILL: while an index (any artifact: models use
-the same publish) is being written, and while the ledger is recording a batch. The previous
+"""Crash safety with real processes killed by SIGKILL: while an index or a sentiment model is
+being written, and while the ledger is recording a batch. The previous
 state must stay intact and loadable, and the next run must complete."""
 
 from __future__ import annotations
@@ -196,3 +196,52 @@ def test_sigkill_at_a_random_moment_of_a_stream_of_batches(db_url):
     assert added == [0] * len(per_batch) + [size] * (n - len(per_batch))
     per_batch, total = ledger_state(db_url)
     assert per_batch == {f"b{i}": size for i in range(n)} and total == n * size
+
+
+# --- sentiment model publish ------------------------------------------------------------------
+
+def tiny_sentiment_csv(path: Path) -> Path:
+    """A small separable text,label file: enough for one quick epoch, not for quality."""
+    import csv
+
+    words = {"negative": ["losses widen", "profit warning", "shares plunge", "sales collapse"],
+             "positive": ["record profit", "shares surge", "dividend raised", "sales beat"],
+             "neutral": ["annual meeting held", "board meets", "report published", "office moved"]}
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for label, phrases in words.items():
+            for i in range(16):
+                writer.writerow([f"Company {chr(65 + i)} {phrases[i % 4]}", label])
+    return path
+
+
+def test_sigkill_while_saving_a_model_keeps_the_previous_version(tmp_path):
+    from pipeline.sentiment.backends import load_classifier, resolve_model
+
+    data = tiny_sentiment_csv(tmp_path / "tiny.csv")
+    output = tmp_path / "models" / "tiny"
+    code, _, err = workers.run_cli(*workers.model_train_args(str(data), str(output)))
+    assert code == 0, err
+    previous = artifacts.current_version(output.parent, "tiny")
+    before = load_classifier("encoder", str(output)).classify(["Company Z shares surge"])
+
+    child = start("model", "weights", str(data), str(output))
+    wait_for(child, "PAUSED weights", timeout=180)
+    kill(child)
+
+    # The half-written model is a hidden staging directory; the live version is untouched.
+    assert artifacts.current_version(output.parent, "tiny") == previous
+    staging = [p for p in output.iterdir() if p.name.startswith(".")]
+    assert staging and any((p / "model.safetensors").exists() for p in staging)
+    directory, manifest = resolve_model(output)  # every file checked against the manifest
+    assert directory.name == previous
+    after = load_classifier("encoder", str(output)).classify(["Company Z shares surge"])
+    assert after[0].probabilities == before[0].probabilities
+
+    # The next run publishes a new live version and clears what the killed writer left.
+    code, _, err = workers.run_cli(*workers.model_train_args(str(data), str(output)))
+    assert code == 0, err
+    newest = artifacts.current_version(output.parent, "tiny")
+    assert newest != previous and resolve_model(output)[0].name == newest
+    assert [p.name for p in output.iterdir() if p.name.startswith(".")] == []
