@@ -25,6 +25,9 @@ audit_app = typer.Typer(help="Audit ledger: verify, anchor, replay, export, revi
 app.add_typer(index_app, name="index")
 app.add_typer(audit_app, name="audit")
 app.add_typer(sentiment_app, name="sentiment")
+dashboard_app = typer.Typer(help="The analysts' dashboard (Streamlit): start it, or make a "
+                                 "password hash for $FINSENTINEL_DASHBOARD_USERS.")
+app.add_typer(dashboard_app, name="dashboard")
 # soft_wrap: messages stay on one line whatever the terminal width, so they can be grepped.
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -435,6 +438,65 @@ def demo(
         for row in report.top_alerts:
             top.add_row(*(str(v) for v in row.values()))
         out.print(top)
+
+
+@dashboard_app.callback(invoke_without_command=True)
+def dashboard(
+    ctx: typer.Context,
+    db: DbOption = None,
+    port: Annotated[int, typer.Option("--port", help="Port to serve on.")] = 8501,
+    address: Annotated[str, typer.Option(
+        "--address", help="Address to listen on (default only this machine; put a TLS proxy "
+                          "in front to serve others).")] = "127.0.0.1",
+    root: RootOption = None,
+) -> None:
+    """Start the dashboard on the ledger database. Analysts sign in with the users in
+    $FINSENTINEL_DASHBOARD_USERS (name:hash pairs); with none configured it does not start."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from pipeline.dashboard.auth import Users
+    from pipeline.index import INDEXES_ENV
+    from pipeline.ledger import DEFAULT_DB_ENV, resolve_db_url
+
+    Users.from_env()  # no users, or a malformed entry: a clear error, and nothing starts
+    if not 1 <= port <= 65535:
+        _fail(f"--port: expected 1-65535, got {port}")
+    env = dict(os.environ)
+    # The URL (maybe with a password) goes to the app through the environment, not argv.
+    env[DEFAULT_DB_ENV] = resolve_db_url(db)
+    if root is not None:
+        env[INDEXES_ENV] = str(root.resolve())
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app_path = Path(__file__).resolve().parent / "dashboard" / "app.py"
+    argv = [sys.executable, "-m", "streamlit", "run", str(app_path),
+            "--server.headless", "true", "--server.port", str(port),
+            "--server.address", address, "--server.fileWatcherType", "none",
+            "--browser.gatherUsageStats", "false", "--global.developmentMode", "false",
+            "--client.toolbarMode", "minimal"]
+    console.print(f"finsentinel dashboard on http://{address}:{port}", markup=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+
+
+@dashboard_app.command("hash-password")
+def dashboard_hash_password(
+    user: Annotated[str | None, typer.Option(
+        "--user", help="Print NAME:HASH, ready for $FINSENTINEL_DASHBOARD_USERS.")] = None,
+) -> None:
+    """Read a password (prompted, or the first line of stdin) and print its salted scrypt
+    hash; the password itself is never printed or stored."""
+    from pipeline.dashboard.auth import Users, hash_password
+
+    if sys.stdin.isatty():
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    encoded = hash_password(password)
+    if user is not None:
+        Users.parse(f"{user}:{encoded}")  # the name must be one the dashboard accepts
+        encoded = f"{user}:{encoded}"
+    out.print(encoded, markup=False, highlight=False)
 
 
 def main() -> None:

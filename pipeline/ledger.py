@@ -40,7 +40,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from numbers import Real
@@ -124,6 +124,9 @@ DECISIONS = sa.Table(
     sa.Column("hash", sa.CHAR(64), nullable=False),
     sa.Column("inputs", sa.Text, nullable=True),  # schema v2; null in version-1 records
     sa.UniqueConstraint("kind", "batch_id", "subject_id", name="uq_decisions_kind_batch_subject"),
+    # The dashboard's day queues and score filters (see READ_INDEXES).
+    sa.Index("ix_decisions_kind_created_at", "kind", "created_at"),
+    sa.Index("ix_decisions_kind_score", "kind", "score"),
 )
 
 QUARANTINE = sa.Table(
@@ -158,6 +161,13 @@ def _feedback_table_v2(metadata: sa.MetaData) -> sa.Table:
 
 
 FEEDBACK = _feedback_table_v2(METADATA)
+
+# Read-side indexes (the dashboard's paged queries). Not part of the schema version: adding one
+# changes no record and older releases read the ledger unchanged, so opening a ledger creates any
+# that are missing (under the write lock, once) instead of bumping SCHEMA_VERSION.
+READ_INDEXES: tuple[sa.Index, ...] = tuple(
+    i for i in DECISIONS.indexes if i.name in ("ix_decisions_kind_created_at",
+                                              "ix_decisions_kind_score"))
 
 
 # --- migrations ---------------------------------------------------------------------------
@@ -543,6 +553,23 @@ class Ledger:
                 conn.execute(LEDGER_META.update().where(LEDGER_META.c.key == "schema_version")
                              .values(value=new))
                 version = new
+            self._ensure_read_indexes(conn)
+
+    @staticmethod
+    def _ensure_read_indexes(conn: Connection) -> None:
+        """Create the :data:`READ_INDEXES` an older ledger lacks, noting each in ledger_meta."""
+        present = {i["name"] for i in sa.inspect(conn).get_indexes(DECISIONS.name)}
+        for index in READ_INDEXES:
+            if index.name not in present:
+                index.create(conn, checkfirst=True)
+                key = f"index_{index.name}"
+                conn.execute(LEDGER_META.delete().where(LEDGER_META.c.key == key))
+                conn.execute(LEDGER_META.insert().values(key=key, value=f"{_utc_now()} created"))
+
+    def read(self) -> AbstractContextManager[Connection]:
+        """One read transaction over a single snapshot, for readers that build their own
+        queries over the ledger's tables (the dashboard's paged queries)."""
+        return self._read()
 
     def meta(self) -> dict[str, str]:
         """The ledger_meta table: schema version, chain heads, migrations applied."""

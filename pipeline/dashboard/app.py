@@ -1,0 +1,5 @@
+"""Entry script for ``streamlit run`` (started by ``finsentinel dashboard``)."""
+
+from pipeline.dashboard.pages import main
+
+main()

@@ -1,0 +1,130 @@
+"""Analysts' sign-in for the dashboard: users and salted scrypt hashes from the environment.
+
+``$FINSENTINEL_DASHBOARD_USERS`` holds ``name:hash`` pairs separated by commas or whitespace;
+each hash is what ``finsentinel dashboard hash-password`` prints (``scrypt$N$r$p$salt$key``,
+salt and key base64url). No password is ever stored or logged in plain text; checks compare in
+constant time and do the same work for unknown users, so timing does not reveal who exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+USERS_ENV = "FINSENTINEL_DASHBOARD_USERS"
+SCHEME = "scrypt"
+# scrypt cost: 2**14 x 8 x 1 uses 16 MiB and ~50 ms per check on one core.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+SALT_BYTES, KEY_BYTES = 16, 32
+MIN_PASSWORD_CHARS = 8
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+
+class AuthConfigError(ValueError):
+    """The users configured in the environment are missing or malformed."""
+
+
+@dataclass(frozen=True)
+class PasswordHash:
+    n: int
+    r: int
+    p: int
+    salt: bytes
+    key: bytes
+
+    def encode(self) -> str:
+        return "$".join((SCHEME, str(self.n), str(self.r), str(self.p), _b64(self.salt),
+                         _b64(self.key)))
+
+    @classmethod
+    def decode(cls, text: str, where: str = "hash") -> PasswordHash:
+        parts = text.strip().split("$")
+        if len(parts) != 6 or parts[0] != SCHEME:
+            raise AuthConfigError(f"{where}: expected scrypt$N$r$p$salt$key (as printed by "
+                                  "`finsentinel dashboard hash-password`)")
+        try:
+            n, r, p = (int(x) for x in parts[1:4])
+            salt, key = _unb64(parts[4]), _unb64(parts[5])
+        except ValueError as exc:
+            raise AuthConfigError(f"{where}: malformed scrypt parameters or base64") from exc
+        if n < 2 or n & (n - 1) or r < 1 or p < 1 or len(salt) < 8 or len(key) < 16:
+            raise AuthConfigError(f"{where}: scrypt parameters out of range (N a power of two, "
+                                  "salt >= 8 bytes, key >= 16 bytes)")
+        return cls(n, r, p, salt, key)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _derive(password: str, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
+    return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p,
+                          maxmem=256 * n * r + (1 << 20), dklen=length)
+
+
+def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P
+                  ) -> str:
+    """A fresh salted scrypt hash of ``password``, as the text to put in the environment."""
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise ValueError(f"password: at least {MIN_PASSWORD_CHARS} characters, got "
+                         f"{len(password)}")
+    salt = secrets.token_bytes(SALT_BYTES)
+    return PasswordHash(n, r, p, salt, _derive(password, salt, n, r, p, KEY_BYTES)).encode()
+
+
+def verify_password(stored: PasswordHash, password: str) -> bool:
+    candidate = _derive(password, stored.salt, stored.n, stored.r, stored.p, len(stored.key))
+    return hmac.compare_digest(candidate, stored.key)
+
+
+@dataclass(frozen=True)
+class Users:
+    """The analysts allowed to sign in, by name."""
+
+    hashes: Mapping[str, PasswordHash]
+
+    @classmethod
+    def parse(cls, text: str | None) -> Users:
+        if not text or not text.strip():
+            raise AuthConfigError(
+                f"no dashboard users: set ${USERS_ENV} to name:hash pairs (make a hash with "
+                "`finsentinel dashboard hash-password`); the dashboard never opens without "
+                "sign-in")
+        hashes: dict[str, PasswordHash] = {}
+        for i, entry in enumerate(re.split(r"[,\s]+", text.strip()), 1):
+            name, sep, encoded = entry.partition(":")
+            where = f"${USERS_ENV} entry {i}" + (f" ({name!r})" if _NAME.match(name) else "")
+            if not sep or not _NAME.match(name):
+                raise AuthConfigError(f"{where}: expected name:hash with a name of letters, "
+                                      "digits and . _ @ - (up to 64 characters)")
+            if name in hashes:
+                raise AuthConfigError(f"{where}: user {name!r} is listed twice")
+            hashes[name] = PasswordHash.decode(encoded, where)
+        return cls(hashes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Users:
+        return cls.parse((os.environ if environ is None else environ).get(USERS_ENV))
+
+    def authenticate(self, name: str, password: str) -> str | None:
+        """The user's name if the password matches, else None (same work either way)."""
+        stored = self.hashes.get(name.strip())
+        if stored is None:  # burn the same time as a real check
+            verify_password(_DUMMY, password)
+            return None
+        return name.strip() if verify_password(stored, password) else None
+
+
+_DUMMY = PasswordHash(SCRYPT_N, SCRYPT_R, SCRYPT_P, b"\0" * SALT_BYTES, b"\0" * KEY_BYTES)

@@ -1,0 +1,473 @@
+"""The analysts' dashboard: PSI, sign-in, the paged queries on SQLite and PostgreSQL, and every
+page through Streamlit's AppTest against a ledger seeded by the real pipeline."""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from dashboard_seed import PASSWORD, USER, seed
+from sqlalchemy.engine import make_url
+
+from pipeline.dashboard.auth import AuthConfigError, Users, hash_password
+from pipeline.dashboard.queries import AlertFilter, DashboardQueries, SearchFilter
+from pipeline.drift import psi
+from pipeline.ledger import READ_INDEXES, Ledger
+
+PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"  # as tests/conftest.py
+APP = str(Path(__file__).resolve().parents[1] / "pipeline" / "dashboard" / "app.py")
+PAGES = ("Alerts", "Case", "Sentiment", "Models and data", "Audit")
+
+
+# --- PSI -------------------------------------------------------------------------------------
+
+def test_psi_has_the_textbook_value():
+    # Two bins cut at 0.5; shares 50/50 -> 25/75:
+    # (0.25 - 0.5) ln(0.25/0.5) + (0.75 - 0.5) ln(0.75/0.5) = 0.25 (ln 2 + ln 1.5)
+    expected = np.array([0.1] * 50 + [0.9] * 50)
+    actual = np.array([0.1] * 25 + [0.9] * 75)
+    result = psi(expected, actual, edges=np.array([0.5]))
+    assert result.value == pytest.approx(0.25 * (math.log(2) + math.log(1.5)))
+    assert result.expected_share == [0.5, 0.5] and result.actual_share == [0.25, 0.75]
+    assert result.level == "significant shift"
+
+
+def test_psi_is_near_zero_for_the_same_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    reference = rng.beta(2, 8, 20_000)
+    same = psi(reference, rng.beta(2, 8, 20_000))
+    shifted = psi(reference, rng.beta(3, 7, 20_000))
+    assert same.value < 0.01 and same.level == "stable"
+    assert shifted.value > 0.1
+    assert len(same.edges) == 11 and sum(same.expected_share) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="actual holds NaN"):
+        psi(reference, np.array([0.1, np.nan]))
+
+
+# --- sign-in ---------------------------------------------------------------------------------
+
+def test_passwords_are_salted_scrypt_hashes_checked_in_constant_time():
+    first, second = hash_password(PASSWORD), hash_password(PASSWORD)
+    assert first != second and PASSWORD not in first and first.startswith("scrypt$16384$8$1$")
+    users = Users.parse(f"{USER}:{first}, bob:{hash_password('another password')}")
+    assert users.authenticate(USER, PASSWORD) == USER
+    assert users.authenticate(" alice ", PASSWORD) == USER
+    assert users.authenticate(USER, PASSWORD + "x") is None
+    assert users.authenticate("mallory", PASSWORD) is None
+    assert users.authenticate("bob", PASSWORD) is None
+    with pytest.raises(ValueError, match="at least 8 characters"):
+        hash_password("short")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, "no dashboard users"),
+    ("   ", "no dashboard users"),
+    ("alice", r"entry 1 \(.alice.\): expected name:hash"),
+    ("alice:plaintext-password", r"entry 1 \('alice'\): expected scrypt\$N"),
+    ("alice:scrypt$16384$8$1$!!$abc", r"entry 1 \('alice'\): malformed"),
+    ("alice:scrypt$1000$8$1$c2FsdHNhbHQ$a2V5a2V5a2V5a2V5a2V5a2V5", "N a power of two"),
+])
+def test_bad_user_configuration_is_refused_naming_the_entry(text, message):
+    with pytest.raises(AuthConfigError, match=message):
+        Users.parse(text)
+    if text and "plaintext-password" in text:
+        with pytest.raises(AuthConfigError) as info:
+            Users.parse(text)
+        assert "plaintext-password" not in str(info.value)
+
+
+def test_a_user_listed_twice_is_refused():
+    encoded = hash_password(PASSWORD)
+    with pytest.raises(AuthConfigError, match="entry 2 \\('alice'\\): user 'alice' is listed"):
+        Users.parse(f"alice:{encoded} alice:{encoded}")
+
+
+# --- the seeded ledger -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    return {}
+
+
+def _seeded(seeds, backend, tmp_path_factory, request):
+    if backend not in seeds:
+        work = tmp_path_factory.mktemp(f"dash-{backend}")
+        if backend == "sqlite":
+            url = f"sqlite:///{work / 'ledger.sqlite'}"
+        else:
+            admin = request.getfixturevalue("pg_admin")
+            schema_name = f"fs_dash_{uuid.uuid4().hex[:10]}"
+            with admin.begin() as conn:
+                conn.execute(sa.schema.CreateSchema(schema_name))
+            request.addfinalizer(lambda: _drop(admin, schema_name))
+            url = make_url(os.environ.get("FINSENTINEL_TEST_PG_URL", PG_DEFAULT)) \
+                .update_query_dict({"options": f"-csearch_path={schema_name}"}) \
+                .render_as_string(hide_password=False)
+        seeds[backend] = seed(url, work / "work")
+    return seeds[backend]
+
+
+def _drop(admin, schema_name):
+    with admin.begin() as conn:
+        conn.execute(sa.schema.DropSchema(schema_name, cascade=True))
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql",
+                                                               marks=pytest.mark.postgres)])
+def seeded(request, seeds, tmp_path_factory):
+    return _seeded(seeds, request.param, tmp_path_factory, request)
+
+
+@pytest.fixture(scope="module")
+def seeded_sqlite(request, seeds, tmp_path_factory):
+    return _seeded(seeds, "sqlite", tmp_path_factory, request)
+
+
+def _fraud(seeded) -> list[dict]:
+    with Ledger(seeded["db"]) as ledger:
+        return ledger.decisions(kind="fraud")
+
+
+def _expected_queue(decisions, budget=100, keep=lambda tx: True):
+    best: dict[str, dict] = {}
+    for d in sorted(decisions, key=lambda d: (-d["score"], d["seq"])):
+        tx = d["inputs"]["transaction"]
+        if keep(tx):
+            best.setdefault(tx["customer_id"], d)
+    return [(card, d["score"]) for card, d in list(best.items())[:budget]]
+
+
+def _queue(queries, flt):
+    first = queries.alerts(flt)
+    rows = list(first.rows)
+    for page in range(1, first.pages):
+        rows += queries.alerts(flt, page=page).rows
+    return first, rows
+
+
+# --- queries (SQLite and PostgreSQL) ---------------------------------------------------------
+
+def test_alert_queue_is_the_days_top_cards_by_their_highest_score(seeded):
+    decisions = _fraud(seeded)
+    queries = DashboardQueries(Ledger(seeded["db"]))
+    first, rows = _queue(queries, AlertFilter())
+    assert first.cards == 100 and first.pages == 4 and len(rows) == 100
+    assert rows[0]["score"] == max(d["score"] for d in decisions)
+    assert [(r["card"], r["score"]) for r in rows] == _expected_queue(decisions)
+    assert [r["rank"] for r in rows] == list(range(1, 101))
+    assert len({r["card"] for r in rows}) == 100
+    top = rows[0]
+    assert "nearest neighbours fraud" in top["reasons"] and top["status"] == "open"
+    assert top["merchant"] and top["channel"] in ("card-present", "card-not-present")
+
+
+def test_alert_filters_by_channel_merchant_and_score(seeded):
+    decisions = _fraud(seeded)
+    queries = DashboardQueries(Ledger(seeded["db"]))
+    _, rows = _queue(queries, AlertFilter(channel="card-not-present", budget=30))
+    assert [(r["card"], r["score"]) for r in rows] == _expected_queue(
+        decisions, 30, lambda tx: tx["channel"] == "card-not-present")
+    merchant = rows[0]["merchant"]
+    word = merchant.split()[0].lower()
+    _, rows = _queue(queries, AlertFilter(merchant=word.upper()))
+    assert rows and [(r["card"], r["score"]) for r in rows] == _expected_queue(
+        decisions, 100, lambda tx: word in (tx.get("merchant_name") or "").lower())
+    _, rows = _queue(queries, AlertFilter(min_score=0.2))
+    assert rows and min(r["score"] for r in rows) >= 0.2
+    assert len(rows) == len(_expected_queue([d for d in decisions if d["score"] >= 0.2]))
+    assert queries.alerts(AlertFilter(merchant="%")).rows == []  # LIKE wildcards are escaped
+    with pytest.raises(ValueError, match="min score"):
+        AlertFilter(min_score=1.5)
+
+
+def test_review_status_and_audit_search_pages(seeded):
+    ledger = Ledger(seeded["db"])
+    queries = DashboardQueries(ledger)
+    top = queries.alerts(AlertFilter()).rows[0]
+    ledger.record_feedback(top["decision_id"], "false-positive", "known customer", "carol")
+    ledger.record_feedback(top["decision_id"], "confirmed-fraud", "called the card holder",
+                           "dave")
+    again = queries.alerts(AlertFilter()).rows[0]
+    assert (again["status"], again["reviewer"]) == ("confirmed-fraud", "dave")
+    case = queries.case(top["decision_id"])
+    assert [r["reviewer"] for r in case["reviews"]] == ["carol", "dave"]
+    assert queries.case("no-such-decision") is None
+
+    total = ledger.count()
+    page1 = queries.search(SearchFilter())
+    assert [r["seq"] for r in page1.rows] == list(range(total, total - 50, -1))
+    page2 = queries.search(SearchFilter(), before=page1.before)
+    assert [r["seq"] for r in page2.rows] == list(range(total - 50, total - 100, -1))
+    back = queries.search(SearchFilter(), after=page2.after)
+    assert [r["seq"] for r in back.rows] == [r["seq"] for r in page1.rows]
+    one = queries.search(SearchFilter(subject_id=top["transaction"], kind="fraud"))
+    assert [(r["decision_id"], r["review"]) for r in one.rows] == [(top["decision_id"],
+                                                                    "confirmed-fraud")]
+    assert one.before is None and one.after is None
+    assert queries.count(SearchFilter(kind="fraud")) == seeded["scored"]
+    alerts = [d for d in _fraud(seeded) if d["decision"] == "alert"]
+    assert queries.count(SearchFilter(kind="fraud", decision="alert")) == len(alerts)
+
+
+def test_sentiment_and_batch_queries(seeded):
+    from pipeline.news_store import NewsStore
+
+    queries = DashboardQueries(Ledger(seeded["db"]))
+    assert [(t["ticker"], t["articles"]) for t in queries.tickers()] == [("AAPL", 7),
+                                                                         ("MSFT", 6)]
+    with NewsStore(seeded["db"]) as store:
+        expected = store.daily("AAPL")
+    daily = queries.sentiment_daily("AAPL")
+    assert [(d["day"], d["mean_score"]) for d in daily] == [(d["day"], d["mean_score"])
+                                                            for d in expected]
+    first = daily[0]["day"]
+    headlines = queries.headlines("AAPL", first)
+    assert [h["headline"] for h in headlines] == ["$AAPL beats estimates, shares jump",
+                                                  "$AAPL holds annual meeting"]
+    assert [h["label"] for h in headlines] == ["positive", "neutral"]
+    words = headlines[0]["explanation"]["attributions"]["words"]
+    assert [w["word"] for w in words] == ["beats", "jump"]
+
+    batch = queries.latest_batch()
+    assert batch["batch_id"] == seeded["batch_id"]
+    scores = queries.batch_scores(batch["batch_id"])
+    assert len(scores["scores"]) == seeded["scored"]
+    assert scores["index_version"] == seeded["index_version"]
+    assert scores["settings"]["k"] == 20 and scores["knn_scores"] == scores["scores"]
+
+
+def test_an_older_ledger_gets_the_read_indexes_on_open(seeded):
+    url = seeded["db"]
+    with Ledger(url) as ledger, ledger.read() as conn:
+        names = {i["name"] for i in sa.inspect(conn).get_indexes("decisions")}
+    assert {i.name for i in READ_INDEXES} <= names
+    engine = sa.create_engine(Ledger(url).url)
+    with engine.begin() as conn:
+        for index in READ_INDEXES:
+            conn.execute(sa.text(f"DROP INDEX {index.name}"))
+    with Ledger(url) as ledger:
+        with ledger.read() as conn:
+            names = {i["name"] for i in sa.inspect(conn).get_indexes("decisions")}
+        meta = ledger.meta()
+    engine.dispose()
+    assert {i.name for i in READ_INDEXES} <= names
+    assert all(f"index_{i.name}" in meta for i in READ_INDEXES)
+    assert meta["schema_version"] == "2"
+
+
+def test_training_reference_scores_come_from_the_index(seeded_sqlite):
+    from pipeline.artifacts import ArtifactError
+    from pipeline.drift import index_reference_scores
+
+    ref = index_reference_scores(seeded_sqlite["indexes"], seeded_sqlite["index_version"],
+                                 k=20, smoothing=1.0, sample=500)
+    again = index_reference_scores(seeded_sqlite["indexes"], seeded_sqlite["index_version"],
+                                   k=20, smoothing=1.0, sample=500)
+    assert ref.shape == (500,) and np.array_equal(ref, again)
+    assert ((ref >= 0) & (ref <= 1)).all() and ref.std() > 0
+    with pytest.raises(ArtifactError, match="does not name a saved index"):
+        index_reference_scores(seeded_sqlite["indexes"], "dash@unsaved", k=20, smoothing=1.0)
+
+
+# --- the pages through AppTest ---------------------------------------------------------------
+
+@pytest.fixture
+def app_env(seeded_sqlite, monkeypatch, tmp_path):
+    users = f"{USER}:{hash_password(PASSWORD)}"
+    monkeypatch.setenv("FINSENTINEL_DB", seeded_sqlite["db"])
+    monkeypatch.setenv("FINSENTINEL_INDEXES", str(seeded_sqlite["indexes"]))
+    monkeypatch.setenv("FINSENTINEL_MODELS", str(tmp_path / "no-models"))
+    monkeypatch.setenv("FINSENTINEL_EVALUATIONS", str(seeded_sqlite["evaluations"]))
+    monkeypatch.setenv("FINSENTINEL_DASHBOARD_USERS", users)
+    monkeypatch.setenv("FINSENTINEL_PSEUDONYM_KEY", "a-test-key-of-sufficient-length")
+    return seeded_sqlite
+
+
+def _app(**query):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=60)
+    for key, value in query.items():
+        at.query_params[key] = value
+    return at
+
+
+def _sign_in(at, user=USER, password=PASSWORD):
+    at.run()
+    at.text_input(key="login_user").input(user)
+    at.text_input(key="login_password").input(password)
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _table(at, *columns):
+    """The first table on the page with these columns (AppTest does not expose table keys)."""
+    for frame in at.dataframe:
+        if set(columns) <= set(frame.value.columns):
+            return frame.value
+    raise AssertionError(f"no table with columns {columns}")
+
+
+def _shows_no_data(at):
+    assert len(at.dataframe) == 0 and len(at.metric) == 0
+    assert not at.get("vega_lite_chart") and not at.sidebar.radio
+    assert [t.label for t in at.text_input] == ["User", "Password"]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_no_ledger_data_before_sign_in_on_any_page(app_env, page):
+    decision = _fraud(app_env)[0]["decision_id"]
+    at = _app(page=page, decision=decision)
+    at.run()
+    assert not at.exception
+    _shows_no_data(at)
+    _sign_in(at, password="wrong password!")
+    assert [e.value for e in at.error] == ["Unknown user or wrong password."]
+    _shows_no_data(at)
+    assert "user" not in at.session_state
+
+
+def test_without_users_the_dashboard_does_not_open(app_env, monkeypatch):
+    monkeypatch.delenv("FINSENTINEL_DASHBOARD_USERS")
+    at = _app()
+    at.run()
+    assert "no dashboard users" in at.error[0].value
+    assert len(at.text_input) == 0 and len(at.dataframe) == 0
+
+
+def test_alerts_page_lists_the_highest_score_first(app_env):
+    at = _sign_in(_app())
+    assert at.sidebar.radio(key="page").value == "Alerts"
+    assert at.sidebar.markdown[0].value == f"Signed in as **{USER}**"
+    table = at.dataframe[0].value
+    assert table["score"].iloc[0] == max(d["score"] for d in _fraud(app_env))
+    assert len(table) == 25 and list(table["rank"]) == list(range(1, 26))
+    at.selectbox(key="alert_channel").select("card-present").run()
+    table = at.dataframe[0].value
+    assert set(table["channel"]) == {"card-present"}
+    at.number_input(key="alert_page").set_value(4).run()
+    assert list(at.dataframe[0].value["rank"]) == list(range(76, 101))
+
+
+def test_case_page_shows_the_decision_and_records_review_by_the_signed_in_analyst(app_env):
+    at = _sign_in(_app())
+    top = at.dataframe[0].value.iloc[0]
+    at.button(key="open_case").click().run()
+    assert at.sidebar.radio(key="page").value == "Case"
+    case = next(d for d in _fraud(app_env) if d["subject_id"] == top["transaction"])
+    assert at.text_input(key="case_id").value == case["decision_id"]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Score"] == f"{case['score']:.4f}"
+    assert metrics["Threshold"] == f"{case['threshold']:.4f}"
+    neighbours = _table(at, "transaction_id", "similarity", "label")
+    assert list(neighbours["transaction_id"]) == [
+        n["transaction_id"] for n in case["explanation"]["neighbours"]]
+    facts = dict(_table(at, "field", "value").values)
+    assert facts["index version"] == app_env["index_version"]
+    assert facts["model version"] == case["model_version"] == "numeric-only"
+    assert len(at.get("vega_lite_chart")) == 3  # score, neighbourhood, features
+    assert "principal components" in " ".join(c.value for c in at.caption)
+
+    with Ledger(app_env["db"]) as ledger:
+        before = len(ledger.feedback(decision_id=case["decision_id"]))
+    at.text_area(key="review_comment").input("card holder confirmed by phone")
+    at.button(key="review_false-positive").click().run()
+    assert not at.exception
+    assert at.success[0].value.endswith(f"false-positive by {USER}.")
+    with Ledger(app_env["db"]) as ledger:
+        reviews = ledger.feedback(decision_id=case["decision_id"])
+        assert ledger.verify().ok
+    assert len(reviews) == before + 1
+    assert (reviews[-1]["reviewer"], reviews[-1]["label"], reviews[-1]["comment"]) == (
+        USER, "false-positive", "card holder confirmed by phone")
+    assert _table(at, "seq", "label", "reviewer", "comment")["reviewer"].iloc[-1] == USER
+
+
+def test_sentiment_page_shows_the_series_and_the_headlines_behind_a_point(app_env):
+    at = _sign_in(_app(page="Sentiment"))
+    assert at.selectbox(key="sent_ticker").value == "AAPL"
+    assert len(at.get("vega_lite_chart")) == 1
+    days = at.selectbox(key="sent_day").options
+    at.selectbox(key="sent_day").select_index(len(days) - 1).run()  # the first day
+    table = _table(at, "headline", "label")
+    assert list(table["headline"]) == ["$AAPL beats estimates, shares jump",
+                                       "$AAPL holds annual meeting"]
+    assert list(table["label"]) == ["positive", "neutral"]
+    assert "over 2 articles (1 positive, 0 negative, 1 neutral)" in at.caption[0].value
+
+
+def test_models_page_shows_manifests_drift_and_evaluations(app_env):
+    import json
+
+    from pipeline.dashboard.queries import DashboardQueries
+    from pipeline.drift import index_reference_scores
+
+    at = _sign_in(_app(page="Models and data"))
+    assert not at.exception
+    manifests = _table(at, "name", "vector_count")
+    name, version = app_env["index_version"].split("@")
+    manifest = json.loads((app_env["indexes"] / name / version / "manifest.json").read_text())
+    assert list(manifests["name"]) == ["dash"] and manifests["version"].iloc[0] == version
+    assert manifests["vector_count"].iloc[0] == manifest["vector_count"]
+    scores = DashboardQueries(Ledger(app_env["db"])).batch_scores(app_env["batch_id"])
+    reference = index_reference_scores(app_env["indexes"], app_env["index_version"], k=20,
+                                       smoothing=1.0)
+    expected = psi(reference, np.array(scores["knn_scores"]))
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["PSI"] == f"{expected.value:.3f}" and metrics["Shift"] == expected.level
+    assert metrics["Batch rows"] == f"{app_env['scored']:,}"
+    report = json.loads((app_env["evaluations"] / "logreg.json").read_text())
+    evaluations = _table(at, "file", "scorer")
+    assert evaluations["scorer"].iloc[0] == report["scorer"]
+    assert evaluations["auc_roc mean"].iloc[0] == report["summary"]["auc_roc"]["mean"]
+
+
+def test_audit_page_searches_verifies_and_exports(app_env):
+    import io
+
+    import polars as pl
+
+    at = _sign_in(_app(page="Audit"))
+    with Ledger(app_env["db"]) as ledger:
+        head = ledger.count()
+    results = _table(at, "seq", "created_at", "decision_id")
+    assert results["seq"].iloc[0] == head and len(results) == 50
+    at.button(key="audit_older").click().run()
+    assert _table(at, "seq", "created_at", "decision_id")["seq"].iloc[0] == head - 50
+    at.button(key="verify").click().run()
+    assert at.success[0].value.startswith("Chain intact")
+    assert f"chain of {head} records verified" in at.success[0].value
+
+    at.text_input(key="audit_batch").input(app_env["batch_id"])
+    at.text_input(key="audit_outcome").input("alert").run()
+    shown = _table(at, "seq", "created_at", "decision_id")
+    assert set(shown["decision"]) == {"alert"}
+    at.button(key="export").click().run()
+    assert not at.exception and not at.error
+    ready = at.session_state["export_ready"]
+    exported = pl.read_csv(io.BytesIO(ready["data"]))
+    alerts = [d for d in _fraud(app_env) if d["decision"] == "alert"]
+    assert exported.height == ready["rows"] == len(alerts)
+    # Pseudonymised by default: no raw card id appears in the export.
+    cards = {d["inputs"]["transaction"]["customer_id"] for d in alerts}
+    assert not cards & set(exported["customer_id"].cast(pl.String).to_list())
+
+
+def test_review_counts_by_label_come_from_the_ledger(app_env):
+    """The Alerts status column after reviews equals the latest review of each decision."""
+    with Ledger(app_env["db"]) as ledger:
+        latest = defaultdict(str)
+        for review in ledger.feedback():
+            latest[review["decision_id"]] = review["label"]
+    at = _sign_in(_app())
+    queries = DashboardQueries(Ledger(app_env["db"]))
+    rows = queries.alerts(AlertFilter()).rows
+    table = at.dataframe[0].value
+    assert list(table["status"]) == [latest.get(r["decision_id"]) or "open" for r in rows]
