@@ -252,8 +252,9 @@ def case_page(queries: DashboardQueries, settings: Settings, user: str) -> None:
     neighbours = explanation.get("neighbours") or []
     left, right = st.columns(2)
     with left:
-        st.markdown(f"**Nearest labelled neighbours** ({explanation.get('neighbours_used', '?')}"
-                    f" used of k={explanation.get('k', '?')}; fraud weight "
+        st.markdown(f"**Nearest labelled neighbours** (the {len(neighbours)} most similar of "
+                    f"{explanation.get('neighbours_used', '?')} used, k="
+                    f"{explanation.get('k', '?')}; fraud weight "
                     f"{explanation.get('fraud_weight', 0):.3f} of "
                     f"{explanation.get('total_weight', 0):.3f})")
         if neighbours:
@@ -308,7 +309,7 @@ def case_page(queries: DashboardQueries, settings: Settings, user: str) -> None:
             known["ratio"] = known["this transaction"] / known["card usual"]
             st.altair_chart(alt.Chart(known).mark_bar().encode(
                 x=alt.X("ratio:Q", title="this transaction / card's usual value"),
-                y=alt.Y("feature:N", sort="-x", title=None),
+                y=alt.Y("feature:N", sort="-x", title=None, axis=alt.Axis(labelLimit=320)),
                 color=alt.condition("datum.ratio > 1.5", alt.value("#c0392b"),
                                     alt.value("#8fa3b8")),
                 tooltip=["feature", "this transaction", "card usual", "ratio"])
