@@ -19,6 +19,7 @@ from pipeline.index import IndexConfig
 from pipeline.ingest import IngestResult, read_transactions
 from pipeline.ledger import DEFAULT_DB_ENV, Ledger
 from pipeline.privacy import flow_db_url
+from pipeline.settings import JobSettings
 from pipeline.vectors import VectorConfig
 
 
@@ -45,13 +46,19 @@ def build_and_save(ingested: IngestResult, name: str, root: str | None, encoder_
 
 
 @flow(name="build_index", log_prints=True)
-def build_index(input: str, name: str, root: str | None = None, encoder: str | None = None,
-                until: datetime | None = None, text_dim: int = 8, kind: str = "auto",
-                db: str | SecretStr | None = None, scorer: str = "knn") -> jobs.BuildReport:
+def build_index(input: str | None = None, name: str | None = None, root: str | None = None,
+                encoder: str | None = None, until: datetime | None = None, text_dim: int = 8,
+                kind: str = "auto", db: str | SecretStr | None = None, scorer: str = "knn"
+                ) -> jobs.BuildReport:
     """Index labelled history under ``root/name`` (default ``indexes/``). With a ledger (``db``
     or ``$FINSENTINEL_DB``), analysts' fraud reviews relabel the history they cover.
-    ``scorer="knn-stacked"`` stores the stacked model with the index (pipeline.stacking)."""
+    ``scorer="knn-stacked"`` stores the stacked model with the index (pipeline.stacking).
+    Scheduled runs leave ``input`` and ``name`` out: ``$FINSENTINEL_HISTORY`` and
+    ``$FINSENTINEL_INDEX_NAME`` (pipeline.settings) give them."""
     db = flow_db_url(db)
+    settings = JobSettings.from_env()
+    input = input or str(settings.history)
+    name = name or settings.index_name
     ingested = ingest_history(str(Path(input)))
     feedback = read_feedback(db) if db or os.environ.get(DEFAULT_DB_ENV) else None
     report = build_and_save(quote(ingested), name, root, encoder, until, text_dim, kind,

@@ -12,7 +12,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from pipeline.ingest import IngestResult
+from pipeline.inbox import FAILED, archive, pending
+from pipeline.ingest import IngestResult, InputError
 from pipeline.ledger import BatchReceipt, Ledger
 from pipeline.news import read_news
 from pipeline.news_store import NewsStore
@@ -29,6 +30,7 @@ from pipeline.sentiment.jobs import (
 from pipeline.sentiment.jobs import (
     classify_news as classify_batch,
 )
+from pipeline.settings import SENTIMENT_MODEL_ENV, JobSettings
 from pipeline.tickers import TickerExtractor
 
 
@@ -99,6 +101,43 @@ def classify_news(input: str, model: str, output: str, backend: str = "encoder",
           f"{report.rows_quarantined} quarantined, {report.failures} failures, "
           f"{report.ledger_added} new ledger records, {daily} ticker-days updated")
     return report
+
+
+@flow(name="classify_inbox", log_prints=True)
+def classify_inbox(inbox: str | None = None, model: str | None = None,
+                   output_dir: str | None = None, backend: str = "encoder",
+                   endpoint: str | None = None, db: str | None = None, root: str | None = None,
+                   companies: str | None = None) -> list[SentimentReport]:
+    """The 15-minute job: classify every news file waiting in the inbox (default
+    ``$FINSENTINEL_NEWS_INBOX``) with ``model`` (default ``$FINSENTINEL_SENTIMENT_MODEL``),
+    results to ``output_dir`` (default ``$FINSENTINEL_WORKDIR/news``), then move the file to
+    ``inbox/done`` (``inbox/failed`` with the reason when the file is unusable)."""
+    settings = JobSettings.from_env()
+    model = model or settings.sentiment_model
+    if not model:
+        raise ValueError(f"no sentiment model: pass model or set ${SENTIMENT_MODEL_ENV}")
+    inbox_dir = Path(inbox or settings.news_inbox)
+    out_dir = Path(output_dir or settings.news_results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = pending(inbox_dir)
+    reports, failures = [], []
+    for path in files:
+        state = classify_news(str(path), model, str(out_dir / f"{path.stem}.sentiment.parquet"),
+                              backend=backend, endpoint=endpoint, db=db, root=root,
+                              companies=companies, return_state=True)
+        if state.is_completed():
+            reports.append(state.result())
+            archive(path)
+            continue
+        error = state.result(raise_on_failure=False)
+        failures.append(f"{path.name}: {error}")
+        if isinstance(error, InputError):
+            archive(path, FAILED, reason=str(error))
+    print(f"news inbox {inbox_dir}: {len(files)} file(s), {len(reports)} classified, "
+          f"{len(failures)} failed")
+    if failures:
+        raise RuntimeError(f"{len(failures)} news file(s) failed: " + "; ".join(failures))
+    return reports
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from datetime import date, timedelta
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
@@ -12,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from pipeline.evaluation import (
+    DAY,
     EvaluationReport,
     FoldResult,
     FoldSplit,
@@ -26,6 +28,12 @@ from pipeline.evaluation import (
     write_report,
 )
 from pipeline.models import make_scorer
+from pipeline.settings import JobSettings
+
+
+def latest_test_start(frame, config: ProtocolConfig) -> date:
+    """The first day of the data's last ``test_days`` days: the newest fold a week's data allows."""
+    return frame[DAY].max() - timedelta(days=config.test_days - 1)
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -40,15 +48,24 @@ def run_fold(split: FoldSplit, history, scorer: str, config: ProtocolConfig, n_j
 
 
 @flow(name="evaluate_fraud_scorer", log_prints=True)
-def evaluate_scorer(data: str, test_start: str, output: str, scorer: str = "knn-stacked",
-                    folds: int = 4, n_jobs: int = 1) -> dict:
+def evaluate_scorer(data: str | None = None, test_start: str | None = None,
+                    output: str | None = None, scorer: str = "knn-stacked", folds: int = 4,
+                    n_jobs: int = 1) -> dict:
     """Evaluate ``scorer`` on ``data`` with folds testing from ``test_start`` backwards; write
-    the JSON report to ``output`` and return it."""
+    the JSON report to ``output`` and return it. Scheduled (weekly) runs leave them out:
+    ``data`` is ``$FINSENTINEL_HISTORY``, the latest fold tests the data's last
+    ``test_days`` days, and the report goes to ``$FINSENTINEL_EVALUATIONS`` (where the
+    dashboard reads reports) as ``<scorer>-<test start>.json``."""
     started = time.perf_counter()
     config = ProtocolConfig(folds=folds)
-    start = parse_day(test_start)
+    settings = JobSettings.from_env()
+    data = data or str(settings.history)
+    start = parse_day(test_start) if test_start else None
     make_scorer(scorer, n_jobs=n_jobs)  # an unknown name fails before the data is read
     frame, record = load(data, config.delay_days)
+    if start is None:
+        start = latest_test_start(frame, config)
+    output = output or str(settings.evaluations / f"{scorer}-{start.isoformat()}.json")
     splits = prequential_splits(frame, start, config)
     results = []
     for split in splits:

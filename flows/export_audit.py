@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from pipeline import audit
 from pipeline.ledger import Ledger, LedgerError, is_transient
 from pipeline.privacy import flow_db_url
+from pipeline.settings import JobSettings
 
 MONTHLY_CRON = "0 3 1 * *"
 
@@ -36,13 +37,15 @@ def export_month(db: str | None, month: str, format: str, out: str, reveal: bool
 
 @flow(name="export_audit", log_prints=True)
 def export_audit(month: str | None = None, format: str = "jsonl",
-                 out_dir: str = "finsentinel-work/audit", db: str | SecretStr | None = None,
+                 out_dir: str | None = None, db: str | SecretStr | None = None,
                  reveal: bool = False) -> audit.ExportReport:
     """Export the decisions recorded in ``month`` ("YYYY-MM", default: last month) to
     ``out_dir/ledger-YYYY-MM.<format>`` with ``.anchors.json`` beside it. The run fails when the
     ledger does not verify — the export is still written, stating so — so that a tampered
-    ledger never passes as a routine monthly export."""
+    ledger never passes as a routine monthly export. ``out_dir`` defaults to
+    ``$FINSENTINEL_WORKDIR/audit``."""
     db = flow_db_url(db)
+    out_dir = out_dir or str(JobSettings.from_env().audit)
     month = month or audit.previous_month()
     audit.month_range(month)  # a malformed month fails here, before any work
     if format not in audit.FORMATS:

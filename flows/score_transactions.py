@@ -12,11 +12,13 @@ from prefect.utilities.annotations import quote
 from pydantic import SecretStr
 
 from pipeline import jobs
+from pipeline.inbox import FAILED, archive, pending
 from pipeline.index import FraudIndex
-from pipeline.ingest import IngestResult, read_transactions
+from pipeline.ingest import IngestResult, InputError, read_transactions
 from pipeline.ledger import BatchReceipt, Ledger, is_transient
 from pipeline.privacy import flow_db_url, pseudonymise_records
 from pipeline.scoring import FraudScorer, ScoredBatch, ScoringConfig
+from pipeline.settings import JobSettings
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -87,3 +89,39 @@ def score_transactions(input: str, index: str, output: str, batch_id: str | None
     print(f"batch {batch_id}: {report.rows_scored} scored, {report.rows_quarantined} "
           f"quarantined, {report.alerts} alerts, {report.ledger_added} new ledger records")
     return report
+
+
+@flow(name="score_inbox", log_prints=True)
+def score_inbox(inbox: str | None = None, index: str | None = None,
+                output_dir: str | None = None, db: str | SecretStr | None = None,
+                root: str | None = None, threshold: float = 0.5,
+                alerts_per_day: int | None = None, k: int = 20) -> list[jobs.ScoreReport]:
+    """The hourly job: score every file waiting in the inbox (default ``$FINSENTINEL_INBOX``)
+    against index ``index`` (default ``$FINSENTINEL_INDEX_NAME``), scores to ``output_dir``
+    (default ``$FINSENTINEL_WORKDIR/scores``), then move the file to ``inbox/done``. A file that
+    is unusable goes to ``inbox/failed`` with the reason; any other failure leaves it in the
+    inbox for the next run. The run fails if any file did, after trying all of them."""
+    settings = JobSettings.from_env()
+    inbox_dir = Path(inbox or settings.inbox)
+    out_dir = Path(output_dir or settings.scores)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = pending(inbox_dir)
+    reports, failures = [], []
+    for path in files:
+        state = score_transactions(
+            str(path), index or settings.index_name, str(out_dir / f"{path.stem}.scores.parquet"),
+            db=db, root=root, threshold=threshold, alerts_per_day=alerts_per_day, k=k,
+            return_state=True)
+        if state.is_completed():
+            reports.append(state.result())
+            archive(path)
+            continue
+        error = state.result(raise_on_failure=False)
+        failures.append(f"{path.name}: {error}")
+        if isinstance(error, InputError):  # the file itself is unusable: set it aside
+            archive(path, FAILED, reason=str(error))
+    print(f"inbox {inbox_dir}: {len(files)} file(s), {len(reports)} scored, "
+          f"{len(failures)} failed")
+    if failures:
+        raise RuntimeError(f"{len(failures)} inbox file(s) failed: " + "; ".join(failures))
+    return reports

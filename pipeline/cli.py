@@ -162,8 +162,10 @@ def index_build(
     if feedback is not None:
         console.print(f"analyst reviews: {feedback.frame.height:,} reviewed transactions, "
                       f"{report.feedback_applied:,} history rows relabelled")
+    recall = "" if report.recall_at_10 is None else f", recall@10 {report.recall_at_10:.3f}"
     out.print(f"index {report.name}@{report.version}: {report.vectors:,} vectors "
-              f"({report.frauds:,} frauds, {report.faiss_index}) at {report.path}", markup=False)
+              f"({report.frauds:,} frauds, {report.faiss_index}{recall}) at {report.path}",
+              markup=False)
 
 
 @app.command()
@@ -182,6 +184,16 @@ def score(
         help="Extra recent transactions for the feature windows.")] = None,
     root: RootOption = None,
     db: DbOption = None,
+    partitions: Annotated[int | None, typer.Option(
+        "--partitions", help="Score a large Parquet file in N time partitions (each with the "
+                             "history its feature windows need) on a Dask cluster; one ledger "
+                             "batch per partition.")] = None,
+    dask_address: Annotated[str | None, typer.Option(
+        "--dask-address", envvar="FINSENTINEL_DASK_ADDRESS",
+        help="Dask scheduler for --partitions (tcp://host:8786); default: a local cluster.")
+    ] = None,
+    dask_workers: Annotated[int, typer.Option(
+        "--dask-workers", help="Worker processes of the local cluster for --partitions.")] = 2,
 ) -> None:
     """Score transactions by nearest labelled neighbours; record every decision in the ledger."""
     from pipeline import jobs
@@ -196,6 +208,10 @@ def score(
         _fail(f"--threshold: expected a score in [0, 1], got {threshold}")
     config = ScoringConfig(k=k, threshold=0.5 if threshold is None else threshold,
                            alerts_per_day=alerts_per_day)
+    if partitions is not None:
+        _score_partitioned(input, index, output, partitions, dask_address, dask_workers,
+                           history=history, root=root, db=db, config=config, batch_id=batch_id)
+        return
     with console.status(f"loading index {index}"):
         fraud_index = FraudIndex.load(index, root)
     extra = read_transactions(history).accepted if history else None
@@ -203,6 +219,36 @@ def score(
         report = jobs.score_file(input, fraud_index, output, ledger=ledger, batch_id=batch_id,
                                  config=config, history=extra)
     _print_score_report(report)
+
+
+def _score_partitioned(input: Path, index: str, output: Path, partitions: int,
+                       dask_address: str | None, dask_workers: int, *, history: Path | None,
+                       root: Path | None, db: str | None, config, batch_id: str | None) -> None:
+    from pydantic import SecretStr
+
+    from flows.score_dataset import score_dataset_on_dask
+
+    if partitions < 1:
+        _fail(f"--partitions: expected a whole number >= 1, got {partitions}")
+    if history is not None:
+        _fail("--history cannot be combined with --partitions: each partition reads the "
+              "history its windows need from the input itself")
+    from pipeline.partitions import plan_partitions
+
+    plan_partitions(input, partitions)  # a bad input fails here, before a cluster starts
+    report = score_dataset_on_dask(
+        address=dask_address, workers=dask_workers, input=str(input), index=index,
+        output=str(output), partitions=partitions, db=SecretStr(db) if db else None,
+        root=str(root) if root else None, threshold=config.threshold,
+        alerts_per_day=config.alerts_per_day, k=config.k, batch_id=batch_id)
+    console.print(f"rows in {report.rows_in:,} = scored {report.rows_scored:,} + quarantined "
+                  f"{report.rows_quarantined:,}")
+    out.print(f"{len(report.partitions)} partitions: {report.alerts:,} alerts; ledger "
+              f"+{report.ledger_added:,} records ({report.ledger_already_present:,} already "
+              f"present) in batches {report.partitions[0].batch_id} … "
+              f"{report.partitions[-1].batch_id}; scores in {report.output}", markup=False)
+    if report.quarantine:
+        out.print(f"quarantined rows in {report.quarantine}", markup=False)
 
 
 def _print_score_report(report) -> None:
@@ -497,6 +543,28 @@ def dashboard_hash_password(
         Users.parse(f"{user}:{encoded}")  # the name must be one the dashboard accepts
         encoded = f"{user}:{encoded}"
     out.print(encoded, markup=False, highlight=False)
+
+
+@app.command()
+def serve(
+    only: Annotated[list[str] | None, typer.Option(
+        "--only", help="Serve only this deployment (repeatable); default: all of them.")] = None,
+) -> None:
+    """Run the scheduled deployments (score hourly, build index daily, classify news every 15
+    minutes, export audit monthly, evaluate weekly) on this machine until stopped; the same
+    deployments as prefect.yaml. Set PREFECT_API_URL to register them with a Prefect server."""
+    from prefect import serve as prefect_serve
+
+    from flows.deployments import build_deployments, select
+
+    chosen = select(only)
+    table = Table(title="finsentinel schedules (UTC)")
+    for col in ("deployment", "cron", "flow"):
+        table.add_column(col)
+    for spec in chosen:
+        table.add_row(spec.name, spec.cron, spec.entrypoint)
+    out.print(table)
+    prefect_serve(*build_deployments([s.name for s in chosen]))
 
 
 def main() -> None:

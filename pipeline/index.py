@@ -1,7 +1,9 @@
 """FAISS index of labelled transaction history, saved as a versioned, hash-checked artifact.
 
 Exact search (``IndexFlatL2``) below ``exact_max`` vectors, HNSW above it (IVF on a GPU, where
-HNSW does not run). On the GPU when faiss was built with CUDA and a device is present.
+HNSW does not run), IVF past ``ivf_min`` (10M) vectors, where HNSW's graph no longer fits in
+memory comfortably. Approximate indexes record their recall@k against exact search.
+On the GPU when faiss was built with CUDA and a device is present.
 """
 
 from __future__ import annotations
@@ -40,13 +42,18 @@ def gpu_available() -> bool:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """kind 'auto' picks exact search up to ``exact_max`` vectors, approximate above it."""
+    """kind 'auto' picks exact search up to ``exact_max`` vectors, approximate above it (IVF
+    past ``ivf_min``). ``ivf_nlist``: IVF cells (default 4·sqrt(n)). ``recall_queries``:
+    history vectors searched both ways to measure an approximate index's recall@k."""
 
     kind: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
     exact_max: int = 250_000
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
     ivf_nprobe: int = 16
+    ivf_min: int = 10_000_000
+    ivf_nlist: int | None = None
+    recall_queries: int = 1000
     label_delay_days: int = 7
     use_gpu: bool | None = None  # None: use one when available
     context_days: float = 37.0   # raw history kept for feature windows (30 days + 7 delay)
@@ -57,7 +64,7 @@ def _choose_kind(config: IndexConfig, n: int, on_gpu: bool) -> str:
         return config.kind
     if n <= config.exact_max:
         return "flat"
-    return "ivf" if on_gpu else "hnsw"
+    return "ivf" if on_gpu or n > config.ivf_min else "hnsw"
 
 
 def _make_index(kind: str, vectors: np.ndarray, config: IndexConfig) -> faiss.Index:
@@ -69,7 +76,8 @@ def _make_index(kind: str, vectors: np.ndarray, config: IndexConfig) -> faiss.In
         index.hnsw.efConstruction = 80
         index.hnsw.efSearch = config.hnsw_ef_search
     elif kind == "ivf":
-        nlist = max(1, int(4 * np.sqrt(len(vectors))))
+        nlist = config.ivf_nlist or max(1, int(4 * np.sqrt(len(vectors))))
+        nlist = min(nlist, len(vectors))
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
         sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: nlist * 64]]
         index.train(sample)
@@ -78,6 +86,35 @@ def _make_index(kind: str, vectors: np.ndarray, config: IndexConfig) -> faiss.In
         raise ValueError(f"unknown index kind {kind!r}: expected auto, flat, hnsw or ivf")
     index.add(vectors)
     return index
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Share of the exact k nearest neighbours (row positions, -1 for none) that an approximate
+    search also found, over all queries: recall@k."""
+    if found.shape != exact.shape:
+        raise ValueError(f"recall@k: shapes differ: {found.shape} vs {exact.shape}")
+    hits = total = 0
+    for got, want in zip(found, exact, strict=True):
+        want = want[want >= 0]
+        hits += int(np.isin(want, got).sum())
+        total += len(want)
+    return hits / total if total else 1.0
+
+
+def measure_recall(index: faiss.Index, vectors: np.ndarray, k: int = 10,
+                   queries: int = 1000, seed: int = 0) -> float:
+    """recall@k of ``index`` (holding ``vectors``) against exact search, with a sample of the
+    vectors themselves as queries."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    k = min(k, len(vectors))
+    picked = np.random.default_rng(seed).choice(len(vectors), min(queries, len(vectors)),
+                                                replace=False)
+    sample = vectors[np.sort(picked)]
+    exact = faiss.IndexFlatL2(vectors.shape[1])
+    exact.add(vectors)
+    _, want = exact.search(sample, k)
+    _, got = index.search(sample, k)
+    return recall_at_k(got, want)
 
 
 def _to_gpu(index: faiss.Index) -> faiss.Index:
@@ -149,6 +186,8 @@ class FraudIndex:
         on_gpu = bool(config.use_gpu if config.use_gpu is not None else gpu_available())
         kind = _choose_kind(config, len(vectors), on_gpu)
         index = _make_index(kind, vectors, config)
+        recall = None if kind == "flat" else measure_recall(index, vectors, 10,
+                                                            config.recall_queries)
         end = history[schema.TX_TIME].max()
         context_cols = [c for c in history.columns
                         if c in schema.DTYPES and c != schema.FRAUD_SCENARIO]
@@ -165,6 +204,7 @@ class FraudIndex:
         manifest = {
             "kind": "fraud-knn-index",
             "faiss_index": kind,
+            "recall_at_10": recall,  # against exact search; None: the index is exact
             "dimension": int(vectors.shape[1]),
             "vector_count": int(len(vectors)),
             "fraud_count": int(labelled[schema.IS_FRAUD].sum()),

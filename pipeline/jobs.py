@@ -35,6 +35,7 @@ class BuildReport:
     faiss_index: str
     label_cutoff: str
     feedback_applied: int = 0  # history rows relabelled by analysts' reviews
+    recall_at_10: float | None = None  # approximate index against exact search; None: exact
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def build_index(ingested: IngestResult, name: str, *, root: str | Path | None = 
         rows_in=ingested.rows_in, rows_accepted=ingested.accepted.height,
         rows_quarantined=ingested.quarantined.height, vectors=m["vector_count"],
         frauds=m["fraud_count"], faiss_index=m["faiss_index"], label_cutoff=m["label_cutoff"],
-        feedback_applied=applied,
+        feedback_applied=applied, recall_at_10=m.get("recall_at_10"),
     )
 
 

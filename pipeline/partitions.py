@@ -1,0 +1,270 @@
+"""Scoring a large Parquet dataset partition by partition, with memory bounded by a partition.
+
+The dataset is split by time into partitions of whole days with about the same number of rows.
+A transaction's features look back at most ``max(windows) + label delay`` days (30-day customer
+windows; terminal risk over 30 days ending 7 days back), so each partition reads its own rows
+plus that margin of earlier rows (a lazy scan filtered on time: only those rows are read into
+memory), computes features with the margin as history, scores its own rows against the one
+index, and drops the margin. Scores equal those of scoring the whole file at once; each
+partition is one batch in the ledger, written under the ledger's own lock, so partitions may
+finish in any order.
+
+Limits: the input must be Parquet with ``tx_time`` stored as a timestamp (so that partitions can
+be cut by time without parsing); a ``transaction_id`` repeated across two partitions further
+apart than the margin is not caught as a duplicate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
+
+import polars as pl
+
+from pipeline import schema
+from pipeline.artifacts import atomic_path
+from pipeline.features import LABEL_DELAY_DAYS
+from pipeline.index import FraudIndex
+from pipeline.ingest import IngestResult, InputError, canonical_columns, validate_transactions
+from pipeline.jobs import quarantine_path, record, write_outputs
+from pipeline.ledger import Ledger
+from pipeline.scoring import FraudScorer, ScoringConfig, batch_hash
+
+_FILE_ROW = "__file_row"
+_DAY = "__day"
+
+
+def history_margin(label_delay_days: int = LABEL_DELAY_DAYS) -> timedelta:
+    """How far back a transaction's features look: the longest window plus the label delay."""
+    return timedelta(days=max(schema.WINDOWS_DAYS) + label_delay_days)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Rows with ``start <= tx_time < end`` (whole days); the first partition also takes the
+    rows without a time, so that each row of the file belongs to exactly one partition."""
+
+    number: int
+    start: datetime
+    end: datetime
+    rows: int
+    takes_null_times: bool = False
+
+
+@dataclass(frozen=True)
+class PartitionReport:
+    number: int
+    batch_id: str
+    rows_in: int
+    rows_scored: int
+    rows_quarantined: int
+    margin_rows: int
+    alerts: int
+    ledger_added: int
+    ledger_already_present: int
+    output: str | None
+    quarantine: str | None
+
+
+@dataclass(frozen=True)
+class DatasetReport:
+    input: str
+    rows_in: int
+    rows_scored: int
+    rows_quarantined: int
+    alerts: int
+    ledger_added: int
+    ledger_already_present: int
+    output: str
+    quarantine: str | None
+    index_version: str
+    partitions: list[PartitionReport] = field(default_factory=list)
+
+
+def _time_column(path: Path) -> tuple[pl.LazyFrame, pl.Expr]:
+    """The lazy scan of ``path`` and its tx_time as naive UTC microseconds (found by alias)."""
+    if path.suffix.lower() not in (".parquet", ".pq"):
+        raise InputError(f"{path}: partitioned scoring reads Parquet files, got "
+                         f"'{path.suffix or '(no suffix)'}'; convert it, or score it whole")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    scan = pl.scan_parquet(path)
+    columns = scan.collect_schema()
+    found = [src for src, canonical in canonical_columns(list(columns)).items()
+             if canonical == schema.TX_TIME]
+    if not found:
+        raise InputError(f"{path}: missing required column '{schema.TX_TIME}'; found columns: "
+                         f"{', '.join(columns)}")
+    name, dtype = found[0], columns[found[0]]
+    if not isinstance(dtype, pl.Datetime):
+        raise InputError(f"{path}: column '{name}' is {dtype}; partitioned scoring needs "
+                         "transaction times stored as a Parquet timestamp")
+    time = pl.col(name)
+    if dtype.time_zone is not None:
+        time = time.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+    return scan, time.cast(pl.Datetime("us"))
+
+
+def plan_partitions(path: str | Path, partitions: int) -> list[Partition]:
+    """Split ``path`` into at most ``partitions`` runs of whole days with about equal row
+    counts (reading the time column only)."""
+    if partitions < 1:
+        raise ValueError(f"partitions: expected a whole number >= 1, got {partitions}")
+    scan, time = _time_column(Path(path))
+    per_day = (scan.select(time.dt.truncate("1d").alias(_DAY)).group_by(_DAY)
+               .agg(pl.len().alias("rows")).sort(_DAY, nulls_last=True).collect())
+    nulls = per_day.filter(pl.col(_DAY).is_null())["rows"].sum()
+    days = per_day.filter(pl.col(_DAY).is_not_null())
+    if days.height == 0:
+        raise InputError(f"{path}: no row has a transaction time; nothing to partition")
+    total = int(days["rows"].sum())
+    # Day i opens a new partition where the rows before it pass the next equal share.
+    before = days["rows"].cum_sum() - days["rows"]
+    group = (pl.Series(range(days.height)) if partitions >= days.height
+             else (before * partitions // total)).cast(pl.Int64)
+    cuts = days.with_columns(group.alias("group")).group_by("group", maintain_order=True).agg(
+        pl.col(_DAY).min().alias("start"), pl.col(_DAY).max().alias("last"),
+        pl.col("rows").sum())
+    return [Partition(number=i, start=row["start"], end=row["last"] + timedelta(days=1),
+                      rows=int(row["rows"]) + (int(nulls) if i == 0 else 0),
+                      takes_null_times=(i == 0 and nulls > 0))
+            for i, row in enumerate(cuts.iter_rows(named=True))]
+
+
+def read_partition(path: str | Path, partition: Partition,
+                   margin: timedelta) -> tuple[IngestResult, pl.DataFrame]:
+    """The partition's rows validated (quarantined rows keep their row number in the file),
+    and the accepted rows of the margin before it, without labels (history for the windows)."""
+    path = Path(path)
+    scan, time = _time_column(path)
+    own = (time >= partition.start) & (time < partition.end)
+    if partition.takes_null_times:
+        own = own | time.is_null()
+    wanted = own | ((time >= partition.start - margin) & (time < partition.start))
+    frame = (scan.with_row_index(_FILE_ROW).filter(wanted)
+             .with_columns(own.alias("__own")).collect(engine="streaming"))
+    file_rows, is_own = frame[_FILE_ROW], frame["__own"]
+    checked = validate_transactions(frame.drop(_FILE_ROW, "__own"),
+                                    source=f"{path} partition {partition.number}")
+    accepted = checked.accepted
+    own_accepted = ((pl.col(schema.TX_TIME) >= partition.start)
+                    & (pl.col(schema.TX_TIME) < partition.end))
+    positions = checked.quarantined["row_number"]
+    quarantined = checked.quarantined.with_columns(
+        file_rows.gather(positions).cast(pl.Int64).alias("row_number")
+    ).filter(is_own.gather(positions))
+    result = IngestResult(accepted=accepted.filter(own_accepted), quarantined=quarantined,
+                          rows_in=int(is_own.sum()), source=f"{path} partition "
+                                                            f"{partition.number}")
+    history = accepted.filter(~own_accepted).drop(schema.LABELS, strict=False)
+    return result, history
+
+
+@lru_cache(maxsize=2)
+def load_index(name: str, root: str | None, version: str) -> FraudIndex:
+    """One load per worker process for all the partitions it scores (loading reads and hashes
+    every index file and the encoder's weights)."""
+    return FraudIndex.load(name, root, version=version)
+
+
+def partition_batch_id(path: str | Path, number: int, input_hashes: list[str],
+                       batch_id: str | None) -> str:
+    if batch_id:
+        return f"{batch_id}-p{number:03d}"
+    return f"{Path(path).stem}-p{number:03d}-{batch_hash(input_hashes)[:12]}"
+
+
+def part_path(output: str | Path, number: int) -> Path:
+    output = Path(output)
+    return output.with_name(f"{output.name}.parts") / f"part-{number:05d}.parquet"
+
+
+def score_partition(path: str | Path, partition: Partition, index: FraudIndex,
+                    output: str | Path, *, db: str | None, config: ScoringConfig | None = None,
+                    batch_id: str | None = None) -> PartitionReport:
+    """Score one partition and record it in the ledger as its own batch; its scores go to
+    ``part_path(output, number)`` until :func:`merge_parts` joins them."""
+    ingested, history = read_partition(path, partition, history_margin(
+        index.config.label_delay_days))
+    scored = FraudScorer(index, config).score(ingested.accepted, history)
+    batch = partition_batch_id(path, partition.number, scored.scores["input_hash"].to_list()
+                               + ingested.quarantined["raw"].to_list(), batch_id)
+    out, qpath = write_outputs(scored, ingested, batch, part_path(output, partition.number))
+    with Ledger(db) as ledger:
+        receipt = record(ledger, ingested, scored, index, batch)
+    return PartitionReport(
+        number=partition.number, batch_id=batch, rows_in=ingested.rows_in,
+        rows_scored=scored.scores.height, rows_quarantined=ingested.quarantined.height,
+        margin_rows=history.height, alerts=int((scored.scores["decision"] == "alert").sum()),
+        ledger_added=receipt.added, ledger_already_present=receipt.already_present,
+        output=str(out), quarantine=str(qpath) if qpath else None)
+
+
+def _sink(frame: pl.LazyFrame, path: Path) -> Path:
+    """Stream ``frame`` to Parquet, CSV or JSON lines by suffix, atomically."""
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".csv", ".jsonl", ".ndjson"):
+        raise ValueError(f"{path}: unsupported output format {suffix!r}; "
+                         "expected .parquet, .csv or .jsonl")
+    with atomic_path(path) as tmp:
+        if suffix == ".parquet":
+            frame.sink_parquet(tmp)
+        elif suffix == ".csv":
+            frame.sink_csv(tmp)
+        else:
+            frame.sink_ndjson(tmp)
+    return path
+
+
+def merge_parts(input: str | Path, reports: list[PartitionReport], output: str | Path,
+                index_version: str) -> DatasetReport:
+    """Join the partitions' scores (in time order) into ``output`` and their quarantined rows
+    (in file order) beside it, streaming; remove the parts; check that every row of the input
+    was scored or quarantined exactly once."""
+    output = Path(output)
+    reports = sorted(reports, key=lambda r: r.number)
+    file_rows = pl.scan_parquet(input).select(pl.len()).collect().item()
+    rows_in = sum(r.rows_in for r in reports)
+    if rows_in != file_rows:
+        raise RuntimeError(f"{input}: {file_rows} rows in the file but the partitions read "
+                           f"{rows_in}")
+    parts = [r.output for r in reports if r.output]
+    _sink(pl.concat([pl.scan_parquet(p) for p in parts]), output)
+    qpath = None
+    quarantined = [r.quarantine for r in reports if r.quarantine]
+    if quarantined:
+        qpath = quarantine_path(output)
+        with atomic_path(qpath) as tmp:
+            pl.concat([pl.scan_parquet(q) for q in quarantined]).sort("row_number") \
+                .sink_parquet(tmp)
+    directory = part_path(output, 0).parent
+    for p in (*parts, *quarantined):
+        Path(p).unlink(missing_ok=True)
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
+    return DatasetReport(
+        input=str(input), rows_in=rows_in, rows_scored=sum(r.rows_scored for r in reports),
+        rows_quarantined=sum(r.rows_quarantined for r in reports),
+        alerts=sum(r.alerts for r in reports),
+        ledger_added=sum(r.ledger_added for r in reports),
+        ledger_already_present=sum(r.ledger_already_present for r in reports),
+        output=str(output), quarantine=str(qpath) if qpath else None,
+        index_version=index_version, partitions=reports)
+
+
+def score_dataset(path: str | Path, index_name: str, output: str | Path, *, partitions: int,
+                  db: str | None, root: str | None = None, config: ScoringConfig | None = None,
+                  batch_id: str | None = None) -> DatasetReport:
+    """Score the partitions one after another in this process (the Prefect flow
+    ``flows/score_dataset.py`` runs them on a Dask cluster instead)."""
+    from pipeline.artifacts import current_version
+    from pipeline.index import default_root
+
+    root = str(root or default_root())
+    version = current_version(root, index_name)
+    index = load_index(index_name, root, version)
+    reports = [score_partition(path, p, index, output, db=db, config=config, batch_id=batch_id)
+               for p in plan_partitions(path, partitions)]
+    return merge_parts(path, reports, output, index.version)

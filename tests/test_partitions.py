@@ -1,0 +1,178 @@
+"""Partitioned scoring of a Parquet dataset: equal to scoring the whole file at once, every row
+scored or quarantined once, ledger batches idempotent and chain-valid in any order, and the same
+through the Prefect flow on a two-worker Dask LocalCluster."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline import jobs, schema
+from pipeline.index import FraudIndex
+from pipeline.ingest import InputError, read_transactions
+from pipeline.ledger import Ledger
+from pipeline.partitions import (
+    history_margin,
+    load_index,
+    merge_parts,
+    plan_partitions,
+    score_dataset,
+    score_partition,
+)
+from pipeline.synthetic import SyntheticConfig, generate
+from pipeline.vectors import VectorConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """An index of the first 30 days; the next 60 days as one Parquet file with four broken
+    rows spread over the period (bad amount, missing card, no time, a repeated id)."""
+    work = tmp_path_factory.mktemp("partitions")
+    data = generate(SyntheticConfig(n_customers=120, n_terminals=240, n_days=90, seed=5))
+    split = data[schema.TX_TIME].min().replace(hour=0, minute=0, second=0) + timedelta(days=30)
+    history = data.filter(pl.col(schema.TX_TIME) < split)
+    feed = data.filter(pl.col(schema.TX_TIME) >= split)
+    n = feed.height
+    amounts = feed[schema.AMOUNT].to_list()
+    customers = feed[schema.CUSTOMER_ID].to_list()
+    times = feed[schema.TX_TIME].to_list()
+    ids = feed[schema.TRANSACTION_ID].to_list()
+    amounts[n // 5] = -1.0
+    customers[n // 2] = None
+    times[3 * n // 4] = None
+    ids[n - 10] = ids[n - 11]
+    feed = feed.with_columns(pl.Series(schema.AMOUNT, amounts), pl.Series(
+        schema.CUSTOMER_ID, customers), pl.Series(schema.TX_TIME, times, schema.DTYPES[
+            schema.TX_TIME]), pl.Series(schema.TRANSACTION_ID, ids))
+    history.write_parquet(work / "history.parquet")
+    feed.write_parquet(work / "feed.parquet")
+    root = work / "indexes"
+    jobs.build_index(read_transactions(work / "history.parquet", require_labels=True), "fraud",
+                     root=root, encoder=None, vector_config=VectorConfig(text_dim=0))
+    index = FraudIndex.load("fraud", root)
+    with Ledger(f"sqlite:///{work / 'whole.sqlite'}") as ledger:
+        whole = jobs.score_file(work / "feed.parquet", index, work / "whole.parquet",
+                                ledger=ledger)
+    return {"work": work, "root": root, "feed": work / "feed.parquet", "rows": n,
+            "whole": whole, "index": index}
+
+
+def _same_scores(whole_path: str | Path, parts_path: str | Path) -> None:
+    whole = pl.read_parquet(whole_path).sort(schema.TRANSACTION_ID)
+    parts = pl.read_parquet(parts_path).sort(schema.TRANSACTION_ID)
+    assert parts[schema.TRANSACTION_ID].to_list() == whole[schema.TRANSACTION_ID].to_list()
+    # FAISS's float32 distances may differ in the last bits with the rows searched together.
+    assert np.allclose(parts["score"].to_numpy(), whole["score"].to_numpy(), atol=1e-6, rtol=0)
+    assert parts["decision"].to_list() == whole["decision"].to_list()
+    assert parts["input_hash"].to_list() == whole["input_hash"].to_list()
+
+
+def test_partitions_are_whole_days_covering_every_row(dataset):
+    plan = plan_partitions(dataset["feed"], 4)
+    assert len(plan) == 4
+    assert sum(p.rows for p in plan) == dataset["rows"]
+    assert [p.takes_null_times for p in plan] == [True, False, False, False]
+    for before, after in zip(plan, plan[1:], strict=False):
+        assert before.end == after.start
+    for p in plan:
+        assert p.start.hour == p.start.minute == 0 and (p.end - p.start).days >= 1
+    sizes = [p.rows for p in plan]
+    assert max(sizes) < 1.6 * min(sizes)  # about equal row counts
+    assert len(plan_partitions(dataset["feed"], 10_000)) == 60  # at most one per day
+    assert history_margin(7) == timedelta(days=37)
+
+
+def test_bad_inputs_are_clear_errors(dataset, tmp_path):
+    csv = tmp_path / "feed.csv"
+    csv.write_text("transaction_id,tx_time\n1,2024-01-01\n")
+    with pytest.raises(InputError, match="partitioned scoring reads Parquet"):
+        plan_partitions(csv, 2)
+    text_times = tmp_path / "text.parquet"
+    pl.DataFrame({"transaction_id": ["1"], "tx_time": ["2024-01-01"]}).write_parquet(text_times)
+    with pytest.raises(InputError, match="column 'tx_time' is String.*timestamp"):
+        plan_partitions(text_times, 2)
+    with pytest.raises(ValueError, match="partitions: expected a whole number >= 1"):
+        plan_partitions(dataset["feed"], 0)
+
+
+def test_partitioned_scoring_equals_whole_file_in_any_order(dataset, tmp_path):
+    db = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    feed, index = dataset["feed"], dataset["index"]
+    plan = plan_partitions(feed, 3)
+    out = tmp_path / "scores.parquet"
+    # Partitions finishing in reverse order still make one valid chain.
+    reports = [score_partition(feed, p, index, out, db=db) for p in reversed(plan)]
+    assert all(r.margin_rows > 0 for r in reports if r.number > 0)
+    report = merge_parts(feed, reports, out, index.version)
+    whole = dataset["whole"]
+    assert report.rows_in == dataset["rows"] == whole.rows_in
+    assert report.rows_in == report.rows_scored + report.rows_quarantined
+    assert (report.rows_scored, report.rows_quarantined) == (whole.rows_scored,
+                                                             whole.rows_quarantined) \
+        == (dataset["rows"] - 4, 4)
+    assert report.alerts == whole.alerts
+    _same_scores(whole.output, out)
+    quarantined = pl.read_parquet(report.quarantine)
+    expected = pl.read_parquet(whole.quarantine)
+    assert quarantined.select("row_number", "field").equals(
+        expected.select("row_number", "field"))
+    assert not (tmp_path / "scores.parquet.parts").exists()
+    with Ledger(db) as ledger:
+        assert ledger.verify().ok
+        assert ledger.count() == report.rows_scored == report.ledger_added
+        assert len(ledger.batches()) == 3
+        assert sum(len(ledger.quarantined(r.batch_id)) for r in reports) == 4
+    # Re-running adds nothing: each partition's batch id comes from its rows.
+    again = score_dataset(feed, "fraud", tmp_path / "again.parquet", partitions=3, db=db,
+                          root=str(dataset["root"]))
+    assert (again.ledger_added, again.ledger_already_present) == (0, report.rows_scored)
+    assert sorted(r.batch_id for r in again.partitions) == sorted(r.batch_id for r in reports)
+
+
+def test_flow_on_a_two_worker_dask_cluster(dataset, prefect_harness, pg_url, tmp_path):
+    """Two worker processes write to one PostgreSQL ledger concurrently."""
+    from flows.score_dataset import score_dataset_on_dask
+
+    out = tmp_path / "scores.parquet"
+    report = score_dataset_on_dask(
+        workers=2, input=str(dataset["feed"]), index="fraud", output=str(out), partitions=4,
+        db=pg_url, root=str(dataset["root"]), k=20)
+    assert len(report.partitions) == 4
+    assert report.rows_in == report.rows_scored + report.rows_quarantined == dataset["rows"]
+    _same_scores(dataset["whole"].output, out)
+    version = dataset["index"].version
+    assert report.index_version == version
+    with Ledger(pg_url) as ledger:
+        assert ledger.verify().ok
+        assert ledger.count() == report.ledger_added == report.rows_scored
+        assert {b["batch_id"] for b in ledger.batches()} == {
+            r.batch_id for r in report.partitions}
+    load_index.cache_clear()
+
+
+def test_cli_refuses_partitioned_misuse_with_messages(dataset, tmp_path):
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "COLUMNS": "200"})
+
+    base = ["score", "--index", "fraud", "--root", str(dataset["root"]), "-o",
+            str(tmp_path / "s.parquet"), "--db", f"sqlite:///{tmp_path / 'l.sqlite'}"]
+    csv = tmp_path / "feed.csv"
+    csv.write_text("transaction_id,tx_time\n1,2024-01-01\n")
+    result = cli(*base, "-i", str(csv), "--partitions", "2")
+    assert result.returncode == 2
+    assert "partitioned scoring reads Parquet files" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = cli(*base, "-i", str(dataset["feed"]), "--partitions", "2", "--history",
+                 str(dataset["feed"]))
+    assert result.returncode == 2 and "--history cannot be combined" in result.stderr
