@@ -3,6 +3,11 @@ with the default encoder, fine-tuning time and inference throughput on CPU (fp32
 and fp16 throughput on a GPU where there is one.
 
     python -m benchmarks.sentiment [--skip-twitter] [--threads 2] [--models DIR]
+    python -m benchmarks.sentiment --throughput-only   # speed alone, in about a minute
+
+``--throughput-only`` times the same network with randomly initialised weights (speed does not
+depend on the weight values), so it needs no fine-tuning run: fp32 and int8 on the CPU, and fp16
+on a GPU where there is one.
 
 Writes its section of docs/benchmarks.md (between the sentiment markers; other sections are
 left as they are) and the raw numbers to docs/benchmarks-sentiment.json.
@@ -107,6 +112,49 @@ def gpu_throughput(directory: Path, texts: list[str]) -> dict[str, Any] | None:
             "fp16_per_s": round(throughput(fp16, texts, repeat=5), 1)}
 
 
+def random_weight_throughput(threads: int) -> dict[str, Any]:
+    """Texts/s of the encoder backend's network (MiniLM-L6 + mean pooling + linear head) with
+    random weights, through the backend's own batching, on the first 1,000 PhraseBank test
+    sentences and Twitter held-out headlines: CPU fp32 and int8, GPU fp16 where there is one."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from pipeline.encoder import packaged_model_path
+    from pipeline.sentiment.data import load_labelled
+    from pipeline.sentiment.model import PooledClassifier, predict_logits
+
+    torch.manual_seed(0)
+    base = packaged_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    network = PooledClassifier(AutoModel.from_config(AutoConfig.from_pretrained(str(base))),
+                               3).eval()
+    splits = FPB / "splits"
+    texts = {
+        "phrasebank": load_labelled(FPB / "Sentences_50Agree.txt", lines=splits /
+                                    "fingpt_seed42_50agree_test_line_numbers.txt").texts[:1000],
+        "twitter": load_labelled(TWITTER, format="twitter").texts[:1000],
+    }
+    variants = {"cpu fp32": (network, "cpu"),
+                "cpu int8": (torch.ao.quantization.quantize_dynamic(
+                    network, {torch.nn.Linear}, dtype=torch.qint8), "cpu")}
+    if torch.cuda.is_available():
+        variants["gpu fp16"] = (PooledClassifier(AutoModel.from_config(
+            AutoConfig.from_pretrained(str(base))), 3).eval().half().to("cuda"), "cuda")
+    out: dict[str, Any] = {"threads": threads, "max_length": 64, "batch_size": 64,
+                           "load_average_before": os.getloadavg(), "per_s": {}}
+    for name, (model, device) in variants.items():
+        batch = 512 if device == "cuda" else 64
+        for key, sample in texts.items():
+            predict_logits(model, tokenizer, sample[:64], 64, batch_size=batch, device=device)
+            began = time.perf_counter()
+            predict_logits(model, tokenizer, sample, 64, batch_size=batch, device=device)
+            out["per_s"][f"{name} {key}"] = round(len(sample) / (time.perf_counter() - began), 1)
+    out["load_average_after"] = os.getloadavg()
+    out["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def _short(report: dict[str, Any]) -> dict[str, Any]:
     return {k: round(report[k], 4) if isinstance(report[k], float) else report[k]
             for k in ("n", "accuracy", "macro_f1", "weighted_f1")}
@@ -122,7 +170,18 @@ def main() -> None:
     parser.add_argument("--skip-twitter", action="store_true")
     parser.add_argument("--reuse", action="store_true",
                         help="evaluate the published model when it was trained on the same data")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="time the network with random weights (no training) and update "
+                             "the throughput line")
     args = parser.parse_args()
+    if args.throughput_only:
+        torch.set_num_threads(args.threads)
+        out = REPO / "docs" / "benchmarks-sentiment.json"
+        merged = json.loads(out.read_text()) if out.exists() else {}
+        merged["throughput_random_weights"] = random_weight_throughput(args.threads)
+        out.write_text(json.dumps(merged, indent=2) + "\n")
+        write_section(merged)
+        return
     if args.write_only:
         write_section(json.loads((REPO / "docs" / "benchmarks-sentiment.json").read_text()))
         return
@@ -216,6 +275,15 @@ def write_section(r: dict[str, Any]) -> None:
             for key in ("fpb", "twitter") if key in r and "run" in r[key]]
     if runs:
         lines += ["", "Runs: " + "; ".join(runs) + "."]
+    speed = r.get("throughput_random_weights")
+    if speed:
+        rates = "; ".join(f"{k} {v}/s" for k, v in speed["per_s"].items())
+        lines += ["", f"Throughput of the same network with random weights "
+                  f"(`python -m benchmarks.sentiment --throughput-only`, {speed['date']}, "
+                  f"{speed['threads']} threads, batch {speed['batch_size']}, load average "
+                  f"{speed['load_average_before'][0]:.1f} before, "
+                  f"{speed['load_average_after'][0]:.1f} after): {rates}. Target ≥ 200 "
+                  "headlines/s on 2 CPU cores."]
     gpu = r.get("gpu")
     lines += ["", f"GPU fp16 throughput: {gpu['fp16_per_s']} headlines/s on {gpu['device']}."
               if gpu else "GPU fp16 throughput: not measured (no GPU on the benchmark machine; "
