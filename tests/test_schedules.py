@@ -1,0 +1,200 @@
+"""Schedules: prefect.yaml and `finsentinel serve` declare the same deployments with the issue's
+cadences; serve registers them with a Prefect API; the hourly inbox job scores new files,
+moves them to done/ (unusable ones to failed/) and is idempotent."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from flows.deployments import SCHEDULES, build_deployments, select
+from pipeline import jobs, schema
+from pipeline.ingest import read_transactions
+from pipeline.ledger import Ledger
+from pipeline.settings import JobSettings
+from pipeline.synthetic import SyntheticConfig, generate
+from pipeline.vectors import VectorConfig
+
+REPO = Path(__file__).resolve().parents[1]
+# The issue's cadences: time between two consecutive runs (None: monthly, on the 1st).
+CADENCE = {"score_inbox": timedelta(hours=1), "build_index": timedelta(days=1),
+           "classify_inbox": timedelta(minutes=15), "export_audit": None,
+           "evaluate_scorer": timedelta(weeks=1)}
+
+
+@pytest.fixture(scope="module")
+def prefect_yaml() -> dict:
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    document = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    PrefectYamlModel.model_validate(document)  # what `prefect deploy` reads
+    return {d["name"]: d for d in document["deployments"]}
+
+
+def _fire_times(cron: str, n: int = 3) -> list[datetime]:
+    from cronsim import CronSim
+
+    it = CronSim(cron, datetime(2024, 1, 1))
+    return [next(it) for _ in range(n)]
+
+
+def test_prefect_yaml_and_serve_declare_the_same_deployments(prefect_yaml):
+    from prefect.client.schemas.schedules import CronSchedule
+
+    assert set(prefect_yaml) == {s.name for s in SCHEDULES}
+    flows_scheduled = set()
+    for spec, deployment in zip(SCHEDULES, build_deployments(), strict=True):
+        declared = prefect_yaml[spec.name]
+        assert declared["entrypoint"] == spec.entrypoint
+        path, function = spec.entrypoint.split(":")
+        assert (REPO / path).is_file()
+        flow = spec.load_flow()
+        assert flow.fn.__name__ == function
+        flows_scheduled.add(function)
+        # Parameters: the flow accepts them, with the types it declares.
+        assert declared.get("parameters", {}) == spec.parameters
+        inspect.signature(flow.fn).bind_partial(**spec.parameters)
+        flow.validate_parameters(spec.parameters)
+        # Schedules: a valid cron, equal in both, UTC, at the issue's cadence.
+        [schedule] = declared["schedules"]
+        assert schedule["cron"] == spec.cron and schedule.get("timezone", "UTC") == "UTC"
+        CronSchedule(cron=spec.cron)
+        cadence = CADENCE[function]
+        fires = _fire_times(spec.cron)
+        if cadence is None:
+            assert [t.day for t in fires] == [1, 1, 1]
+            assert [t.month for t in fires] == [1, 2, 3]
+        else:
+            assert {b - a for a, b in zip(fires, fires[1:], strict=False)} == {cadence}
+        # What serve builds is the same deployment.
+        assert deployment.name == spec.name
+        assert deployment.parameters == spec.parameters
+        [served] = deployment.schedules
+        assert served.schedule.cron == spec.cron
+        assert deployment.entrypoint.endswith(spec.entrypoint)
+    assert flows_scheduled == set(CADENCE)
+
+
+def test_unknown_deployment_name_is_refused():
+    assert [s.name for s in select(["score-hourly"])] == ["score-hourly"]
+    with pytest.raises(ValueError, match="unknown deployment.*expected one of"):
+        select(["score-daily"])
+
+
+def test_settings_come_from_the_environment(tmp_path):
+    defaults = JobSettings.from_env({})
+    assert defaults.inbox == Path("finsentinel-work/inbox")
+    assert defaults.index_name == "fraud" and defaults.sentiment_model is None
+    custom = JobSettings.from_env({"FINSENTINEL_WORKDIR": str(tmp_path),
+                                   "FINSENTINEL_INBOX": "/in", "FINSENTINEL_INDEX_NAME": "x",
+                                   "FINSENTINEL_EVALUATIONS": " "})
+    assert custom.inbox == Path("/in") and custom.index_name == "x"
+    assert custom.scores == tmp_path / "scores"
+    assert custom.evaluations == tmp_path / "evaluations"  # blank means unset
+
+
+def test_serve_registers_the_deployments_with_their_schedules(prefect_harness):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve"], cwd=REPO,
+                            env={**os.environ, "PREFECT_API_URL": api, "COLUMNS": "200"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    expected = {s.name: s.cron for s in SCHEDULES}
+    found: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + 180
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline and proc.poll() is None:
+                found = {d.name: d.schedules[0].schedule.cron
+                         for d in client.read_deployments() if d.name in expected
+                         and d.schedules}
+                if found == expected:
+                    break
+                time.sleep(1)
+            registered = {d.name: d for d in client.read_deployments() if d.name in expected}
+    finally:
+        proc.terminate()
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+    assert found == expected, output[-3000:]
+    assert registered["export-audit-monthly"].parameters == {"format": "jsonl"}
+    assert all(d.schedules[0].active for d in registered.values())
+    assert "score-hourly" in output and "0 * * * *" in output  # the table it prints
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory):
+    work = tmp_path_factory.mktemp("inbox")
+    data = generate(SyntheticConfig(n_customers=80, n_terminals=160, n_days=28, seed=9))
+    split = data[schema.TX_TIME].min().replace(hour=0, minute=0, second=0) + timedelta(days=21)
+    data.filter(pl.col(schema.TX_TIME) < split).write_parquet(work / "history.parquet")
+    jobs.build_index(read_transactions(work / "history.parquet", require_labels=True), "fraud",
+                     root=work / "indexes", encoder=None, vector_config=VectorConfig(text_dim=0))
+    feed = data.filter(pl.col(schema.TX_TIME) >= split).drop(schema.LABELS)
+    return {"root": work / "indexes", "feed": feed}
+
+
+def test_hourly_inbox_job_scores_new_files_once(small_index, prefect_harness, tmp_path,
+                                                monkeypatch):
+    from flows.score_transactions import score_inbox
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    feed = small_index["feed"]
+    first, second = feed.head(feed.height // 2), feed.tail(feed.height - feed.height // 2)
+    first.write_parquet(inbox / "monday.parquet")
+    second.write_csv(inbox / "tuesday.csv")
+    (inbox / "broken.jsonl").write_text("")  # unusable: empty
+    (inbox / ".partial.parquet").write_bytes(b"still being copied")
+    db = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    monkeypatch.setenv("FINSENTINEL_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setenv("FINSENTINEL_INBOX", str(inbox))
+    monkeypatch.setenv("FINSENTINEL_INDEXES", str(small_index["root"]))
+    monkeypatch.setenv("FINSENTINEL_DB", db)
+
+    state = score_inbox(return_state=True)  # the scheduled run: no parameters but the yaml's
+    assert state.is_failed()  # one file was unusable: the run says so, after doing the rest
+    assert "broken.jsonl" in str(state.result(raise_on_failure=False))
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["monday.parquet",
+                                                                  "tuesday.csv"]
+    assert (inbox / "failed" / "broken.jsonl").exists()
+    assert "empty" in (inbox / "failed" / "broken.jsonl.error.txt").read_text()
+    assert (inbox / ".partial.parquet").exists()  # hidden files are left alone
+    scores = tmp_path / "work" / "scores"
+    monday = pl.read_parquet(scores / "monday.scores.parquet")
+    tuesday = pl.read_parquet(scores / "tuesday.scores.parquet")
+    assert (monday.height, tuesday.height) == (first.height, second.height)
+    with Ledger(db) as ledger:
+        assert ledger.count() == feed.height
+        assert ledger.verify().ok
+
+    # Nothing new: nothing done. The same rows dropped again add nothing to the ledger.
+    assert score_inbox() == []
+    first.write_parquet(inbox / "monday.parquet")
+    [report] = score_inbox()
+    assert (report.ledger_added, report.ledger_already_present) == (0, first.height)
+    assert len(list((inbox / "done").glob("monday*.parquet"))) == 2
+    with Ledger(db) as ledger:
+        assert ledger.count() == feed.height
+
+
+def test_weekly_evaluation_tests_the_latest_week():
+    from flows.evaluate import latest_test_start
+    from pipeline.evaluation import DAY, ProtocolConfig
+
+    frame = pl.DataFrame({DAY: [datetime(2024, 3, d).date() for d in range(1, 29)]})
+    assert latest_test_start(frame, ProtocolConfig()).isoformat() == "2024-03-22"
