@@ -1,0 +1,102 @@
+"""GPU code paths: FAISS on the GPU returns the CPU's exact neighbours, the encoder in fp16 gives
+the fp32 embeddings, and scoring on a GPU index gives the CPU's scores.
+
+Marked ``gpu`` and skipped without a CUDA GPU and faiss-gpu (CI has neither). Run them on a GPU
+machine with ``pytest -m gpu`` (DEVELOPERS.md: ``../shared/gpu-kit`` packs a faiss-gpu that fits
+the lent machines).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pytest
+
+from pipeline.index import FraudIndex, IndexConfig, gpu_available
+from pipeline.synthetic import SyntheticConfig, generate
+from pipeline.vectors import VectorConfig
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return torch.cuda.is_available()
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU and faiss-gpu "
+                                                   "(pip install '.[gpu]'); CI has neither"),
+]
+
+
+@pytest.fixture(scope="module")
+def history():
+    from pipeline.features import compute_features
+
+    return compute_features(generate(SyntheticConfig(n_customers=400, n_terminals=800,
+                                                     n_days=40, seed=11)))
+
+
+def _pair(history, **config):
+    vector = VectorConfig(text_dim=0)
+    cpu = FraudIndex.build(history, encoder=None, vector_config=vector,
+                           config=IndexConfig(use_gpu=False, **config))
+    gpu = FraudIndex.build(history, encoder=None, vector_config=vector,
+                           config=IndexConfig(use_gpu=True, **config))
+    return cpu, gpu
+
+
+def test_exact_search_returns_the_same_neighbours_on_gpu_and_cpu(history):
+    cpu, gpu = _pair(history, kind="flat")
+    assert gpu.gpu and not cpu.gpu
+    queries = cpu.vectorizer.transform(history.tail(2000))
+    d_cpu, p_cpu = cpu.search(queries, 20)
+    d_gpu, p_gpu = gpu.search(queries, 20)
+    np.testing.assert_allclose(d_gpu, d_cpu, rtol=1e-4, atol=1e-4)
+    # Positions agree except where two candidates are tied in distance.
+    differ = p_gpu != p_cpu
+    tied = np.isclose(d_cpu, np.roll(d_cpu, 1, axis=1), atol=1e-4) | np.isclose(
+        d_cpu, np.roll(d_cpu, -1, axis=1), atol=1e-4)
+    assert not (differ & ~tied).any()
+    assert differ.mean() < 0.01
+
+
+def test_scores_on_a_gpu_index_equal_the_cpu_scores(history):
+    from pipeline.scoring import FraudScorer, ScoringConfig
+
+    cutoff = history["tx_time"].max() - timedelta(days=5)
+    past = history.filter(history["tx_time"] < cutoff)
+    batch = history.filter(history["tx_time"] >= cutoff).drop("is_fraud", "fraud_scenario",
+                                                             strict=False)
+    cpu, gpu = _pair(past, kind="flat")
+    config = ScoringConfig(threshold=0.5)
+    a = FraudScorer(cpu, config).score(batch, past)
+    b = FraudScorer(gpu, config).score(batch, past)
+    np.testing.assert_allclose(b.scores["score"].to_numpy(), a.scores["score"].to_numpy(),
+                               atol=1e-5)
+    assert {e["search"]["device"] for e in b.inputs} == {"gpu"}
+
+
+def test_ivf_on_the_gpu_reaches_the_recall_of_the_cpu_ivf(history):
+    from pipeline.index import measure_recall
+
+    cpu, gpu = _pair(history, kind="ivf", ivf_nprobe=16)
+    vectors = cpu.vectorizer.transform(history)
+    r_cpu = measure_recall(cpu.index, vectors, k=10, queries=500)
+    r_gpu = measure_recall(gpu._search_index, vectors, k=10, queries=500)
+    assert r_gpu >= 0.95 and abs(r_gpu - r_cpu) < 0.02
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs torch with CUDA")
+def test_encoder_in_fp16_gives_the_fp32_embeddings():
+    from pipeline.encoder import TextEncoder
+
+    texts = [f"card payment at merchant {i} grocery store" for i in range(200)]
+    fp32 = TextEncoder(device="cpu").encode(texts)
+    fp16 = TextEncoder(device="cuda").encode(texts)
+    cosine = (fp32 * fp16).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(fp16, axis=1))
+    assert cosine.min() > 0.999
