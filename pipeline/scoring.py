@@ -229,39 +229,51 @@ class FraudScorer:
             pl.len().alias("_n"), *[pl.col(c).mean() for c in names]))
         joined = featured.select(schema.CUSTOMER_ID).join(
             usual, on=schema.CUSTOMER_ID, how="left", maintain_order="left")
-        values = featured.select(names).to_numpy()
-        usual_values = joined.select(names).to_numpy()
-        usual_n = joined["_n"].fill_null(0).to_numpy()
+        values = _nums(featured.select(names).to_numpy())
+        usual_values = _nums(joined.select(names).to_numpy())
+        usual_n = joined["_n"].fill_null(0).to_numpy().tolist()
         n_exp = min(self.config.explain_neighbours, positions.shape[1])
-        meta_ids = meta[schema.TRANSACTION_ID].to_list()
-        meta_times = meta[schema.TX_TIME].to_list()
+        meta_ids = meta[schema.TRANSACTION_ID]
+        meta_times = meta[schema.TX_TIME]
         prior, smoothing = self.prior, self.config.smoothing
+        # Plain Python values up front: one conversion per array, not one per element. Each
+        # neighbour's id and time are looked up once however many rows share it.
+        shown = positions[:, :n_exp]
+        used = np.unique(shown[shown >= 0])
+        ids = dict(zip(used.tolist(), meta_ids.gather(used).to_list(), strict=True))
+        times = dict(zip(used.tolist(), map(_iso, meta_times.gather(used).to_list()),
+                         strict=True))
+        shown_pos = shown.tolist()
+        shown_sims = sims[:, :n_exp].tolist()
+        shown_labels = labels[:, :n_exp].tolist()
+        used_count = (positions >= 0).sum(axis=1).tolist()
+        fraud_weight = (sims * (labels == 1)).sum(axis=1).tolist()
+        total_weight = sims.sum(axis=1).tolist()
+        k = int(positions.shape[1])
         out = []
         for row in range(len(featured)):
             neighbours = []
-            for j in range(n_exp):
-                pos = int(positions[row, j])
+            for pos, sim, label in zip(shown_pos[row], shown_sims[row], shown_labels[row],
+                                       strict=True):
                 if pos < 0:
                     break
                 neighbours.append({
-                    "transaction_id": meta_ids[pos],
-                    "similarity": round(float(sims[row, j]), 6),
-                    "is_fraud": int(labels[row, j]),
-                    "tx_time": _iso(meta_times[pos]),
+                    "transaction_id": ids[pos],
+                    "similarity": round(sim, 6),
+                    "is_fraud": int(label),
+                    "tx_time": times[pos],
                 })
-            features = {}
-            for c, name in enumerate(names):
-                card = usual_values[row, c]
-                features[name] = {
-                    "value": _num(values[row, c]),
-                    "card_usual": None if usual_n[row] == 0 else _num(card),
-                }
+            card_known = usual_n[row] != 0
+            features = {
+                name: {"value": value, "card_usual": card if card_known else None}
+                for name, value, card in zip(names, values[row], usual_values[row], strict=True)
+            }
             out.append({
                 "method": "knn-similarity-weighted",
-                "k": int(positions.shape[1]),
-                "neighbours_used": int((positions[row] >= 0).sum()),
-                "fraud_weight": round(float((sims[row] * (labels[row] == 1)).sum()), 6),
-                "total_weight": round(float(sims[row].sum()), 6),
+                "k": k,
+                "neighbours_used": used_count[row],
+                "fraud_weight": round(fraud_weight[row], 6),
+                "total_weight": round(total_weight[row], 6),
                 "prior": round(prior, 8),
                 "smoothing": smoothing,
                 "neighbours": neighbours,
@@ -278,6 +290,12 @@ def _exact(x: float | None) -> float | None:
 
 def _num(x: float) -> float | None:
     return None if x is None or not np.isfinite(x) else round(float(x), 6)
+
+
+def _nums(values: np.ndarray) -> list[list[float | None]]:
+    """``_num`` of every element of a 2-D float array, as nested lists (NaN and inf: None)."""
+    return [[round(x, 6) if math.isfinite(x) else None for x in row]
+            for row in np.asarray(values, dtype=np.float64).tolist()]
 
 
 def _iso(t: datetime) -> str:
