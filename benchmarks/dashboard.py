@@ -190,8 +190,17 @@ def _apptest(url: str, top: str) -> list[dict]:
     os.environ["FINSENTINEL_DB"] = url
     os.environ["FINSENTINEL_DASHBOARD_USERS"] = f"bench:{hash_password('benchmark-pass')}"
     app = str(REPO / "pipeline" / "dashboard" / "app.py")
-    AppTest.from_file(app, default_timeout=120).run()  # imports: process start-up, not a page
-    out = []
+    # A server's first page pays the process start-up (imports, opening the ledger) once; it
+    # is measured separately, then each page is timed as a new session on a running server.
+    started = time.perf_counter()
+    warm = AppTest.from_file(app, default_timeout=120)
+    warm.query_params["page"] = "Audit"
+    warm.run()
+    warm.text_input(key="login_user").input("bench")
+    warm.text_input(key="login_password").input("benchmark-pass")
+    warm.button[0].click().run()
+    out = [{"page": "(server start-up: first page of the process)", "what": "AppTest render",
+            "first_s": time.perf_counter() - started, "median_s": float("nan")}]
     for page in ("Alerts", "Case", "Sentiment", "Models and data", "Audit"):
         at = AppTest.from_file(app, default_timeout=120)
         at.query_params["page"] = page
@@ -222,14 +231,16 @@ def section(results: list[dict], seeded: dict, seed_s: float, size_mb: float,
              f"machine: {os.cpu_count()} CPU cores ({cpu}), {platform.system()} "
              f"{platform.release()}, Python {platform.python_version()}, SQLite.  ",
              f"Ledger: {seeded['decisions']:,} fraud decisions over {seeded['days']} days "
-             f"({size_mb:,.0f} MB), 500 reviews, 20 tickers x 365 days of sentiment; seeded in "
-             f"{seed_s:.0f} s. Target: every page under 2 s.", "",
+             f"({size_mb:,.0f} MB), 500 reviews, 20 tickers x 365 days of sentiment"
+             + (f"; seeded in {seed_s:.0f} s" if seed_s == seed_s else "")
+             + ". Target: every page under 2 s.", "",
              "| page | measured | first (s) | median of the next runs (s) | under 2 s |",
              "|---|---|---:|---:|---|"]
     for r in results:
-        ok = "yes" if max(r["first_s"], r["median_s"]) < 2.0 else "**no**"
-        lines.append(f"| {r['page']} | {r['what']} | {r['first_s']:.3f} | "
-                     f"{r['median_s']:.3f} | {ok} |")
+        worst = max(r["first_s"], 0 if r["median_s"] != r["median_s"] else r["median_s"])
+        ok = "-" if r["page"].startswith("(") else "yes" if worst < 2.0 else "**no**"
+        median = "-" if r["median_s"] != r["median_s"] else f"{r['median_s']:.3f}"
+        lines.append(f"| {r['page']} | {r['what']} | {r['first_s']:.3f} | {median} | {ok} |")
     lines += ["", "Queries: the page's reads through `pipeline.dashboard.queries` (first call on "
               "a fresh connection, then warm). AppTest render: Streamlit's AppTest running the "
               "whole page script after sign-in (the first includes the sign-in's scrypt check "
@@ -254,14 +265,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--no-write", action="store_true", help="Do not update the docs.")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Measure the ledger already in --workdir (no seeding).")
     args = parser.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fs-dash-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     path = work / "ledger.sqlite"
     url = f"sqlite:///{path}"
     started = time.perf_counter()
-    seeded = seed(url, args.decisions, args.days)
-    seed_s = time.perf_counter() - started
+    if args.reuse and path.exists():  # a ledger seeded by an earlier run with the same sizes
+        seeded = {"decisions": args.decisions, "days": args.days}
+        seed_s = float("nan")
+    else:
+        seeded = seed(url, args.decisions, args.days)
+        seed_s = time.perf_counter() - started
     print(f"seeded {seeded['decisions']:,} decisions in {seed_s:.0f} s", file=sys.stderr)
     results = measure(url)
     for r in results:

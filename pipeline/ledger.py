@@ -124,9 +124,8 @@ DECISIONS = sa.Table(
     sa.Column("hash", sa.CHAR(64), nullable=False),
     sa.Column("inputs", sa.Text, nullable=True),  # schema v2; null in version-1 records
     sa.UniqueConstraint("kind", "batch_id", "subject_id", name="uq_decisions_kind_batch_subject"),
-    # The dashboard's day queues and score filters (see READ_INDEXES).
+    # The dashboard's day queues (see READ_INDEXES).
     sa.Index("ix_decisions_kind_created_at", "kind", "created_at"),
-    sa.Index("ix_decisions_kind_score", "kind", "score"),
 )
 
 QUARANTINE = sa.Table(
@@ -166,8 +165,7 @@ FEEDBACK = _feedback_table_v2(METADATA)
 # changes no record and older releases read the ledger unchanged, so opening a ledger creates any
 # that are missing (under the write lock, once) instead of bumping SCHEMA_VERSION.
 READ_INDEXES: tuple[sa.Index, ...] = tuple(
-    i for i in DECISIONS.indexes if i.name in ("ix_decisions_kind_created_at",
-                                              "ix_decisions_kind_score"))
+    i for i in DECISIONS.indexes if i.name == "ix_decisions_kind_created_at")
 
 
 # --- migrations ---------------------------------------------------------------------------

@@ -493,7 +493,10 @@ def _drift(queries: DashboardQueries, settings: Settings, batch: dict[str, Any],
             reference = _reference(str(settings.indexes), scored["index_version"],
                                    int(config["k"]), float(config.get("smoothing", 1.0)), prior)
             source = (f"index {scored['index_version']}'s own history ({len(reference):,} "
-                      "sampled rows, leave-one-out kNN scores)")
+                      "sampled rows, leave-one-out kNN scores; history rows have their own "
+                      "card's other transactions as close neighbours, so they tend to score "
+                      "lower than new transactions: follow the PSI from batch to batch rather "
+                      "than reading one value against the thresholds alone)")
         except Exception as exc:  # the index is not on disk here: fall back, and say so
             st.caption(f"training reference unavailable ({exc})")
     if reference is None:

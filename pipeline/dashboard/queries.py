@@ -165,32 +165,33 @@ class DashboardQueries:
                 return AlertPage(None, 0, 0, 0)
             day = days[0]
         lo, hi = _day_bounds(day)
-        card = _json_text(self.dialect, DECISIONS.c.inputs, "transaction", schema.CUSTOMER_ID)
         where = [DECISIONS.c.kind == FRAUD, DECISIONS.c.created_at >= lo,
                  DECISIONS.c.created_at < hi]
         if flt.min_score > 0:
             where.append(DECISIONS.c.score >= flt.min_score)
-        if flt.merchant and flt.merchant.strip():
-            text = flt.merchant.strip()
-            name = _json_text(self.dialect, DECISIONS.c.inputs, "transaction",
-                              schema.MERCHANT_NAME)
-            terminal = _json_text(self.dialect, DECISIONS.c.inputs, "transaction",
-                                  schema.TERMINAL_ID)
-            where.append(sa.or_(name.icontains(text, autoescape=True), terminal == text))
-        if flt.channel:
-            where.append(_json_text(self.dialect, DECISIONS.c.inputs, "transaction",
-                                    schema.CHANNEL) == flt.channel)
         ranked = (sa.select(DECISIONS.c.seq).where(*where)
                   .order_by(DECISIONS.c.score.desc(), DECISIONS.c.seq))
+        fields = [_json_text(self.dialect, DECISIONS.c.inputs, "transaction", name)
+                  for name in (schema.CUSTOMER_ID, schema.MERCHANT_NAME, schema.TERMINAL_ID,
+                               schema.CHANNEL)]
+        merchant = (flt.merchant or "").strip().lower()
         best: dict[str, int] = {}  # card -> its best decision's seq, in score order
+        # The day's seqs in score order are cheap (index + sort of numbers); the JSON fields
+        # are read for chunks of the top rows only, until the budget of cards is filled.
         with self.ledger.read() as conn:
             seqs = list(conn.execute(ranked).scalars())
             for start in range(0, len(seqs), CHUNK):
                 chunk = seqs[start:start + CHUNK]
-                cards = dict(conn.execute(sa.select(DECISIONS.c.seq, card)
-                                          .where(DECISIONS.c.seq.in_(chunk))).all())
+                found = {r[0]: r[1:] for r in conn.execute(
+                    sa.select(DECISIONS.c.seq, *fields).where(DECISIONS.c.seq.in_(chunk)))}
                 for seq in chunk:
-                    best.setdefault(cards[seq] or f"(no card) {seq}", seq)
+                    card, name, terminal, channel = found[seq]
+                    if flt.channel and channel != flt.channel:
+                        continue
+                    if merchant and merchant not in (name or "").lower() \
+                            and merchant != (terminal or "").lower():
+                        continue
+                    best.setdefault(card or f"(no card) {seq}", seq)
                     if len(best) >= flt.budget:
                         break
                 if len(best) >= flt.budget:
@@ -381,8 +382,10 @@ class DashboardQueries:
         for column, value in ((DECISIONS.c.decision_id, flt.decision_id),
                               (DECISIONS.c.subject_id, flt.subject_id),
                               (DECISIONS.c.batch_id, flt.batch_id),
-                              (DECISIONS.c.kind, flt.kind),
-                              (DECISIONS.c.decision, flt.decision)):
+                              # `|| ''`: no index on these low-cardinality columns, so
+                              # the planner walks seq (newest first) instead of sorting all
+                              (DECISIONS.c.kind + "", flt.kind),
+                              (DECISIONS.c.decision + "", flt.decision)):
             if value and value.strip():
                 query = query.where(column == value.strip())
         if flt.since is not None:
