@@ -245,8 +245,9 @@ def _score_partitioned(input: Path, index: str, output: Path, partitions: int,
                   f"{report.rows_quarantined:,}")
     out.print(f"{len(report.partitions)} partitions: {report.alerts:,} alerts; ledger "
               f"+{report.ledger_added:,} records ({report.ledger_already_present:,} already "
-              f"present) in batches {report.partitions[0].batch_id} … "
-              f"{report.partitions[-1].batch_id}; scores in {report.output}", markup=False)
+              f"present) in {sum(len(r.batch_ids) for r in report.partitions):,} daily batches "
+              f"{report.partitions[0].batch_ids[0]} … {report.partitions[-1].batch_ids[-1]}; "
+              f"scores in {report.output}", markup=False)
     if report.quarantine:
         out.print(f"quarantined rows in {report.quarantine}", markup=False)
 

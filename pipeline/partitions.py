@@ -5,9 +5,10 @@ A transaction's features look back at most ``max(windows) + label delay`` days (
 windows; terminal risk over 30 days ending 7 days back), so each partition reads its own rows
 plus that margin of earlier rows (a lazy scan filtered on time: only those rows are read into
 memory), computes features with the margin as history, scores its own rows against the one
-index, and drops the margin. Scores equal those of scoring the whole file at once; each
-partition is one batch in the ledger, written under the ledger's own lock, so partitions may
-finish in any order.
+index, and drops the margin. Scores equal those of scoring the whole file at once. In the
+ledger each day of the file is one batch (named by the day and its rows), written under the
+ledger's own lock: partitions may finish in any order, and a re-run with another partition
+count lands on the same batches, so it adds nothing.
 
 Limits: the input must be Parquet with ``tx_time`` stored as a timestamp (so that partitions can
 be cut by time without parsing); a ``transaction_id`` repeated across two partitions further
@@ -27,10 +28,16 @@ from pipeline import schema
 from pipeline.artifacts import atomic_path
 from pipeline.features import LABEL_DELAY_DAYS
 from pipeline.index import FraudIndex
-from pipeline.ingest import IngestResult, InputError, canonical_columns, validate_transactions
-from pipeline.jobs import quarantine_path, record, write_outputs
+from pipeline.ingest import (
+    IngestResult,
+    InputError,
+    canonical_columns,
+    validate_transactions,
+    write_quarantine,
+)
+from pipeline.jobs import quarantine_path, record, write_frame
 from pipeline.ledger import Ledger
-from pipeline.scoring import FraudScorer, ScoringConfig, batch_hash
+from pipeline.scoring import FraudScorer, ScoredBatch, ScoringConfig, batch_hash
 
 _FILE_ROW = "__file_row"
 _DAY = "__day"
@@ -56,7 +63,7 @@ class Partition:
 @dataclass(frozen=True)
 class PartitionReport:
     number: int
-    batch_id: str
+    batch_ids: tuple[str, ...]  # one ledger batch per day (and one for rows without a time)
     rows_in: int
     rows_scored: int
     rows_quarantined: int
@@ -135,8 +142,9 @@ def plan_partitions(path: str | Path, partitions: int) -> list[Partition]:
 
 def read_partition(path: str | Path, partition: Partition,
                    margin: timedelta) -> tuple[IngestResult, pl.DataFrame]:
-    """The partition's rows validated (quarantined rows keep their row number in the file),
-    and the accepted rows of the margin before it, without labels (history for the windows)."""
+    """The partition's rows validated (quarantined rows keep their row number in the file and
+    carry their day, if their time could be read, in a ``__day`` column), and the accepted rows
+    of the margin before it, without labels (history for the windows)."""
     path = Path(path)
     scan, time = _time_column(path)
     own = (time >= partition.start) & (time < partition.end)
@@ -152,8 +160,10 @@ def read_partition(path: str | Path, partition: Partition,
     own_accepted = ((pl.col(schema.TX_TIME) >= partition.start)
                     & (pl.col(schema.TX_TIME) < partition.end))
     positions = checked.quarantined["row_number"]
+    days = frame.select(time.dt.truncate("1d")).to_series()
     quarantined = checked.quarantined.with_columns(
-        file_rows.gather(positions).cast(pl.Int64).alias("row_number")
+        file_rows.gather(positions).cast(pl.Int64).alias("row_number"),
+        days.gather(positions).alias(_DAY),
     ).filter(is_own.gather(positions))
     result = IngestResult(accepted=accepted.filter(own_accepted), quarantined=quarantined,
                           rows_in=int(is_own.sum()), source=f"{path} partition "
@@ -169,11 +179,39 @@ def load_index(name: str, root: str | None, version: str) -> FraudIndex:
     return FraudIndex.load(name, root, version=version)
 
 
-def partition_batch_id(path: str | Path, number: int, input_hashes: list[str],
-                       batch_id: str | None) -> str:
+def day_batch_id(path: str | Path, day: datetime | None, input_hashes: list[str],
+                 batch_id: str | None) -> str:
+    """The ledger batch of one day of the file (``undated``: rows without a readable time)."""
+    name = day.strftime("%Y%m%d") if day is not None else "undated"
     if batch_id:
-        return f"{batch_id}-p{number:03d}"
-    return f"{Path(path).stem}-p{number:03d}-{batch_hash(input_hashes)[:12]}"
+        return f"{batch_id}-{name}"
+    return f"{Path(path).stem}-{name}-{batch_hash(input_hashes)[:12]}"
+
+
+def _day_batches(scored: ScoredBatch, ingested: IngestResult
+                 ) -> list[tuple[datetime | None, ScoredBatch, IngestResult]]:
+    """The partition's scored and quarantined rows split by day, in day order."""
+    scored_days = scored.scores[schema.TX_TIME].dt.truncate("1d")
+    accepted_days = ingested.accepted[schema.TX_TIME].dt.truncate("1d")
+    quarantined_days = ingested.quarantined[_DAY]
+    days = sorted(set(scored_days.to_list()) | set(quarantined_days.to_list()),
+                  key=lambda d: (d is None, d))
+    out = []
+    for day in days:
+        rows = (scored_days.is_null() if day is None else scored_days == day).fill_null(False)
+        keep = rows.arg_true().to_list()
+        part = ScoredBatch(scored.scores.filter(rows),
+                           [scored.explanations[i] for i in keep],
+                           [scored.inputs[i] for i in keep] if scored.inputs else [])
+        held = ingested.quarantined.filter(
+            quarantined_days.is_null() if day is None else (quarantined_days == day
+                                                            ).fill_null(False))
+        accepted = ingested.accepted.filter(
+            (accepted_days.is_null() if day is None else accepted_days == day).fill_null(False))
+        out.append((day, part, IngestResult(accepted=accepted, quarantined=held.drop(_DAY),
+                                            rows_in=accepted.height + held.height,
+                                            source=f"{ingested.source} day {day}")))
+    return out
 
 
 def part_path(output: str | Path, number: int) -> Path:
@@ -184,22 +222,33 @@ def part_path(output: str | Path, number: int) -> Path:
 def score_partition(path: str | Path, partition: Partition, index: FraudIndex,
                     output: str | Path, *, db: str | None, config: ScoringConfig | None = None,
                     batch_id: str | None = None) -> PartitionReport:
-    """Score one partition and record it in the ledger as its own batch; its scores go to
+    """Score one partition and record it in the ledger, one batch per day; its scores go to
     ``part_path(output, number)`` until :func:`merge_parts` joins them."""
     ingested, history = read_partition(path, partition, history_margin(
         index.config.label_delay_days))
     scored = FraudScorer(index, config).score(ingested.accepted, history)
-    batch = partition_batch_id(path, partition.number, scored.scores["input_hash"].to_list()
-                               + ingested.quarantined["raw"].to_list(), batch_id)
-    out, qpath = write_outputs(scored, ingested, batch, part_path(output, partition.number))
+    batches, added, present = [], 0, 0
     with Ledger(db) as ledger:
-        receipt = record(ledger, ingested, scored, index, batch)
+        for day, part, held in _day_batches(scored, ingested):
+            batch = day_batch_id(path, day, part.scores["input_hash"].to_list()
+                                 + held.quarantined["raw"].to_list(), batch_id)
+            receipt = record(ledger, held, part, index, batch)
+            batches.append((day, batch))
+            added, present = added + receipt.added, present + receipt.already_present
+    by_day = {day: batch for day, batch in batches if day is not None}
+    scores = scored.scores.with_columns(
+        pl.col(schema.TX_TIME).dt.truncate("1d").replace_strict(by_day, return_dtype=pl.String)
+        .alias("batch_id"))
+    own = IngestResult(accepted=ingested.accepted, quarantined=ingested.quarantined.drop(_DAY),
+                       rows_in=ingested.rows_in, source=ingested.source)
+    out = write_frame(scores, part_path(output, partition.number))
+    qpath = (write_quarantine(own, quarantine_path(out)) if own.quarantined.height else None)
     return PartitionReport(
-        number=partition.number, batch_id=batch, rows_in=ingested.rows_in,
-        rows_scored=scored.scores.height, rows_quarantined=ingested.quarantined.height,
-        margin_rows=history.height, alerts=int((scored.scores["decision"] == "alert").sum()),
-        ledger_added=receipt.added, ledger_already_present=receipt.already_present,
-        output=str(out), quarantine=str(qpath) if qpath else None)
+        number=partition.number, batch_ids=tuple(b for _, b in batches),
+        rows_in=ingested.rows_in, rows_scored=scored.scores.height,
+        rows_quarantined=ingested.quarantined.height, margin_rows=history.height,
+        alerts=int((scored.scores["decision"] == "alert").sum()), ledger_added=added,
+        ledger_already_present=present, output=str(out), quarantine=str(qpath) if qpath else None)
 
 
 def _sink(frame: pl.LazyFrame, path: Path) -> Path:

@@ -129,13 +129,23 @@ def test_partitioned_scoring_equals_whole_file_in_any_order(dataset, tmp_path):
     with Ledger(db) as ledger:
         assert ledger.verify().ok
         assert ledger.count() == report.rows_scored == report.ledger_added
-        assert len(ledger.batches()) == 3
-        assert sum(len(ledger.quarantined(r.batch_id)) for r in reports) == 4
-    # Re-running adds nothing: each partition's batch id comes from its rows.
-    again = score_dataset(feed, "fraud", tmp_path / "again.parquet", partitions=3, db=db,
-                          root=str(dataset["root"]))
-    assert (again.ledger_added, again.ledger_already_present) == (0, report.rows_scored)
-    assert sorted(r.batch_id for r in again.partitions) == sorted(r.batch_id for r in reports)
+        batches = ledger.batches()
+        # One batch per day of the file, plus one for the row without a time.
+        days = pl.read_parquet(whole.output)[schema.TX_TIME].dt.date().n_unique()
+        assert len(batches) == days + 1
+        assert sum(b["rows_in"] for b in batches) == report.rows_in
+        assert sum(len(ledger.quarantined(b)) for r in reports for b in r.batch_ids) == 4
+        assert pl.read_parquet(out)["batch_id"].n_unique() == days
+    # Re-running adds nothing: each day's batch id comes from its rows, so a re-run with
+    # another partition count (say, after a failure, on a bigger cluster) lands on the same ones.
+    for n in (3, 5):
+        again = score_dataset(feed, "fraud", tmp_path / f"again-{n}.parquet", partitions=n,
+                              db=db, root=str(dataset["root"]))
+        assert (again.ledger_added, again.ledger_already_present) == (0, report.rows_scored)
+        assert sorted(b for r in again.partitions for b in r.batch_ids) == sorted(
+            b for r in reports for b in r.batch_ids)
+    with Ledger(db) as ledger:
+        assert ledger.count() == report.rows_scored and ledger.verify().ok
 
 
 def test_flow_on_a_two_worker_dask_cluster(dataset, prefect_harness, pg_url, tmp_path):
@@ -155,7 +165,7 @@ def test_flow_on_a_two_worker_dask_cluster(dataset, prefect_harness, pg_url, tmp
         assert ledger.verify().ok
         assert ledger.count() == report.ledger_added == report.rows_scored
         assert {b["batch_id"] for b in ledger.batches()} == {
-            r.batch_id for r in report.partitions}
+            b for r in report.partitions for b in r.batch_ids}
     load_index.cache_clear()
 
 
