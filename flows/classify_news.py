@@ -11,12 +11,15 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
+from pydantic import SecretStr
 
+from flows.score_transactions import transient_db_error
 from pipeline.inbox import FAILED, archive, pending
 from pipeline.ingest import IngestResult, InputError
 from pipeline.ledger import BatchReceipt, Ledger
 from pipeline.news import read_news
 from pipeline.news_store import NewsStore
+from pipeline.privacy import flow_db_url
 from pipeline.sentiment.backends import load_classifier
 from pipeline.sentiment.jobs import (
     ClassifiedNews,
@@ -55,14 +58,16 @@ def write_outputs(classified: ClassifiedNews, ingested: IngestResult, batch_id: 
     return write_results(classified, ingested, batch_id, output)
 
 
-@task(retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
+@task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=transient_db_error,
+      cache_policy=NO_CACHE)
 def record_decisions(db: str | None, ingested: IngestResult, classified: ClassifiedNews,
                      batch_id: str) -> BatchReceipt:
     with Ledger(db) as ledger:
         return record(ledger, ingested, classified, batch_id)
 
 
-@task(retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
+@task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=transient_db_error,
+      cache_policy=NO_CACHE)
 def update_daily(db: str | None, classified: ClassifiedNews, batch_id: str) -> int:
     with NewsStore(db) as store:
         return store.record(article_rows(classified, batch_id))
@@ -71,11 +76,14 @@ def update_daily(db: str | None, classified: ClassifiedNews, batch_id: str) -> i
 @flow(name="classify_news", log_prints=True)
 def classify_news(input: str, model: str, output: str, backend: str = "encoder",
                   endpoint: str | None = None, batch_id: str | None = None,
-                  db: str | None = None, root: str | None = None,
+                  db: str | SecretStr | None = None, root: str | None = None,
                   companies: str | None = None) -> SentimentReport:
     """Classify ``input`` with ``model``; decisions go to the ledger at ``db`` (default
-    ``$FINSENTINEL_DB`` or the local SQLite ledger). Re-running a batch adds nothing."""
+    ``$FINSENTINEL_DB`` or the local SQLite ledger). Re-running a batch adds nothing. A ``db``
+    with a password must be a ``SecretStr`` (Prefect masks it) or come from the environment."""
     import time
+
+    db = flow_db_url(db)
 
     started = time.perf_counter()
     ingested = ingest_news(input)
@@ -106,13 +114,15 @@ def classify_news(input: str, model: str, output: str, backend: str = "encoder",
 @flow(name="classify_inbox", log_prints=True)
 def classify_inbox(inbox: str | None = None, model: str | None = None,
                    output_dir: str | None = None, backend: str = "encoder",
-                   endpoint: str | None = None, db: str | None = None, root: str | None = None,
-                   companies: str | None = None) -> list[SentimentReport]:
+                   endpoint: str | None = None, db: str | SecretStr | None = None,
+                   root: str | None = None, companies: str | None = None
+                   ) -> list[SentimentReport]:
     """The 15-minute job: classify every news file waiting in the inbox (default
     ``$FINSENTINEL_NEWS_INBOX``) with ``model`` (default ``$FINSENTINEL_SENTIMENT_MODEL``),
     results to ``output_dir`` (default ``$FINSENTINEL_WORKDIR/news``), then move the file to
     ``inbox/done`` (``inbox/failed`` with the reason when the file is unusable)."""
     settings = JobSettings.from_env()
+    db = flow_db_url(db)
     model = model or settings.sentiment_model
     if not model:
         raise ValueError(f"no sentiment model: pass model or set ${SENTIMENT_MODEL_ENV}")

@@ -226,3 +226,16 @@ def test_classify_news_flow(sentiment_model, news_file, prefect_harness, tmp_pat
                            root=str(sentiment_model["root"]))
     assert report.rows_classified == 3 and report.ledger_added == 3 and report.daily_rows == 4
     _check_batch(db, report, sentiment_model["directory"])
+
+
+def test_classify_news_flow_refuses_a_password_in_a_plain_db_parameter(news_file, prefect_harness,
+                                                                        tmp_path):
+    """Prefect shows plain flow parameters in its UI and API; a password must come as a
+    SecretStr (masked) or from the environment."""
+    from flows.classify_news import classify_news
+
+    with pytest.raises(ValueError, match="SecretStr") as refused:
+        classify_news(input=str(news_file), model="unused", output=str(tmp_path / "x.parquet"),
+                      db="postgresql://analyst:pw-canary@127.0.0.1:1/test")
+    assert "pw-canary" not in str(refused.value)
+    assert not (tmp_path / "x.parquet").exists()
