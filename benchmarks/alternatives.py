@@ -137,8 +137,10 @@ def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[Any, list[float]]:
 
 
 def fmt_s(seconds: Sequence[float]) -> str:
+    """Fastest of the runs (the one least disturbed by other jobs on shared cores)."""
     return (f"{min(seconds):.2f} s" if len(seconds) == 1 else
-            f"{statistics.median(seconds):.2f} s (min {min(seconds):.2f}, {len(seconds)} runs)")
+            f"{min(seconds):.2f} s (median {statistics.median(seconds):.2f}, "
+            f"{len(seconds)} runs)")
 
 
 # --- features: polars against pandas ---------------------------------------------------------
@@ -260,7 +262,7 @@ def run_features(args: argparse.Namespace) -> dict[str, Any]:
         raise AssertionError(f"polars and pandas features differ: {diffs}")
     result = {"rows": raw.height, "data": str(args.data), "polars_seconds": polars_s,
               "pandas_seconds": pandas_s,
-              "ratio": statistics.median(pandas_s) / statistics.median(polars_s),
+              "ratio": min(pandas_s) / min(polars_s),
               "max_abs_diff": diffs}
     if not args.skip_notebook:
         nb, nb_s = timed(lambda: handbook_notebook_features(frame.copy()))
@@ -269,7 +271,7 @@ def run_features(args: argparse.Namespace) -> dict[str, Any]:
         if max(nb_diffs.values()) > 1e-6:
             raise AssertionError(f"polars and the handbook's code differ: {nb_diffs}")
         result |= {"notebook_seconds": nb_s, "notebook_max_abs_diff": nb_diffs,
-                   "notebook_ratio": nb_s[0] / statistics.median(polars_s)}
+                   "notebook_ratio": nb_s[0] / min(polars_s)}
     load.append(load_average())
     return result | {"load_average_during": load}
 
@@ -289,16 +291,17 @@ def features_section(r: dict[str, Any]) -> str:
         f"{max(res['max_abs_diff'].values()):.2e}.", "",
         "| implementation | wall time | rows/s |", "| --- | --- | --- |",
         f"| polars (pipeline) | {fmt_s(res['polars_seconds'])} | "
-        f"{res['rows'] / statistics.median(res['polars_seconds']):,.0f} |",
+        f"{res['rows'] / min(res['polars_seconds']):,.0f} |",
         f"| pandas groupby-rolling | {fmt_s(res['pandas_seconds'])} | "
-        f"{res['rows'] / statistics.median(res['pandas_seconds']):,.0f} |", "",
+        f"{res['rows'] / min(res['pandas_seconds']):,.0f} |", "",
     ]
     if "notebook_seconds" in res:
         lines.insert(-1, f"| pandas, the handbook notebook's code (`groupby().apply` of a "
                      f"per-group rolling function) | {fmt_s(res['notebook_seconds'])} | "
                      f"{res['rows'] / res['notebook_seconds'][0]:,.0f} |")
     lines.append(
-        f"Speed-up of polars (median over median) over the vectorised pandas groupby-rolling: "
+        f"Speed-up of polars (fastest run over fastest run) over the vectorised pandas "
+        f"groupby-rolling: "
         f"**{ratio:.1f}×** (target ≥ 20×: {'met' if ratio >= 20 else 'not met'})")
     if "notebook_seconds" in res:
         nb = res["notebook_ratio"]
@@ -389,11 +392,11 @@ def run_knn(args: argparse.Namespace) -> dict[str, Any]:
     for algorithm in ("brute", "auto"):
         nn, fit_s = timed(lambda a=algorithm: NearestNeighbors(n_neighbors=k, algorithm=a,
                                                                 n_jobs=-1).fit(history))
-        (sd, si), sk_s = timed(lambda nn=nn: nn.kneighbors(queries), 1)
+        (sd, si), sk_s = timed(lambda nn=nn: nn.kneighbors(queries), args.repeat)
         check = agreement(fi, si, history, queries)
         res[f"sklearn_{algorithm}"] = {"fit_seconds": fit_s[0], "search_seconds": sk_s,
                                        "method": nn._fit_method, "agreement": check,
-                                       "ratio": sk_s[0] / statistics.median(faiss_s)}
+                                       "ratio": min(sk_s) / min(faiss_s)}
         print(f"  sklearn {algorithm} ({nn._fit_method}) {sk_s} {check}", flush=True)
         if check["differ"]:
             raise AssertionError(f"FAISS and sklearn ({algorithm}) neighbours differ: {check}")
@@ -409,11 +412,11 @@ def run_knn(args: argparse.Namespace) -> dict[str, Any]:
             (_, ai), s = timed(lambda index=index: index.search(queries, k), args.repeat)
             approx.append({"kind": kind, "param": ("efSearch" if kind == "hnsw" else "nprobe"),
                            "value": knob, "build_seconds": build[0], "search_seconds": s,
-                           "qps": len(queries) / statistics.median(s),
+                           "qps": len(queries) / min(s),
                            "recall_at_10": recall_at(ai, fi, min(10, k))})
             print(f"  {approx[-1]}", flush=True)
     res["approximate"] = approx
-    res["faiss_flat"]["qps"] = len(queries) / statistics.median(faiss_s)
+    res["faiss_flat"]["qps"] = len(queries) / min(faiss_s)
     load.append(load_average())
     res["load_average_during"] = load
     return res
@@ -461,21 +464,31 @@ def knn_section(r: dict[str, Any]) -> str:
         lines.append(
             f"| sklearn NearestNeighbors(algorithm='{algorithm}') | {s['method']} | "
             f"{s['fit_seconds']:.2f} s | {fmt_s(s['search_seconds'])} | "
-            f"{res['queries'] / s['search_seconds'][0]:,.0f} | {a['same']:,} / {a['ties']:,} / "
+            f"{res['queries'] / min(s['search_seconds']):,.0f} | {a['same']:,} / {a['ties']:,} / "
             f"{a['differ']:,} | **{s['ratio']:.1f}×** |")
     best = max(res["sklearn_brute"]["ratio"], res["sklearn_auto"]["ratio"])
     worst = min(res["sklearn_brute"]["ratio"], res["sklearn_auto"]["ratio"])
-    lines += ["", f"Target ≥ 10× on CPU: {'met' if worst >= 10 else 'not met'} "
-              f"({worst:.1f}× – {best:.1f}×).", "",
+    lines += ["", f"Target ≥ 10× for exact search on CPU: {'met' if worst >= 10 else 'not met'} "
+              f"({worst:.1f}× – {best:.1f}×). Why: both libraries compute the same "
+              f"{res['queries']:,} × {res['history']:,} distance matrix as one matrix product "
+              "(‖x‖² + ‖y‖² − 2x·y, BLAS) and then keep the k smallest per row; at "
+              f"{res['dimension']} dimensions that is bound by memory traffic and the top-k "
+              "selection, which both do in compiled code, so on 2 cores exact FAISS can only "
+              "win by a small factor. FAISS's order-of-magnitude gain comes from its "
+              "approximate indexes, below, which is what the pipeline uses past 250,000 "
+              "vectors (`IndexConfig.exact_max`). FAISS's OpenMP threads also suffer more than "
+              "sklearn from sharing the 2 cores with other jobs (spin-waiting): the spread of "
+              "its runs shows it.", "",
               "Approximate indexes as the pipeline builds them (`pipeline.index`: HNSW M=32, "
               "efConstruction 80; IVF-Flat with 4·√n lists), recall@10 against exact FAISS "
               "(share of the exact top 10 found), same queries:", "",
-              "| index | setting | build | search | queries/s | recall@10 | vs exact flat |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| index | setting | build | search | queries/s | recall@10 | vs exact FAISS "
+              "| vs sklearn brute |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    sk_qps = res["queries"] / min(res["sklearn_brute"]["search_seconds"])
     for a in res["approximate"]:
         lines.append(f"| {a['kind']} | {a['param']} {a['value']} | {a['build_seconds']:.1f} s | "
                      f"{fmt_s(a['search_seconds'])} | {a['qps']:,.0f} | {a['recall_at_10']:.4f} "
-                     f"| {a['qps'] / flat['qps']:.1f}× |")
+                     f"| {a['qps'] / flat['qps']:.1f}× | {a['qps'] / sk_qps:.1f}× |")
     ok = [a for a in res["approximate"] if a["recall_at_10"] >= 0.95]
     if ok:
         fastest = max(ok, key=lambda a: a["qps"])
@@ -675,7 +688,7 @@ def parser() -> argparse.ArgumentParser:
                    help="handbook raw parquet (default ../shared/data/fraud-handbook/…)")
     f.add_argument("--rows", type=int, default=0, help="first N rows only (0: all)")
     f.add_argument("--repeat", type=int, default=3)
-    f.add_argument("--pandas-repeat", type=int, default=1)
+    f.add_argument("--pandas-repeat", type=int, default=3)
     f.add_argument("--skip-notebook", action="store_true",
                    help="leave out the handbook notebook's per-group code (the slowest)")
     k = sub.add_parser("knn", help="FAISS against scikit-learn NearestNeighbors")

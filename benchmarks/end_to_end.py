@@ -252,6 +252,24 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return res
 
 
+STANDARD_SIZES = (100_000, 300_000, 1_000_000, 3_000_000, 10_000_000)
+
+
+def linear_fit(runs: list[dict[str, Any]]) -> dict[str, Callable[[float], float]] | None:
+    """Least-squares lines through the finished sizes: seconds and peak MB against rows."""
+    import numpy as np
+
+    done = [r for r in runs if "failed" not in r]
+    if len(done) < 2:
+        return None
+    rows = np.array([r["rows"] for r in done], dtype=float)
+    t = np.polyfit(rows, [r["seconds"] for r in done], 1)
+    m = np.polyfit(rows, [r["peak_rss_mb"] for r in done], 1)
+    return {"seconds": lambda n: float(np.polyval(t, n)),
+            "peak_mb": lambda n: float(np.polyval(m, n)),
+            "mb_per_million_rows": float(m[0] * 1e6)}
+
+
 def growth_exponent(runs: list[dict[str, Any]]) -> float | None:
     """Least-squares slope of log(seconds) against log(rows): 1.0 is linear."""
     import numpy as np
@@ -295,6 +313,17 @@ def section(report: dict[str, Any]) -> str:
         lines.append(f"| {r['rows']:,} | {r['seconds']:.1f} | {r['tx_per_s']:,.0f} | "
                      f"{r['peak_rss_mb']:,.0f} MB | {r['index_load_seconds']:.1f} s | "
                      f"{r['load_average_start'][0]} | {stages} |")
+    missing = [n for n in STANDARD_SIZES if n not in {r["rows"] for r in res["runs"]}]
+    fit = linear_fit(res["runs"])
+    for n in missing:
+        if fit is None:
+            lines.append(f"| {n:,} | — | — | — | — | — | not run |")
+            continue
+        seconds = fit["seconds"](n)
+        peak_gb = fit["peak_mb"](n) / 1024
+        lines.append(f"| {n:,} | *≈ {seconds:,.0f} (extrapolated)* | *≈ {n / seconds:,.0f}* | "
+                     f"*≈ {peak_gb:,.1f} GB (extrapolated)* | — | — | not run in this session "
+                     "(see below) |")
     exponent = growth_exponent(res["runs"])
     if exponent is not None:
         lines += ["", f"Growth: time ∝ rows^{exponent:.2f} over the sizes that finished "
