@@ -103,6 +103,7 @@ def main() -> None:
     except AuthConfigError as exc:
         st.error(str(exc))
         st.stop()
+        return
     user = _sign_in(users)
     if user is None:
         st.stop()
