@@ -238,6 +238,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     res |= setup
     res["runs"] = []
     for rows in sizes:
+        fit = linear_fit(res["runs"])
+        if fit is not None and fit["peak_mb"](rows) > args.max_peak_gb * 1024:
+            res["runs"].append({"rows": rows, "failed": (
+                f"not run: its peak memory extrapolates to {fit['peak_mb'](rows) / 1024:.1f} GB, "
+                f"over --max-peak-gb {args.max_peak_gb:g} (the machine is shared)")})
+            print("skip", res["runs"][-1], flush=True)
+            continue
         sliced = run_step("slice", work=str(work), rows=rows)
         if "failed" in sliced:
             raise SystemExit(f"slicing {rows:,} rows failed: {sliced}")
@@ -246,6 +253,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         score["rows"], score["slice_seconds"] = rows, sliced.get("seconds")
         print("score", rows, {k: v for k, v in score.items() if k != "stderr_tail"}, flush=True)
         res["runs"].append(score)
+        (work / "runs.json").write_text(json.dumps(res["runs"]))
         Path(sliced.get("path", work / "none")).unlink(missing_ok=True)
         for f in work.glob(f"ledger-{rows}.sqlite*"):
             f.unlink()
@@ -304,26 +312,27 @@ def section(report: dict[str, Any]) -> str:
         "process's own high-water mark (index included).", "",
         "| rows | seconds | transactions/s | peak RSS | index load | load avg at start | "
         "stage seconds |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    fit = linear_fit(res["runs"])
+
+    def extrapolated(n: int, why: str) -> str:
+        if fit is None:
+            return f"| {n:,} | — | — | — | — | — | {why} |"
+        seconds, peak_gb = fit["seconds"](n), fit["peak_mb"](n) / 1024
+        return (f"| {n:,} | *≈ {seconds:,.0f} (extrapolated)* | *≈ {n / seconds:,.0f}* | "
+                f"*≈ {peak_gb:,.1f} GB (extrapolated)* | — | — | {why} |")
+
     for r in res["runs"]:
         if "failed" in r:
-            lines.append(f"| {r['rows']:,} | — | — | — | — | — | not finished: {r['failed']} |")
+            lines.append(extrapolated(r["rows"], r["failed"]))
             continue
         stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(
             r["stages"].items(), key=lambda kv: -kv[1]))
         lines.append(f"| {r['rows']:,} | {r['seconds']:.1f} | {r['tx_per_s']:,.0f} | "
                      f"{r['peak_rss_mb']:,.0f} MB | {r['index_load_seconds']:.1f} s | "
                      f"{r['load_average_start'][0]} | {stages} |")
-    missing = [n for n in STANDARD_SIZES if n not in {r["rows"] for r in res["runs"]}]
-    fit = linear_fit(res["runs"])
-    for n in missing:
-        if fit is None:
-            lines.append(f"| {n:,} | — | — | — | — | — | not run |")
-            continue
-        seconds = fit["seconds"](n)
-        peak_gb = fit["peak_mb"](n) / 1024
-        lines.append(f"| {n:,} | *≈ {seconds:,.0f} (extrapolated)* | *≈ {n / seconds:,.0f}* | "
-                     f"*≈ {peak_gb:,.1f} GB (extrapolated)* | — | — | not run in this session "
-                     "(see below) |")
+    for n in STANDARD_SIZES:
+        if n not in {r["rows"] for r in res["runs"]}:
+            lines.append(extrapolated(n, "not run in this session (see below)"))
     exponent = growth_exponent(res["runs"])
     if exponent is not None:
         lines += ["", f"Growth: time ∝ rows^{exponent:.2f} over the sizes that finished "
@@ -354,7 +363,13 @@ def parser() -> argparse.ArgumentParser:
                    help="cards (terminals: twice as many); about 1.93 payments a card a day")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep data and index here (reused by a later run)")
+    p.add_argument("--max-peak-gb", type=float, default=12.0,
+                   help="skip a size whose peak memory, extrapolated from the sizes done, "
+                        "is over this")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--command", help="with --render-only: the command of the run shown")
+    p.add_argument("--render-only", action="store_true",
+                   help="write the docs section from --workdir's setup.json and runs.json")
     return p
 
 
@@ -365,6 +380,16 @@ def main(argv: list[str] | None = None) -> None:
     command = redact("python -m benchmarks.end_to_end " + shlex.join(
         sys.argv[1:] if argv is None else argv), [url_password(args.db)])
     report = envelope(command)
+    if args.render_only:
+        if not args.workdir:
+            raise SystemExit("--render-only needs --workdir (its setup.json and runs.json)")
+        report["result"] = {"sizes": args.sizes, "db": args.db, "index_kind": args.index_kind,
+                            **json.loads((args.workdir / "setup.json").read_text()),
+                            "runs": json.loads((args.workdir / "runs.json").read_text())}
+        if args.command:
+            report["command"] = args.command
+        save(NAME, report, section(report))
+        return
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
         report["result"] = run(args, args.workdir)
