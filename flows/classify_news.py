@@ -14,7 +14,7 @@ from prefect.utilities.annotations import quote
 from pydantic import SecretStr
 
 from flows.score_transactions import transient_db_error
-from pipeline.inbox import FAILED, archive, pending
+from pipeline.inbox import drain, pending
 from pipeline.ingest import IngestResult, InputError
 from pipeline.ledger import BatchReceipt, Ledger
 from pipeline.news import read_news
@@ -129,25 +129,13 @@ def classify_inbox(inbox: str | None = None, model: str | None = None,
     inbox_dir = Path(inbox or settings.news_inbox)
     out_dir = Path(output_dir or settings.news_results)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = pending(inbox_dir)
-    reports, failures = [], []
-    for path in files:
-        state = classify_news(str(path), model, str(out_dir / f"{path.stem}.sentiment.parquet"),
-                              backend=backend, endpoint=endpoint, db=db, root=root,
-                              companies=companies, return_state=True)
-        if state.is_completed():
-            reports.append(state.result())
-            archive(path)
-            continue
-        error = state.result(raise_on_failure=False)
-        failures.append(f"{path.name}: {error}")
-        if isinstance(error, InputError):
-            archive(path, FAILED, reason=str(error))
-    print(f"news inbox {inbox_dir}: {len(files)} file(s), {len(reports)} classified, "
-          f"{len(failures)} failed")
-    if failures:
-        raise RuntimeError(f"{len(failures)} news file(s) failed: " + "; ".join(failures))
-    return reports
+    return drain(
+        pending(inbox_dir),
+        lambda path: classify_news(
+            str(path), model, str(out_dir / f"{path.stem}.sentiment.parquet"),
+            backend=backend, endpoint=endpoint, db=db, root=root, companies=companies,
+            return_state=True),
+        what="news", inbox=inbox_dir, unusable=InputError)
 
 
 def main() -> None:

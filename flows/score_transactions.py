@@ -12,7 +12,7 @@ from prefect.utilities.annotations import quote
 from pydantic import SecretStr
 
 from pipeline import jobs
-from pipeline.inbox import FAILED, archive, pending
+from pipeline.inbox import drain, pending
 from pipeline.index import FraudIndex
 from pipeline.ingest import IngestResult, InputError, read_transactions
 from pipeline.ledger import BatchReceipt, Ledger, is_transient
@@ -105,23 +105,10 @@ def score_inbox(inbox: str | None = None, index: str | None = None,
     inbox_dir = Path(inbox or settings.inbox)
     out_dir = Path(output_dir or settings.scores)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = pending(inbox_dir)
-    reports, failures = [], []
-    for path in files:
-        state = score_transactions(
-            str(path), index or settings.index_name, str(out_dir / f"{path.stem}.scores.parquet"),
-            db=db, root=root, threshold=threshold, alerts_per_day=alerts_per_day, k=k,
-            return_state=True)
-        if state.is_completed():
-            reports.append(state.result())
-            archive(path)
-            continue
-        error = state.result(raise_on_failure=False)
-        failures.append(f"{path.name}: {error}")
-        if isinstance(error, InputError):  # the file itself is unusable: set it aside
-            archive(path, FAILED, reason=str(error))
-    print(f"inbox {inbox_dir}: {len(files)} file(s), {len(reports)} scored, "
-          f"{len(failures)} failed")
-    if failures:
-        raise RuntimeError(f"{len(failures)} inbox file(s) failed: " + "; ".join(failures))
-    return reports
+    return drain(
+        pending(inbox_dir),
+        lambda path: score_transactions(
+            str(path), index or settings.index_name,
+            str(out_dir / f"{path.stem}.scores.parquet"), db=db, root=root,
+            threshold=threshold, alerts_per_day=alerts_per_day, k=k, return_state=True),
+        what="transactions", inbox=inbox_dir, unusable=InputError)

@@ -10,8 +10,10 @@ nothing twice.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 DATA_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
 DONE = "done"
@@ -44,3 +46,27 @@ def archive(path: str | Path, folder: str = DONE, reason: str | None = None) -> 
     if reason is not None:
         target.with_name(target.name + ".error.txt").write_text(reason + "\n")
     return target
+
+
+def drain(files: list[Path], run: Callable[[Path], Any], *, what: str, inbox: Path,
+          unusable: type[BaseException]) -> list[Any]:
+    """Run ``run(path)`` for each file, which returns a Prefect state (``return_state=True``).
+    A completed file moves to ``done``; one that failed with ``unusable`` (the file itself is
+    bad) moves to ``failed`` with the reason; any other failure leaves it for the next run.
+    Raises after trying every file when any failed; returns the completed results."""
+    results, failures = [], []
+    for path in files:
+        state = run(path)
+        if state.is_completed():
+            results.append(state.result())
+            archive(path)
+            continue
+        error = state.result(raise_on_failure=False)
+        failures.append(f"{path.name}: {error}")
+        if isinstance(error, unusable):
+            archive(path, FAILED, reason=str(error))
+    print(f"{what} inbox {inbox}: {len(files)} file(s), {len(results)} done, "
+          f"{len(failures)} failed")
+    if failures:
+        raise RuntimeError(f"{len(failures)} {what} file(s) failed: " + "; ".join(failures))
+    return results

@@ -53,22 +53,21 @@ class ScoreReport:
     top_alerts: list[dict[str, Any]] = field(default_factory=list)
 
 
-def write_frame(frame: pl.DataFrame, path: str | Path) -> Path:
-    """Write Parquet, CSV or JSONL by suffix, atomically."""
+def write_frame(frame: pl.DataFrame | pl.LazyFrame, path: str | Path) -> Path:
+    """Write Parquet, CSV or JSONL by suffix, atomically; a LazyFrame is streamed (its rows
+    never all in memory)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    writers = {".parquet": frame.write_parquet, ".csv": frame.write_csv,
-               ".jsonl": frame.write_ndjson, ".ndjson": frame.write_ndjson}
+    lazy = isinstance(frame, pl.LazyFrame)
+    writers = {".parquet": frame.sink_parquet if lazy else frame.write_parquet,
+               ".csv": frame.sink_csv if lazy else frame.write_csv,
+               ".jsonl": frame.sink_ndjson if lazy else frame.write_ndjson}
+    writers[".ndjson"] = writers[".jsonl"]
     if suffix not in writers:
         raise ValueError(f"{path}: unsupported output format {suffix!r}; "
                          "expected .parquet, .csv or .jsonl")
     with atomic_path(path) as tmp:
-        if suffix == ".parquet":
-            frame.write_parquet(tmp)
-        elif suffix == ".csv":
-            frame.write_csv(tmp)
-        else:
-            frame.write_ndjson(tmp)
+        writers[suffix](tmp)
     return path
 
 

@@ -251,22 +251,6 @@ def score_partition(path: str | Path, partition: Partition, index: FraudIndex,
         ledger_already_present=present, output=str(out), quarantine=str(qpath) if qpath else None)
 
 
-def _sink(frame: pl.LazyFrame, path: Path) -> Path:
-    """Stream ``frame`` to Parquet, CSV or JSON lines by suffix, atomically."""
-    suffix = path.suffix.lower()
-    if suffix not in (".parquet", ".csv", ".jsonl", ".ndjson"):
-        raise ValueError(f"{path}: unsupported output format {suffix!r}; "
-                         "expected .parquet, .csv or .jsonl")
-    with atomic_path(path) as tmp:
-        if suffix == ".parquet":
-            frame.sink_parquet(tmp)
-        elif suffix == ".csv":
-            frame.sink_csv(tmp)
-        else:
-            frame.sink_ndjson(tmp)
-    return path
-
-
 def merge_parts(input: str | Path, reports: list[PartitionReport], output: str | Path,
                 index_version: str) -> DatasetReport:
     """Join the partitions' scores (in time order) into ``output`` and their quarantined rows
@@ -280,7 +264,7 @@ def merge_parts(input: str | Path, reports: list[PartitionReport], output: str |
         raise RuntimeError(f"{input}: {file_rows} rows in the file but the partitions read "
                            f"{rows_in}")
     parts = [r.output for r in reports if r.output]
-    _sink(pl.concat([pl.scan_parquet(p) for p in parts]), output)
+    write_frame(pl.concat([pl.scan_parquet(p) for p in parts]), output)
     qpath = None
     quarantined = [r.quarantine for r in reports if r.quarantine]
     if quarantined:
