@@ -484,8 +484,9 @@ def knn_section(r: dict[str, Any]) -> str:
               "win by a small factor. FAISS's order-of-magnitude gain comes from its "
               "approximate indexes, below, which is what the pipeline uses past 250,000 "
               "vectors (`IndexConfig.exact_max`). FAISS's OpenMP threads also suffer more than "
-              "sklearn from sharing the 2 cores with other jobs (spin-waiting): the spread of "
-              "its runs shows it.", "",
+              "sklearn from sharing the 2 cores with other jobs (they spin while waiting): in "
+              "an earlier run of this command at load average 5–7 the same exact search took "
+              "23–198 s against sklearn's 41–49 s.", "",
               "Approximate indexes as the pipeline builds them (`pipeline.index`: HNSW M=32, "
               "efConstruction 80; IVF-Flat with 4·√n lists), recall@10 against exact FAISS "
               "(share of the exact top 10 found), same queries:", "",
