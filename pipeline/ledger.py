@@ -41,7 +41,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from numbers import Real
 from pathlib import Path
@@ -299,6 +299,10 @@ class Decision:
     decision_id: str = ""
     # What a replay needs (schema v2): the scored row's fields, features and query vector.
     inputs: dict | None = None
+    # The canonical JSON of explanation and inputs, made once here: it is what the ledger
+    # records and hashes, so a dict changed after the Decision was made changes nothing.
+    recorded_json: tuple[str, str | None] = field(default=("", None), init=False,
+                                                  repr=False, compare=False)
 
     def __post_init__(self) -> None:
         where = f"decision for subject {self.subject_id!r}"
@@ -307,9 +311,9 @@ class Decision:
             _check_text(name, getattr(self, name), where)
         object.__setattr__(self, "score", _finite_float("score", self.score, where))
         object.__setattr__(self, "threshold", _finite_float("threshold", self.threshold, where))
-        explanation_json(self.explanation, where)
-        if self.inputs is not None:
-            inputs_json(self.inputs, where)
+        object.__setattr__(self, "recorded_json", (
+            explanation_json(self.explanation, where),
+            None if self.inputs is None else inputs_json(self.inputs, where)))
         if self.decision_id:
             _check_text("decision_id", self.decision_id, where)
         else:
@@ -619,12 +623,7 @@ class Ledger:
                 raise LedgerError(f"{where}: decision_id {d.decision_id!r} is repeated")
             subjects.add(d.subject_id)
             ids.add(d.decision_id)
-            try:
-                # Recomputed here: the dicts may have changed since the Decision was built.
-                explanations.append((explanation_json(d.explanation, where),
-                                     None if d.inputs is None else inputs_json(d.inputs, where)))
-            except ValueError as exc:
-                raise LedgerError(str(exc)) from exc
+            explanations.append(d.recorded_json)
         row_numbers = [q.row_number for q in quarantined]
         if len(set(row_numbers)) != len(row_numbers):
             repeated = sorted({n for n in row_numbers if row_numbers.count(n) > 1})
