@@ -465,6 +465,34 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+def engine_for(url: str) -> Engine:
+    """The engine every table in the ledger's database goes through: on SQLite, WAL (readers
+    never block the writer) and write transactions that take the lock up front (see
+    :func:`write_transaction`); on PostgreSQL, connections checked before use."""
+    if make_url(url).get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+@contextmanager
+def write_transaction(engine: Engine, *, lock_key: int | None = None) -> Iterator[Connection]:
+    """One write transaction on an :func:`engine_for` engine. SQLite takes its write lock at
+    BEGIN (BEGIN IMMEDIATE), so two writers queue instead of one failing on a lock upgrade;
+    on PostgreSQL, ``lock_key`` serialises writers with a transaction-level advisory lock."""
+    dialect = engine.dialect.name
+    with engine.connect() as conn:
+        if dialect == "sqlite":
+            conn.execution_options(**{_WRITE_OPTION: True})
+        with conn.begin():
+            if dialect == "postgresql":
+                conn.execute(sa.select(sa.func.set_config(
+                    "lock_timeout", f"{int(BUSY_TIMEOUT_S * 1000)}ms", True)))
+                if lock_key is not None:
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(
+                        sa.literal(lock_key, sa.BigInteger))))
+            yield conn
+
+
 def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
@@ -476,10 +504,7 @@ class Ledger:
 
     def __init__(self, url: str | None = None):
         self.url = resolve_db_url(url)
-        if make_url(self.url).get_backend_name() == "sqlite":
-            self._engine = _sqlite_engine(self.url)
-        else:
-            self._engine = sa.create_engine(self.url, pool_pre_ping=True)
+        self._engine = engine_for(self.url)
         self._dialect = self._engine.dialect.name
         retry_transient(self._init_schema)
 
@@ -495,19 +520,9 @@ class Ledger:
     def __repr__(self) -> str:
         return f"Ledger({make_url(self.url).render_as_string(hide_password=True)!r})"
 
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def _write(self) -> AbstractContextManager[Connection]:
         """One serialised write transaction: no other writer runs until it commits."""
-        with self._engine.connect() as conn:
-            if self._dialect == "sqlite":
-                conn.execution_options(**{_WRITE_OPTION: True})
-            with conn.begin():
-                if self._dialect == "postgresql":
-                    conn.execute(sa.select(sa.func.set_config(
-                        "lock_timeout", f"{int(BUSY_TIMEOUT_S * 1000)}ms", True)))
-                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(
-                        sa.literal(PG_LOCK_KEY, sa.BigInteger))))
-                yield conn
+        return write_transaction(self._engine, lock_key=PG_LOCK_KEY)
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:

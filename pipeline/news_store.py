@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
-from pipeline.ledger import resolve_db_url, retry_transient
+from pipeline.ledger import engine_for, resolve_db_url, retry_transient, write_transaction
 
 METADATA = sa.MetaData()
+# Writers of the daily table are serialised (one PostgreSQL advisory lock, SQLite's write lock):
+# each recomputes a (ticker, day) from the article rows, which a concurrent writer could miss.
+PG_LOCK_KEY = 0x6E657773  # "news"
 
 ARTICLES = sa.Table(
     "news_sentiment_articles", METADATA,
@@ -61,11 +63,12 @@ class NewsStore:
 
     def __init__(self, url: str | None = None):
         self.url = resolve_db_url(url)
-        if make_url(self.url).get_backend_name() == "sqlite":
-            self._engine = sa.create_engine(self.url, connect_args={"timeout": 30})
-        else:
-            self._engine = sa.create_engine(self.url, pool_pre_ping=True)
-        retry_transient(lambda: METADATA.create_all(self._engine))
+        self._engine = engine_for(self.url)
+        retry_transient(self._create_tables)
+
+    def _create_tables(self) -> None:
+        with write_transaction(self._engine) as conn:
+            METADATA.create_all(conn)
 
     def __enter__(self) -> NewsStore:
         return self
@@ -101,7 +104,7 @@ class NewsStore:
     def _record(self, rows: list[dict]) -> int:
         touched = sorted({(r["ticker"], r["day"]) for r in rows})
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        with self._engine.begin() as conn:
+        with write_transaction(self._engine, lock_key=PG_LOCK_KEY) as conn:
             for start in range(0, len(rows), 1000):
                 conn.execute(self._upsert(ARTICLES, rows[start:start + 1000],
                                           ("news_id", "ticker")))

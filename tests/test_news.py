@@ -152,6 +152,40 @@ def news_file(tmp_path):
     return _write_jsonl(tmp_path / "news.jsonl", GOOD + BAD[:2])
 
 
+def test_concurrent_writers_keep_the_daily_counts_whole(db_url):
+    """Two writers classifying articles of the same ticker and day at once: each recomputes the
+    day from the article rows, so they must not interleave (writers are serialised)."""
+    import threading
+
+    labels = ("positive", "negative", "neutral")
+    with NewsStore(db_url):
+        pass  # tables created before the writers start
+    errors: list[BaseException] = []
+
+    def writer(name: str) -> None:
+        try:
+            with NewsStore(db_url) as store:
+                for b in range(15):
+                    store.record([ArticleSentiment(
+                        f"{name}-{b}-{i}", "AAPL", datetime(2026, 11, 20, 9, b, i),
+                        labels[(b + i) % 3], 0.1, "m@1", f"{name}-{b}") for i in range(4)])
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with NewsStore(db_url) as store:
+        (day,) = store.daily("AAPL")
+        assert len(store.articles("AAPL")) == 120
+    assert day["articles"] == 120
+    assert day["positive"] + day["negative"] + day["neutral"] == 120
+    assert day["positive"] == 40
+
+
 def _check_batch(db_url, report, model_dir):
     manifest = json.loads((model_dir / "manifest.json").read_text())
     with Ledger(db_url) as ledger:
