@@ -231,8 +231,8 @@ def write_section(r: dict[str, Any]) -> None:
     lines = [START, "## News sentiment (default `encoder` backend: MiniLM-L6 fine-tuned)", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with "
              f"{m['torch_threads']} threads; load average at start "
-             f"{', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} (the two cores were "
-             "shared with other jobs, so times and rates are pessimistic). "
+             f"{', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} (a load above 2 "
+             "means other jobs shared the two cores, and times and rates are pessimistic). "
              f"Date {r['date']}, commit {r['commit']}. Command: `{r['command']}`.", ""]
     rows = []
     if "fpb" in r:
