@@ -196,18 +196,18 @@ def _day_batches(scored: ScoredBatch, ingested: IngestResult
     quarantined_days = ingested.quarantined[_DAY]
     days = sorted(set(scored_days.to_list()) | set(quarantined_days.to_list()),
                   key=lambda d: (d is None, d))
+    def on(series: pl.Series, day: datetime | None) -> pl.Series:
+        return (series.is_null() if day is None else series == day).fill_null(False)
+
     out = []
     for day in days:
-        rows = (scored_days.is_null() if day is None else scored_days == day).fill_null(False)
+        rows = on(scored_days, day)
         keep = rows.arg_true().to_list()
         part = ScoredBatch(scored.scores.filter(rows),
                            [scored.explanations[i] for i in keep],
                            [scored.inputs[i] for i in keep] if scored.inputs else [])
-        held = ingested.quarantined.filter(
-            quarantined_days.is_null() if day is None else (quarantined_days == day
-                                                            ).fill_null(False))
-        accepted = ingested.accepted.filter(
-            (accepted_days.is_null() if day is None else accepted_days == day).fill_null(False))
+        held = ingested.quarantined.filter(on(quarantined_days, day))
+        accepted = ingested.accepted.filter(on(accepted_days, day))
         out.append((day, part, IngestResult(accepted=accepted, quarantined=held.drop(_DAY),
                                             rows_in=accepted.height + held.height,
                                             source=f"{ingested.source} day {day}")))
