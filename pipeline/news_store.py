@@ -67,7 +67,7 @@ class NewsStore:
         retry_transient(self._create_tables)
 
     def _create_tables(self) -> None:
-        with write_transaction(self._engine) as conn:
+        with write_transaction(self._engine, lock_key=PG_LOCK_KEY) as conn:
             METADATA.create_all(conn)
 
     def __enter__(self) -> NewsStore:
