@@ -119,8 +119,8 @@ STAGES = (
     ("features", "pipeline.scoring", "FraudScorer.features"),
     ("vectors", "pipeline.vectors", "TransactionVectorizer.transform"),
     ("knn", "pipeline.index", "FraudIndex.neighbours"),
-    ("explanations", "pipeline.scoring", "FraudScorer.explain"),
-    ("decision inputs", "pipeline.scoring", "FraudScorer.decision_inputs"),
+    ("explanations", "pipeline.scoring", "FraudScorer.explanation_texts"),
+    ("decision inputs", "pipeline.scoring", "FraudScorer.input_texts"),
     ("row hashes", "pipeline.scoring", "row_hashes"),
     ("scores file", "pipeline.jobs", "write_outputs"),
     ("ledger", "pipeline.jobs", "record"),
@@ -177,7 +177,13 @@ def step_score(work: Path, rows: int, db: str) -> dict[str, Any]:
         scored_n, added = report.rows_scored, report.ledger_added
     seconds = time.perf_counter() - t0
     out.unlink(missing_ok=True)
-    return {"rows": rows, "scored": scored_n, "ledger_added": added, "seconds": seconds,
+    # Explanations and inputs are made chunk by chunk inside the ledger write: "ledger" is
+    # what remains (records, hash chain, inserts, commit).
+    if "ledger" in stages:
+        stages["ledger"] -= stages.get("explanations", 0.0) + stages.get("decision inputs", 0.0)
+    ledger_bytes = sum(f.stat().st_size for f in work.glob(f"ledger-{rows}.sqlite*"))
+    return {"rows": rows, "ledger_bytes": ledger_bytes, "scored": scored_n,
+            "ledger_added": added, "seconds": seconds,
             "tx_per_s": rows / seconds, "index_load_seconds": load_s,
             "index_vectors": index.size, "faiss_index": index.manifest["faiss_index"],
             "stages": stages, "rss_after_index_load_mb": rss_loaded,

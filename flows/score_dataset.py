@@ -4,6 +4,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
@@ -78,6 +82,43 @@ def dask_runner(address: str | None = None, workers: int = 2):
         "dashboard_address": None})
 
 
+@contextmanager
+def shared_prefect_api() -> Iterator[str]:
+    """Give this process's Prefect API to the worker processes a local cluster starts.
+
+    They start from this process's environment, where a temporary server's address (Prefect's
+    default with no ``PREFECT_API_URL``, or a test harness's) is not: each would start a
+    temporary server of its own (seconds per worker, and its task runs recorded where nobody
+    looks). So the address goes into the environment before the cluster starts, after
+    starting this process's temporary server if there is no server configured."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the one this process would start on first use
+        server.start()
+        url = server.api_url
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
+
+
 def score_dataset_on_dask(*, address: str | None = None, workers: int = 2,
                           **parameters: object) -> DatasetReport:
-    return score_dataset.with_options(task_runner=dask_runner(address, workers))(**parameters)
+    """Run the flow on the Dask scheduler at ``address``, else on a local cluster of
+    ``workers`` processes that report to this process's Prefect API. (Workers of a remote
+    cluster report to the ``PREFECT_API_URL`` of their own environment.)"""
+    runner = dask_runner(address, workers)
+    if address or JobSettings.from_env().dask_address:
+        return score_dataset.with_options(task_runner=runner)(**parameters)
+    with shared_prefect_api():
+        return score_dataset.with_options(task_runner=runner)(**parameters)

@@ -302,12 +302,14 @@ def replay(ledger: Ledger, decision_id: str, *, root: str | Path | None = None,
 
     threshold = float(settings["threshold"])
     if settings.get("alerts_per_day") is not None:
-        if complete:
+        # The day's ranking was made over the scored batch: recomputable when that batch was
+        # one search call and all of it is here.
+        if complete and inputs["search"].get("calls", 1) == 1:
             config = ScoringConfig(alerts_per_day=int(settings["alerts_per_day"]))
             per_day = alert_thresholds(frame.select(schema.TX_TIME).with_columns(
                 pl.Series("score", scores, dtype=pl.Float64)), config)
             threshold = float(per_day[target])
-        else:  # the day's ranking needs the whole call
+        else:
             threshold = float(record["threshold"])
     decision = "alert" if replayed >= threshold else "pass"
 

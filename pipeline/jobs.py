@@ -3,6 +3,7 @@ step by step as tasks. Each returns a typed report."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -10,14 +11,14 @@ from typing import Any
 
 import polars as pl
 
-from pipeline import schema
+from pipeline import schema, scoring
 from pipeline.artifacts import atomic_path
 from pipeline.audit import FeedbackLabels, apply_feedback
 from pipeline.encoder import TextEncoder
 from pipeline.features import compute_features
 from pipeline.index import FraudIndex, IndexConfig
 from pipeline.ingest import IngestResult, read_transactions, write_quarantine
-from pipeline.ledger import BatchReceipt, Decision, Ledger, QuarantinedRow
+from pipeline.ledger import BatchReceipt, Decision, DecisionStream, Ledger, QuarantinedRow
 from pipeline.scoring import FraudScorer, ScoredBatch, ScoringConfig, batch_hash
 from pipeline.vectors import VectorConfig
 
@@ -126,19 +127,27 @@ def build_index(ingested: IngestResult, name: str, *, root: str | Path | None = 
     )
 
 
-def decisions_for(scored: ScoredBatch, batch_id: str, index: FraudIndex) -> list[Decision]:
+def decisions_for(scored: ScoredBatch, batch_id: str, index: FraudIndex,
+                  chunk_rows: int | None = None) -> DecisionStream:
+    """The batch's decisions, made ``chunk_rows`` (default ``scoring.TEXT_ROWS``) at a time
+    as the ledger writes them."""
+    chunk_rows = chunk_rows or scoring.TEXT_ROWS
     model_version = (index.manifest["encoder"] or {}).get("model_id", "numeric-only")
-    rows = scored.scores.select(schema.TRANSACTION_ID, "score", "threshold", "decision",
-                                "input_hash").iter_rows()
-    inputs = scored.inputs or [None] * scored.scores.height
-    return [
-        Decision(batch_id=batch_id, kind="fraud", subject_id=tx, score=float(score),
-                 threshold=float(threshold), decision=decision, model_version=model_version,
-                 index_version=index.version, input_hash=input_hash, explanation=explanation,
-                 inputs=row_inputs)
-        for (tx, score, threshold, decision, input_hash), explanation, row_inputs
-        in zip(rows, scored.explanations, inputs, strict=True)
-    ]
+
+    def chunks() -> Iterator[list[Decision]]:
+        for start in range(0, scored.scores.height, chunk_rows):
+            rows = scored.scores.slice(start, chunk_rows).select(
+                schema.TRANSACTION_ID, "score", "threshold", "decision", "input_hash")
+            explanations, inputs = scored.texts(start, start + chunk_rows)
+            yield [
+                Decision(batch_id=batch_id, kind="fraud", subject_id=tx, score=score,
+                         threshold=threshold, decision=decision, model_version=model_version,
+                         index_version=index.version, input_hash=input_hash, explanation=None,
+                         encoded=(explanation, row_inputs))
+                for (tx, score, threshold, decision, input_hash), explanation, row_inputs
+                in zip(rows.iter_rows(), explanations, inputs, strict=True)]
+
+    return DecisionStream(scored.scores.height, chunks)
 
 
 def quarantined_rows(ingested: IngestResult) -> list[QuarantinedRow]:

@@ -39,7 +39,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -206,7 +206,7 @@ def _check_text(name: str, value: Any, where: str = "") -> str:
 
 
 def _finite_float(name: str, value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, Real)):
         raise ValueError(f"{where}: {name} must be a real number, got {value!r}")
     number = float(value)
     if not math.isfinite(number):
@@ -284,7 +284,11 @@ def review_labels(kind: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Decision:
-    """One automated decision about one subject (a transaction, an article) in one batch."""
+    """One automated decision about one subject (a transaction, an article) in one batch.
+
+    ``explanation`` and ``inputs`` are dicts; a producer that already holds them as JSON
+    texts (the fraud scorer makes them column-wise, see pipeline.scoring) passes ``encoded``
+    instead and ``explanation=None``."""
 
     batch_id: str
     kind: str
@@ -295,12 +299,14 @@ class Decision:
     model_version: str
     index_version: str
     input_hash: str
-    explanation: dict
+    explanation: dict | None
     decision_id: str = ""
     # What a replay needs (schema v2): the scored row's fields, features and query vector.
     inputs: dict | None = None
-    # The canonical JSON of explanation and inputs, made once here: it is what the ledger
-    # records and hashes, so a dict changed after the Decision was made changes nothing.
+    # (explanation JSON, inputs JSON or None) as made by the producer.
+    encoded: tuple[str, str | None] | None = field(default=None, repr=False, compare=False)
+    # The JSON of explanation and inputs, made once here: it is what the ledger records and
+    # hashes, so a dict changed after the Decision was made changes nothing.
     recorded_json: tuple[str, str | None] = field(default=("", None), init=False,
                                                   repr=False, compare=False)
 
@@ -311,14 +317,36 @@ class Decision:
             _check_text(name, getattr(self, name), where)
         object.__setattr__(self, "score", _finite_float("score", self.score, where))
         object.__setattr__(self, "threshold", _finite_float("threshold", self.threshold, where))
-        object.__setattr__(self, "recorded_json", (
-            explanation_json(self.explanation, where),
-            None if self.inputs is None else inputs_json(self.inputs, where)))
+        if self.encoded is not None:
+            explanation, inputs = self.encoded
+            if not (isinstance(explanation, str) and explanation.startswith("{")
+                    and "\x00" not in explanation):
+                raise ValueError(f"{where}: encoded explanation must be a JSON object's text")
+            if inputs is not None and not (isinstance(inputs, str) and inputs.startswith("{")
+                                           and "\x00" not in inputs):
+                raise ValueError(f"{where}: encoded inputs must be a JSON object's text")
+            recorded = (explanation, inputs)
+        elif self.explanation is None:
+            raise ValueError(f"{where}: an explanation is required (a dict, or encoded text)")
+        else:
+            recorded = (explanation_json(self.explanation, where),
+                        None if self.inputs is None else inputs_json(self.inputs, where))
+        object.__setattr__(self, "recorded_json", recorded)
         if self.decision_id:
             _check_text("decision_id", self.decision_id, where)
         else:
             object.__setattr__(self, "decision_id",
                                decision_id_for(self.kind, self.batch_id, self.subject_id))
+
+
+@dataclass(frozen=True)
+class DecisionStream:
+    """A batch's decisions made a chunk at a time while the ledger writes them (a large batch
+    never holds every decision in memory). ``chunks`` is called once per write attempt, so a
+    retried transaction makes them again."""
+
+    count: int
+    chunks: Callable[[], Iterable[Sequence[Decision]]]
 
 
 @dataclass(frozen=True)
@@ -596,59 +624,63 @@ class Ledger:
     # -- writing --
 
     def record_batch(self, batch_id: str, kind: str, input_hash: str, rows_in: int,
-                     decisions: Sequence[Decision],
+                     decisions: Sequence[Decision] | DecisionStream,
                      quarantined: Sequence[QuarantinedRow] = ()) -> BatchReceipt:
         """Append a batch's decisions and quarantined rows in one transaction.
 
-        Re-recording a batch with the same input hash adds nothing (idempotent re-runs); with a
-        different input hash it is an error, since a batch id must name one input."""
-        decisions, quarantined = list(decisions), list(quarantined)
+        Re-recording a batch with the same input hash adds nothing (idempotent re-runs; a
+        :class:`DecisionStream` is then never made); with a different input hash it is an
+        error, since a batch id must name one input."""
+        stream = (decisions if isinstance(decisions, DecisionStream)
+                  else DecisionStream(len(decisions), lambda d=list(decisions): [d]))
+        quarantined = list(quarantined)
         try:
             _check_text("batch_id", batch_id)
             _check_text("kind", kind)
             _check_text("input_hash", input_hash)
         except ValueError as exc:
             raise LedgerError(str(exc)) from exc
-        if rows_in != len(decisions) + len(quarantined):
+        if rows_in != stream.count + len(quarantined):
             raise LedgerError(
-                f"batch {batch_id!r} ({kind}): rows_in={rows_in} but {len(decisions)} decisions "
-                f"+ {len(quarantined)} quarantined rows = {len(decisions) + len(quarantined)}; "
+                f"batch {batch_id!r} ({kind}): rows_in={rows_in} but {stream.count} decisions "
+                f"+ {len(quarantined)} quarantined rows = {stream.count + len(quarantined)}; "
                 "every input row must be either scored or quarantined")
-        explanations = self._validate(batch_id, kind, decisions, quarantined)
+        self._validate_quarantine(batch_id, quarantined)
         try:
             return retry_transient(lambda: self._append(batch_id, kind, input_hash, rows_in,
-                                                        decisions, explanations, quarantined))
+                                                        stream, quarantined))
         except IntegrityError as exc:
             raise LedgerError(f"batch {batch_id!r} ({kind}) conflicts with records already in "
                               f"the ledger; nothing was written: {exc.orig}") from exc
 
     @staticmethod
-    def _validate(batch_id: str, kind: str, decisions: list[Decision],
-                  quarantined: list[QuarantinedRow]) -> list[tuple[str, str | None]]:
-        """Each decision's (explanation JSON, inputs JSON or None), after checking the batch."""
-        explanations, subjects, ids = [], set(), set()
-        for i, d in enumerate(decisions):
+    def _validate(batch_id: str, kind: str, decisions: Sequence[Decision], first: int,
+                  seen: set[str]) -> None:
+        """Check one chunk of the batch's decisions (numbered from ``first``); ``seen``
+        collects the subjects so far."""
+        ids = set()
+        for i, d in enumerate(decisions, first):
             where = f"batch {batch_id!r} decision #{i} (subject {d.subject_id!r})"
             if d.batch_id != batch_id or d.kind != kind:
                 raise LedgerError(f"{where}: belongs to batch {d.batch_id!r} ({d.kind}), "
                                   f"expected {batch_id!r} ({kind})")
-            if d.subject_id in subjects:
+            if d.subject_id in seen:
                 raise LedgerError(f"{where}: subject_id appears more than once in the batch")
             if d.decision_id in ids:
                 raise LedgerError(f"{where}: decision_id {d.decision_id!r} is repeated")
-            subjects.add(d.subject_id)
+            seen.add(d.subject_id)
             ids.add(d.decision_id)
-            explanations.append(d.recorded_json)
+
+    @staticmethod
+    def _validate_quarantine(batch_id: str, quarantined: list[QuarantinedRow]) -> None:
         row_numbers = [q.row_number for q in quarantined]
         if len(set(row_numbers)) != len(row_numbers):
             repeated = sorted({n for n in row_numbers if row_numbers.count(n) > 1})
             raise LedgerError(f"batch {batch_id!r}: quarantined row numbers {repeated} appear "
                               "more than once (one entry per input row)")
-        return explanations
 
     def _append(self, batch_id: str, kind: str, input_hash: str, rows_in: int,
-                decisions: list[Decision], explanations: list[tuple[str, str | None]],
-                quarantined: list[QuarantinedRow]) -> BatchReceipt:
+                stream: DecisionStream, quarantined: list[QuarantinedRow]) -> BatchReceipt:
         with self._write() as conn:
             existing = conn.execute(
                 sa.select(BATCHES.c.input_hash)
@@ -670,24 +702,31 @@ class Ledger:
 
             seq, prev_hash = self._head(conn)
             now = _utc_now()
-            rows = []
-            for d, (explanation, inputs) in zip(decisions, explanations, strict=True):
-                seq += 1
-                row = {"decision_id": d.decision_id, "batch_id": batch_id, "kind": kind,
-                       "subject_id": d.subject_id, "score": d.score, "threshold": d.threshold,
-                       "decision": d.decision, "model_version": d.model_version,
-                       "index_version": d.index_version, "input_hash": d.input_hash,
-                       "explanation": explanation, "inputs": inputs, "created_at": now,
-                       "prev_hash": prev_hash}
-                row["hash"] = prev_hash = record_hash(row)
-                row["seq"] = seq
-                rows.append(row)
-
             conn.execute(BATCHES.insert().values(
                 batch_id=batch_id, kind=kind, input_hash=input_hash, rows_in=rows_in,
-                rows_scored=len(decisions), rows_quarantined=len(quarantined), created_at=now))
-            for start in range(0, len(rows), INSERT_CHUNK):
-                conn.execute(DECISIONS.insert(), rows[start:start + INSERT_CHUNK])
+                rows_scored=stream.count, rows_quarantined=len(quarantined), created_at=now))
+            written, subjects = 0, set()
+            for chunk in stream.chunks():
+                self._validate(batch_id, kind, chunk, written, subjects)
+                rows = []
+                for d in chunk:
+                    seq += 1
+                    explanation, inputs = d.recorded_json
+                    row = {"decision_id": d.decision_id, "batch_id": batch_id, "kind": kind,
+                           "subject_id": d.subject_id, "score": d.score,
+                           "threshold": d.threshold, "decision": d.decision,
+                           "model_version": d.model_version, "index_version": d.index_version,
+                           "input_hash": d.input_hash, "explanation": explanation,
+                           "inputs": inputs, "created_at": now, "prev_hash": prev_hash}
+                    row["hash"] = prev_hash = record_hash(row)
+                    row["seq"] = seq
+                    rows.append(row)
+                for start in range(0, len(rows), INSERT_CHUNK):
+                    conn.execute(DECISIONS.insert(), rows[start:start + INSERT_CHUNK])
+                written += len(rows)
+            if written != stream.count:  # the transaction rolls back: nothing is written
+                raise LedgerError(f"batch {batch_id!r} ({kind}): {written} decisions were made "
+                                  f"but {stream.count} announced; nothing was written")
             if quarantined:
                 conn.execute(QUARANTINE.insert(), [
                     {"batch_id": batch_id, "kind": kind, "row_number": q.row_number,
@@ -695,7 +734,7 @@ class Ledger:
             for key, value in (("head_seq", str(seq)), ("head_hash", prev_hash)):
                 conn.execute(LEDGER_META.update().where(LEDGER_META.c.key == key)
                              .values(value=value))
-            return BatchReceipt(batch_id, len(decisions), 0, len(quarantined), prev_hash)
+            return BatchReceipt(batch_id, written, 0, len(quarantined), prev_hash)
 
     @staticmethod
     def _head(conn: Connection, table: sa.Table = DECISIONS) -> tuple[int, str]:

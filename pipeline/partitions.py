@@ -201,11 +201,7 @@ def _day_batches(scored: ScoredBatch, ingested: IngestResult
 
     out = []
     for day in days:
-        rows = on(scored_days, day)
-        keep = rows.arg_true().to_list()
-        part = ScoredBatch(scored.scores.filter(rows),
-                           [scored.explanations[i] for i in keep],
-                           [scored.inputs[i] for i in keep] if scored.inputs else [])
+        part = scored.take(on(scored_days, day))
         held = ingested.quarantined.filter(on(quarantined_days, day))
         accepted = ingested.accepted.filter(on(accepted_days, day))
         out.append((day, part, IngestResult(accepted=accepted, quarantined=held.drop(_DAY),

@@ -13,8 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -66,6 +65,7 @@ def knn_score(similarities: np.ndarray, labels: np.ndarray, *, prior: float, smo
 
 
 ISO_US = "%Y-%m-%dT%H:%M:%S%.6f"
+HASH_ROWS = 100_000
 
 
 def canonical_rows(frame: pl.DataFrame) -> list[dict[str, Any]]:
@@ -75,10 +75,14 @@ def canonical_rows(frame: pl.DataFrame) -> list[dict[str, Any]]:
 
 
 def row_hashes(frame: pl.DataFrame) -> list[str]:
-    """sha256 of each row's canonical JSON: what exactly was scored, for the ledger."""
-    rows = canonical_rows(frame)
-    return [hashlib.sha256(json.dumps(r, sort_keys=True, separators=(",", ":"),
-                                      default=str).encode()).hexdigest() for r in rows]
+    """sha256 of each row's canonical JSON: what exactly was scored, for the ledger. A slice
+    of rows at a time, so that a large frame never exists as dicts all at once."""
+    out: list[str] = []
+    for start in range(0, frame.height, HASH_ROWS):
+        out.extend(hashlib.sha256(json.dumps(r, sort_keys=True, separators=(",", ":"),
+                                             default=str).encode()).hexdigest()
+                   for r in canonical_rows(frame.slice(start, HASH_ROWS)))
+    return out
 
 
 def batch_hash(hashes: list[str]) -> str:
@@ -104,16 +108,74 @@ def alert_thresholds(scores: pl.DataFrame, config: ScoringConfig) -> np.ndarray:
     return per_day["_t"].to_numpy()
 
 
+SEARCH_ROWS = 100_000  # queries per FAISS search call: bounds the search's temporary arrays
+TEXT_ROWS = 20_000  # rows whose explanation and inputs texts are made at a time
+
+
+@dataclass
+class Evidence:
+    """Per scored row, what its explanation and replay inputs are made from: its fields and
+    features, its query vector, the neighbours shown (the first ``explain_neighbours``), the
+    weights over all k, and the search call it was in. Compact arrays rather than per-row
+    dicts: the texts are made a slice at a time (:meth:`ScoredBatch.texts`), so a large batch
+    never holds every row's explanation at once."""
+
+    scorer: FraudScorer
+    featured: pl.DataFrame
+    vectors: np.ndarray        # (rows, dim) float32 query vectors
+    distances: np.ndarray      # (rows, shown) float32, inf where no neighbour
+    positions: np.ndarray      # (rows, shown) index positions, -1 where no neighbour
+    labels: np.ndarray         # (rows, shown)
+    used: np.ndarray           # (rows,) neighbours found out of k
+    fraud_weight: np.ndarray   # (rows,) similarity of the fraud neighbours, over all k
+    total_weight: np.ndarray   # (rows,) similarity of all neighbours
+    input_hashes: list[str]
+    call_starts: np.ndarray    # first row of each search call
+    call_ids: list[str]
+    stacked: Any = None        # the stacked model's prediction (a --scorer knn-stacked index)
+
+    def call_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.call_starts, rows, side="right") - 1
+
+
 @dataclass
 class ScoredBatch:
-    """Scores, decisions and one explanation per accepted transaction."""
+    """Scores and decisions per accepted transaction, and the evidence to explain each."""
 
     # transaction_id, tx_time, customer_id, terminal_id, amount, score, threshold, decision,
     # input_hash
     scores: pl.DataFrame
-    explanations: list[dict[str, Any]]
-    # Per row, what a replay needs (see FraudScorer.decision_inputs); recorded in the ledger.
-    inputs: list[dict[str, Any]] = field(default_factory=list)
+    evidence: Evidence | None = None
+    # The evidence row of each row of ``scores`` (a day taken out of a batch); None: the same.
+    rows: np.ndarray | None = None
+
+    def take(self, mask: pl.Series) -> ScoredBatch:
+        """The rows where ``mask`` is true, explained as they were in the whole batch."""
+        keep = mask.arg_true().to_numpy()
+        rows = keep if self.rows is None else self.rows[keep]
+        return ScoredBatch(self.scores.filter(mask), self.evidence, rows)
+
+    def texts(self, start: int = 0, stop: int | None = None) -> tuple[list[str], list[str]]:
+        """The explanation and replay-inputs JSON texts of rows ``start:stop``, as the ledger
+        records them."""
+        stop = self.scores.height if stop is None else min(stop, self.scores.height)
+        if self.evidence is None or stop <= start:
+            return [], []
+        rows = (np.arange(start, stop) if self.rows is None else self.rows[start:stop])
+        scorer = self.evidence.scorer
+        return (scorer.explanation_texts(self.evidence, rows),
+                scorer.input_texts(self.evidence, rows))
+
+    @property
+    def explanations(self) -> list[dict[str, Any]]:
+        """Every row's explanation as a dict (for small batches: a large one is read with
+        :meth:`texts` a slice at a time)."""
+        return [json.loads(t) for t in self.texts()[0]]
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        """Every row's replay inputs as a dict (see :meth:`FraudScorer.input_texts`)."""
+        return [json.loads(t) for t in self.texts()[1]]
 
 
 class FraudScorer:
@@ -122,6 +184,7 @@ class FraudScorer:
     def __init__(self, index: FraudIndex, config: ScoringConfig | None = None):
         self.index = index
         self.config = config or ScoringConfig()
+        self._usual: pl.DataFrame | None = None
 
     @property
     def prior(self) -> float:
@@ -143,15 +206,35 @@ class FraudScorer:
         return featured
 
     def score(self, batch: pl.DataFrame, history: pl.DataFrame | None = None) -> ScoredBatch:
+        """Scores, alert decisions and input hashes of every row; the neighbours found are
+        kept compactly as the rows' evidence. Queries are searched ``SEARCH_ROWS`` at a time:
+        each such search call is recorded with its rows (see :meth:`input_texts`)."""
         cfg = self.config
         featured = self.features(batch, history)
-        vectors = self.index.vectorizer.transform(featured)
+        n = featured.height
+        shown = min(cfg.explain_neighbours, cfg.k)
         times = featured[schema.TX_TIME].dt.epoch("us").to_numpy()
         ids = featured[schema.TRANSACTION_ID].to_numpy()
-        distances, positions = self.index.neighbours(vectors, times, ids, cfg.k)
-        sims = similarity(distances)
-        labels = self.index.labels_at(positions)
-        scores = knn_score(sims, labels, prior=self.prior, smoothing=cfg.smoothing)
+        hashes = row_hashes(featured)
+        scores = np.empty(n, dtype=np.float64)
+        vectors = np.empty((n, self.index.vectorizer.dimension), dtype=np.float32)
+        distances = np.full((n, shown), np.inf, dtype=np.float32)
+        positions = np.full((n, shown), -1, dtype=np.int64)
+        labels = np.zeros((n, shown), dtype=np.int8)
+        used = np.zeros(n, dtype=np.int32)
+        fraud_weight, total_weight = np.zeros(n), np.zeros(n)
+        starts = list(range(0, n, SEARCH_ROWS)) or [0]
+        for start in starts:
+            part = slice(start, min(start + SEARCH_ROWS, n))
+            vectors[part] = self.index.vectorizer.transform(featured[part])
+            d, pos = self.index.neighbours(vectors[part], times[part], ids[part], cfg.k)
+            sims, labs = similarity(d), self.index.labels_at(pos)
+            scores[part] = knn_score(sims, labs, prior=self.prior, smoothing=cfg.smoothing)
+            distances[part], positions[part] = d[:, :shown], pos[:, :shown]
+            labels[part] = labs[:, :shown]
+            used[part] = (pos >= 0).sum(axis=1)
+            fraud_weight[part] = (sims * (labs == 1)).sum(axis=1)
+            total_weight[part] = sims.sum(axis=1)
         stacked = None
         if self.index.model is not None:  # an index built with --scorer knn-stacked
             stacked = self.index.model.predict(featured, self.index, self.index.meta)
@@ -163,139 +246,163 @@ class FraudScorer:
         thresholds = alert_thresholds(frame, cfg)
         frame = frame.with_columns(
             pl.Series("threshold", thresholds, dtype=pl.Float64),
-            pl.Series("input_hash", row_hashes(featured)),
+            pl.Series("input_hash", hashes, dtype=pl.String),
         ).with_columns(
             pl.when(pl.col("score") >= pl.col("threshold")).then(pl.lit("alert"))
             .otherwise(pl.lit("pass")).alias("decision")
         )
-        explanations = self.explain(featured, sims, labels, positions)
-        if stacked is not None:
-            self.explain_stacked(explanations, stacked)
-        inputs = self.decision_inputs(featured, vectors, frame["input_hash"].to_list())
-        return ScoredBatch(frame, explanations, inputs)
+        call_ids = [hashlib.sha256("".join(hashes[s:s + SEARCH_ROWS]).encode())
+                    .hexdigest()[:16] for s in starts]
+        evidence = Evidence(
+            scorer=self, featured=featured, vectors=vectors, distances=distances,
+            positions=positions, labels=labels, used=used, fraud_weight=fraud_weight,
+            total_weight=total_weight, input_hashes=hashes,
+            call_starts=np.array(starts, dtype=np.int64), call_ids=call_ids, stacked=stacked)
+        return ScoredBatch(frame, evidence)
 
-    def decision_inputs(self, featured: pl.DataFrame, vectors: np.ndarray,
-                        input_hashes: list[str]) -> list[dict[str, Any]]:
-        """Per row: the scored fields, the features at full precision, the exact query vector,
-        the row's place in this search call, and the scoring settings. FAISS's float32
-        distances (and the text embeddings) depend on which rows are computed together, so a
-        replay searches the recorded vectors of the same call together again."""
-        cfg = self.config
-        names = list(self.index.vectorizer.config.numeric_features)
-        fields = canonical_rows(featured)
-        values = featured.select(names).rows()
-        call = hashlib.sha256("".join(input_hashes).encode()).hexdigest()[:16]
-        settings = {"k": cfg.k, "smoothing": cfg.smoothing, "prior": self.prior,
-                    "prior_source": "index" if cfg.prior is None else "config",
-                    "threshold": cfg.threshold, "alerts_per_day": cfg.alerts_per_day,
-                    "explain_neighbours": cfg.explain_neighbours,
-                    "label_delay_days": self.index.config.label_delay_days}
-        device = "gpu" if self.index.gpu else "cpu"
-        little = np.ascontiguousarray(vectors, dtype="<f4")
-        return [{
-            "transaction": fields[i],
-            "features": {n: _exact(v) for n, v in zip(names, values[i], strict=True)},
-            "vector_f32": base64.b64encode(little[i].tobytes()).decode("ascii"),
-            "search": {"call": call, "row": i, "rows": len(fields), "device": device},
-            "scoring": settings,
-        } for i in range(len(fields))]
+    def card_usual(self) -> pl.DataFrame:
+        """Per card of the indexed history: its transactions and its mean of each feature."""
+        if self._usual is None:
+            names = list(self.index.vectorizer.config.numeric_features)
+            self._usual = self.index.meta.group_by(schema.CUSTOMER_ID).agg(
+                pl.len().alias("_n"), *[pl.col(c).mean() for c in names])
+        return self._usual
 
-    def explain_stacked(self, explanations: list[dict[str, Any]], stacked: Any) -> None:
-        """Add the stacked model's part: its largest per-input contributions (log-odds), the
-        neighbours from other cards and terminals behind its kNN inputs, the kNN score alone."""
-        model, meta = self.index.model, self.index.meta
-        ids, times = meta[schema.TRANSACTION_ID].to_list(), meta[schema.TX_TIME].to_list()
-        found = stacked.neighbours
-        sims = similarity(found.distances)
-        n_exp = min(self.config.explain_neighbours, found.positions.shape[1])
-        for row, explanation in enumerate(explanations):
-            explanation["knn_score"] = round(float(
-                (explanation["fraud_weight"] + explanation["smoothing"] * explanation["prior"])
-                / (explanation["total_weight"] + explanation["smoothing"])), 6)
-            explanation["method"] = "knn-stacked"
-            explanation["model"] = model.explain(stacked, row)
-            explanation["model"]["neighbours_other_cards_terminals"] = [
-                {"transaction_id": ids[p], "similarity": round(float(sims[row, j]), 6),
-                 "is_fraud": int(found.labels[row, j]), "tx_time": _iso(times[p])}
-                for j in range(n_exp) if (p := int(found.positions[row, j])) >= 0]
-
-    def explain(self, featured: pl.DataFrame, sims: np.ndarray, labels: np.ndarray,
-                positions: np.ndarray) -> list[dict[str, Any]]:
-        """Neighbours (id, similarity, label, time) and features against the card's usual values
-        (its mean over the indexed history)."""
+    def explanation_texts(self, evidence: Evidence, rows: np.ndarray) -> list[str]:
+        """Each row's explanation as JSON (keys sorted): its neighbours (id, similarity,
+        label, time) and its features against the card's usual values (its mean over the
+        indexed history). Built as one polars expression over the rows, not dict by dict."""
         meta = self.index.meta
-        names = list(self.index.vectorizer.config.numeric_features)
-        usual = (meta.group_by(schema.CUSTOMER_ID).agg(
-            pl.len().alias("_n"), *[pl.col(c).mean() for c in names]))
+        names = sorted(self.index.vectorizer.config.numeric_features)
+        featured = evidence.featured[rows]
         joined = featured.select(schema.CUSTOMER_ID).join(
-            usual, on=schema.CUSTOMER_ID, how="left", maintain_order="left")
-        values = _nums(featured.select(names).to_numpy())
-        usual_values = _nums(joined.select(names).to_numpy())
-        usual_n = joined["_n"].fill_null(0).to_numpy().tolist()
-        n_exp = min(self.config.explain_neighbours, positions.shape[1])
-        meta_ids = meta[schema.TRANSACTION_ID]
-        meta_times = meta[schema.TX_TIME]
-        prior, smoothing = self.prior, self.config.smoothing
-        # Plain Python values up front: one conversion per array, not one per element. Each
-        # neighbour's id and time are looked up once however many rows share it.
-        shown = positions[:, :n_exp]
-        used = np.unique(shown[shown >= 0])
-        ids = dict(zip(used.tolist(), meta_ids.gather(used).to_list(), strict=True))
-        times = dict(zip(used.tolist(), map(_iso, meta_times.gather(used).to_list()),
-                         strict=True))
-        shown_pos = shown.tolist()
-        shown_sims = sims[:, :n_exp].tolist()
-        shown_labels = labels[:, :n_exp].tolist()
-        used_count = (positions >= 0).sum(axis=1).tolist()
-        fraud_weight = (sims * (labels == 1)).sum(axis=1).tolist()
-        total_weight = sims.sum(axis=1).tolist()
-        k = int(positions.shape[1])
-        out = []
-        for row in range(len(featured)):
-            neighbours = []
-            for pos, sim, label in zip(shown_pos[row], shown_sims[row], shown_labels[row],
-                                       strict=True):
-                if pos < 0:
-                    break
-                neighbours.append({
-                    "transaction_id": ids[pos],
-                    "similarity": round(sim, 6),
-                    "is_fraud": int(label),
-                    "tx_time": times[pos],
-                })
-            card_known = usual_n[row] != 0
-            features = {
-                name: {"value": value, "card_usual": card if card_known else None}
-                for name, value, card in zip(names, values[row], usual_values[row], strict=True)
-            }
-            out.append({
-                "method": "knn-similarity-weighted",
-                "k": k,
-                "neighbours_used": used_count[row],
-                "fraud_weight": round(fraud_weight[row], 6),
-                "total_weight": round(total_weight[row], 6),
-                "prior": round(prior, 8),
-                "smoothing": smoothing,
-                "neighbours": neighbours,
-                "card_history_transactions": int(usual_n[row]),
-                "features": features,
-            })
-        return out
+            self.card_usual(), on=schema.CUSTOMER_ID, how="left", maintain_order="left")
+        known = joined["_n"].fill_null(0)
+        positions = evidence.positions[rows]
+        sims = similarity(evidence.distances[rows])
+        columns: dict[str, Any] = {"_n": known}
+        for j in range(positions.shape[1]):
+            safe = pl.Series(np.where(positions[:, j] >= 0, positions[:, j], 0))
+            columns |= {f"_p{j}": positions[:, j], f"_s{j}": sims[:, j],
+                        f"_l{j}": evidence.labels[rows, j].astype(np.int64),
+                        f"_i{j}": meta[schema.TRANSACTION_ID].gather(safe),
+                        f"_t{j}": meta[schema.TX_TIME].gather(safe)}
+        for c, name in enumerate(names):
+            columns[f"_v{c}"] = featured[name].cast(pl.Float64)
+            columns[f"_u{c}"] = joined[name].cast(pl.Float64)
+        columns |= {"_used": evidence.used[rows].astype(np.int64),
+                    "_fw": evidence.fraud_weight[rows], "_tw": evidence.total_weight[rows]}
+        neighbours = [
+            pl.when(pl.col(f"_p{j}") >= 0).then(pl.struct(
+                is_fraud=pl.col(f"_l{j}"), similarity=pl.col(f"_s{j}").round(6),
+                transaction_id=pl.col(f"_i{j}"), tx_time=_iso_expr(pl.col(f"_t{j}"))))
+            for j in range(positions.shape[1])]
+        features = pl.struct(**{name: pl.struct(
+            card_usual=pl.when(pl.col("_n") > 0).then(_shown(pl.col(f"_u{c}"))),
+            value=_shown(pl.col(f"_v{c}"))) for c, name in enumerate(names)})
+        explanation = pl.struct(
+            card_history_transactions=pl.col("_n").cast(pl.Int64),
+            features=features,
+            fraud_weight=pl.col("_fw").round(6),
+            k=pl.lit(self.config.k, pl.Int64),
+            method=pl.lit("knn-similarity-weighted"),
+            neighbours=(pl.concat_list(neighbours).list.drop_nulls() if neighbours
+                        else pl.lit([], pl.List(pl.Null))),
+            neighbours_used=pl.col("_used"),
+            prior=pl.lit(round(self.prior, 8), pl.Float64),
+            smoothing=pl.lit(float(self.config.smoothing), pl.Float64),
+            total_weight=pl.col("_tw").round(6),
+        )
+        texts = pl.DataFrame(columns).select(explanation.struct.json_encode()).to_series()
+        texts = texts.to_list()
+        if evidence.stacked is not None:
+            texts = [self.explain_stacked(text, evidence.stacked, int(row))
+                     for text, row in zip(texts, rows, strict=True)]
+        return texts
+
+    def explain_stacked(self, text: str, stacked: Any, row: int) -> str:
+        """Add the stacked model's part to one explanation: its largest per-input
+        contributions (log-odds), the neighbours from other cards and terminals behind its kNN
+        inputs, and the kNN score alone."""
+        from pipeline.ledger import canonical_json
+
+        meta = self.index.meta
+        explanation = json.loads(text)
+        explanation["knn_score"] = round(float(
+            (explanation["fraud_weight"] + explanation["smoothing"] * explanation["prior"])
+            / (explanation["total_weight"] + explanation["smoothing"])), 6)
+        explanation["method"] = "knn-stacked"
+        explanation["model"] = self.index.model.explain(stacked, row)
+        found = stacked.neighbours
+        sims = similarity(found.distances[row])
+        shown = min(self.config.explain_neighbours, found.positions.shape[1])
+        explanation["model"]["neighbours_other_cards_terminals"] = [
+            {"transaction_id": meta[schema.TRANSACTION_ID][p],
+             "similarity": round(float(sims[j]), 6), "is_fraud": int(found.labels[row, j]),
+             "tx_time": _iso(meta[schema.TX_TIME][p])}
+            for j in range(shown) if (p := int(found.positions[row, j])) >= 0]
+        return canonical_json(explanation)
+
+    def input_texts(self, evidence: Evidence, rows: np.ndarray) -> list[str]:
+        """Each row's replay inputs as JSON: the scored fields, the features at full
+        precision, the exact query vector, the row's place in its search call, and the
+        scoring settings. FAISS's float32 distances (and the text embeddings) depend on which
+        rows are computed together, so a replay searches the recorded vectors of the same
+        call together again."""
+        from pipeline.ledger import canonical_json
+
+        cfg = self.config
+        names = sorted(self.index.vectorizer.config.numeric_features)
+        featured = evidence.featured[rows]
+        settings = canonical_json({
+            "k": cfg.k, "smoothing": cfg.smoothing, "prior": self.prior,
+            "prior_source": "index" if cfg.prior is None else "config",
+            "threshold": cfg.threshold, "alerts_per_day": cfg.alerts_per_day,
+            "explain_neighbours": cfg.explain_neighbours,
+            "label_delay_days": self.index.config.label_delay_days})
+        device = "gpu" if self.index.gpu else "cpu"
+        calls = evidence.call_of(rows)
+        n = len(evidence.input_hashes)
+        ends = np.append(evidence.call_starts[1:], n)
+        little = np.ascontiguousarray(evidence.vectors[rows], dtype="<f4")
+        fields = sorted(c for c in featured.columns if c in schema.DTYPES)
+        search = pl.DataFrame({
+            "call": [evidence.call_ids[c] for c in calls.tolist()],
+            "row": rows - evidence.call_starts[calls],
+            "rows": ends[calls] - evidence.call_starts[calls],
+            "vector": [base64.b64encode(v.tobytes()).decode("ascii") for v in little]})
+        frame = featured.select(
+            *[(pl.col(c).dt.to_string(ISO_US) if featured.schema[c] == pl.Datetime else pl.col(c))
+              .alias(f"_f_{c}") for c in fields],
+            *[pl.col(c).cast(pl.Float64).alias(f"_x_{c}") for c in names],
+        ).hstack(search)
+        text = pl.concat_str(
+            pl.lit('{"features":'),
+            pl.struct(**{c: _finite(pl.col(f"_x_{c}")) for c in names}).struct.json_encode(),
+            pl.lit(f',"scoring":{settings},"search":{{"call":"'), pl.col("call"),
+            pl.lit(f'","calls":{len(evidence.call_ids)},"device":"{device}","row":'),
+            pl.col("row").cast(pl.String), pl.lit(',"rows":'), pl.col("rows").cast(pl.String),
+            pl.lit('},"transaction":'),
+            pl.struct(**{c: pl.col(f"_f_{c}") for c in fields}).struct.json_encode(),
+            pl.lit(',"vector_f32":"'), pl.col("vector"), pl.lit('"}'),
+        )
+        return frame.select(text).to_series().to_list()
 
 
-def _exact(x: float | None) -> float | None:
+def _finite(x: pl.Expr) -> pl.Expr:
     """The value at full precision (JSON round-trips floats exactly); non-finite as null."""
-    return None if x is None or not math.isfinite(x) else float(x)
+    return pl.when(x.is_finite()).then(x)
 
 
-def _num(x: float) -> float | None:
-    return None if x is None or not np.isfinite(x) else round(float(x), 6)
+def _shown(x: pl.Expr) -> pl.Expr:
+    """A value for people: six decimals; non-finite as null."""
+    return pl.when(x.is_finite()).then(x.round(6))
 
 
-def _nums(values: np.ndarray) -> list[list[float | None]]:
-    """``_num`` of every element of a 2-D float array, as nested lists (NaN and inf: None)."""
-    return [[round(x, 6) if math.isfinite(x) else None for x in row]
-            for row in np.asarray(values, dtype=np.float64).tolist()]
+def _iso_expr(t: pl.Expr) -> pl.Expr:
+    """``datetime.isoformat()`` of each time: microseconds only where there are some."""
+    return (pl.when(t.dt.microsecond() == 0).then(t.dt.to_string("%Y-%m-%dT%H:%M:%S"))
+            .otherwise(t.dt.to_string("%Y-%m-%dT%H:%M:%S%.6f")))
 
 
 def _iso(t: datetime) -> str:

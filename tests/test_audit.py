@@ -441,6 +441,46 @@ def test_concurrent_openings_of_a_version_1_ledger_migrate_it_once(db_url, raw):
 
 # --- replay ---------------------------------------------------------------------------------
 
+def test_a_batch_searched_and_written_in_chunks_is_the_batch_scored_whole(db_url, world,
+                                                                          monkeypatch):
+    """A large file is searched SEARCH_ROWS queries at a time and its explanations made and
+    written TEXT_ROWS at a time (memory bounded by a chunk): the records are those of scoring
+    it in one piece, one transaction writes them all, and each decision replays against its
+    own search call."""
+    from pipeline import scoring
+
+    with Ledger(db_url) as ledger:
+        score_into(ledger, world, batch_id="whole", alerts_per_day=5)
+        whole = ledger.decisions(batch_id="whole")
+        monkeypatch.setattr(scoring, "SEARCH_ROWS", 500)
+        monkeypatch.setattr(scoring, "TEXT_ROWS", 170)
+        report = score_into(ledger, world, batch_id="chunked", alerts_per_day=5)
+        chunked = ledger.decisions(batch_id="chunked")
+        assert ledger.verify().ok
+        last = chunked[-1]
+        replayed = audit.replay(ledger, last["decision_id"], root=world["root"])
+    n = world["batch1"].height
+    assert n > 1000 and report.rows_scored == report.ledger_added == len(chunked) == n
+    calls = [d["inputs"]["search"] for d in chunked]
+    assert [c["rows"] for c in calls[::500]] == [min(500, n - s) for s in range(0, n, 500)]
+    assert {c["calls"] for c in calls} == {-(-n // 500)}
+    assert [c["row"] for c in calls] == [i % 500 for i in range(n)]
+    assert len({c["call"] for c in calls}) == -(-n // 500)
+    for a, b in zip(whole, chunked, strict=True):
+        assert a["subject_id"] == b["subject_id"] and a["input_hash"] == b["input_hash"]
+        assert a["score"] == pytest.approx(b["score"], abs=1e-9)
+        assert (a["threshold"], a["decision"]) == (b["threshold"], b["decision"])
+        assert a["explanation"]["neighbours"] == b["explanation"]["neighbours"]
+        assert a["explanation"]["features"] == b["explanation"]["features"]
+        assert {k: v for k, v in a["inputs"].items() if k != "search"} == \
+            {k: v for k, v in b["inputs"].items() if k != "search"}
+    # The day's alert threshold was ranked over the whole batch, across the calls: a replay
+    # of one call keeps the recorded threshold rather than ranking the call alone.
+    assert replayed.ok, replayed.reason
+    assert replayed.rows_searched == n - 500 * ((n - 1) // 500)
+    assert replayed.replayed_threshold == last["threshold"]
+
+
 def test_replay_reproduces_recorded_scores_and_catches_a_changed_score(db_url, raw, world):
     with Ledger(db_url) as ledger:
         report = score_into(ledger, world, alerts_per_day=5)

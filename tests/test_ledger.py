@@ -590,3 +590,43 @@ def test_retry_transient_retries_only_transient_errors():
     with pytest.raises(OperationalError, match="locked"):
         retry_transient(always_locked, attempts=4, sleep=lambda _: None)
     assert len(calls) == 4
+
+
+def test_a_streamed_batch_is_written_whole_or_not_at_all(db_url):
+    """A DecisionStream's chunks are made while the ledger writes them, in one transaction: a
+    stream that makes fewer decisions than it announced leaves nothing behind, and a re-run of
+    a recorded batch does not make its decisions again."""
+    from pipeline.ledger import DecisionStream
+
+    def chunks_of(n: int, size: int):
+        def chunks():
+            for start in range(0, n, size):
+                yield [Decision(batch_id="s", kind="fraud", subject_id=f"tx-{i}", score=0.25,
+                                threshold=0.5, decision="pass", model_version="m",
+                                index_version="i@1", input_hash=f"h{i}", explanation=None,
+                                encoded=(f'{{"row":{i}}}', None))
+                       for i in range(start, min(start + size, n))]
+        return chunks
+
+    with Ledger(db_url) as ledger:
+        with pytest.raises(LedgerError, match="8 decisions were made but 10 announced"):
+            ledger.record_batch("s", "fraud", "in", 10, DecisionStream(10, chunks_of(8, 3)))
+        assert ledger.count() == 0 and ledger.batches() == []
+        receipt = ledger.record_batch("s", "fraud", "in", 10, DecisionStream(10, chunks_of(10, 3)))
+        assert receipt.added == 10 and ledger.verify().ok
+        assert [d["explanation"] for d in ledger.decisions()] == [{"row": i} for i in range(10)]
+
+        def never():
+            raise AssertionError("a recorded batch's decisions were made again")
+        again = ledger.record_batch("s", "fraud", "in", 10, DecisionStream(10, never))
+        assert (again.added, again.already_present) == (0, 10)
+        with pytest.raises(LedgerError, match="appears more than once"):
+            ledger.record_batch("t", "fraud", "in", 4, DecisionStream(4, lambda: [
+                [Decision(batch_id="t", kind="fraud", subject_id=s, score=0.1, threshold=0.5,
+                          decision="pass", model_version="m", index_version="i@1",
+                          input_hash="h", explanation={})] for s in ("a", "b", "c", "a")]))
+        assert ledger.count() == 10
+        with pytest.raises(ValueError, match="JSON object"):
+            Decision(batch_id="t", kind="fraud", subject_id="x", score=0.1, threshold=0.5,
+                     decision="pass", model_version="m", index_version="i@1", input_hash="h",
+                     explanation=None, encoded=("not json", None))

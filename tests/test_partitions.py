@@ -149,10 +149,15 @@ def test_partitioned_scoring_equals_whole_file_in_any_order(dataset, tmp_path):
 
 
 def test_flow_on_a_two_worker_dask_cluster(dataset, prefect_harness, pg_url, tmp_path):
-    """Two worker processes write to one PostgreSQL ledger concurrently."""
+    """Two worker processes write to one PostgreSQL ledger concurrently, and report their
+    task runs to the flow's own Prefect server (not to temporary servers of their own)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
     from flows.score_dataset import score_dataset_on_dask
 
     out = tmp_path / "scores.parquet"
+    environment = os.environ.get("PREFECT_API_URL")
     report = score_dataset_on_dask(
         workers=2, input=str(dataset["feed"]), index="fraud", output=str(out), partitions=4,
         db=pg_url, root=str(dataset["root"]), k=20)
@@ -167,6 +172,14 @@ def test_flow_on_a_two_worker_dask_cluster(dataset, prefect_harness, pg_url, tmp
         assert {b["batch_id"] for b in ledger.batches()} == {
             b for r in report.partitions for b in r.batch_ids}
     load_index.cache_clear()
+    assert os.environ.get("PREFECT_API_URL") == environment  # put back as it was
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(limit=1, sort="START_TIME_DESC")[0]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[run.id])))
+    assert run.name and run.state.is_completed()
+    assert sorted(t.state.name for t in tasks if t.task_key.startswith("score_one")) == \
+        ["Completed"] * 4
 
 
 def test_cli_refuses_partitioned_misuse_with_messages(dataset, tmp_path):
@@ -186,3 +199,24 @@ def test_cli_refuses_partitioned_misuse_with_messages(dataset, tmp_path):
     result = cli(*base, "-i", str(dataset["feed"]), "--partitions", "2", "--history",
                  str(dataset["feed"]))
     assert result.returncode == 2 and "--history cannot be combined" in result.stderr
+
+
+def test_cli_run_on_a_local_cluster_starts_one_temporary_prefect_server(dataset, tmp_path):
+    """With no Prefect server configured, `finsentinel score --partitions` starts one
+    temporary server and its Dask workers report to it (each used to start its own: tens of
+    seconds of CPU on a small machine)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "COLUMNS": "200"}
+    db = tmp_path / "l.sqlite"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "score", "-i", str(dataset["feed"]), "--index",
+         "fraud", "--root", str(dataset["root"]), "-o", str(tmp_path / "s.parquet"), "--db",
+         f"sqlite:///{db}", "--partitions", "2", "--dask-workers", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert output.count("Starting temporary server") == 1, output[-3000:]
+    assert "2 partitions:" in output
+    with Ledger(f"sqlite:///{db}") as ledger:
+        assert ledger.count() == dataset["rows"] - 4 and ledger.verify().ok
+    load_index.cache_clear()
