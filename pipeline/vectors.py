@@ -136,9 +136,14 @@ class TransactionVectorizer:
         numeric = (self._numeric(frame) - self.mean_) / self.std_ * self._weights()
         parts = [numeric]
         if self.use_text_:
-            texts = frame.select(description_expr(frame.columns))["text"].to_list()
-            emb = self.encoder.encode(texts).astype(np.float64)
-            parts.append((emb - self.pca_mean_) @ self.pca_components_.T * self.text_scale_)
+            # Each distinct text is embedded and projected once, then gathered per row: a
+            # batch has far fewer merchants than rows.
+            texts = frame.select(description_expr(frame.columns))["text"]
+            distinct = texts.unique().sort()
+            rows = texts.cast(pl.Enum(distinct.to_list())).to_physical().to_numpy()
+            emb = self.encoder.encode(distinct.to_list()).astype(np.float64)
+            projected = (emb - self.pca_mean_) @ self.pca_components_.T * self.text_scale_
+            parts.append(projected[rows])
         return np.ascontiguousarray(np.hstack(parts), dtype=np.float32)
 
     def save(self, directory: str | Path) -> None:
