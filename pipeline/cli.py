@@ -215,9 +215,14 @@ def score(
     with console.status(f"loading index {index}"):
         fraud_index = FraudIndex.load(index, root)
     extra = read_transactions(history).accepted if history else None
-    with console.status("scoring"), Ledger(db) as ledger:
-        report = jobs.score_file(input, fraud_index, output, ledger=ledger, batch_id=batch_id,
-                                 config=config, history=extra)
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as bar, Ledger(db) as ledger:
+        task = bar.add_task("features", total=None)
+        report = jobs.score_file(
+            input, fraud_index, output, ledger=ledger, batch_id=batch_id, config=config,
+            history=extra, progress=lambda stage, done, total: bar.update(
+                task, description=stage, completed=done, total=total))
     _print_score_report(report)
 
 

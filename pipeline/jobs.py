@@ -19,7 +19,7 @@ from pipeline.features import compute_features
 from pipeline.index import FraudIndex, IndexConfig
 from pipeline.ingest import IngestResult, read_transactions, write_quarantine
 from pipeline.ledger import BatchReceipt, Decision, DecisionStream, Ledger, QuarantinedRow
-from pipeline.scoring import FraudScorer, ScoredBatch, ScoringConfig, batch_hash
+from pipeline.scoring import FraudScorer, Progress, ScoredBatch, ScoringConfig, batch_hash
 from pipeline.vectors import VectorConfig
 
 
@@ -128,9 +128,10 @@ def build_index(ingested: IngestResult, name: str, *, root: str | Path | None = 
 
 
 def decisions_for(scored: ScoredBatch, batch_id: str, index: FraudIndex,
-                  chunk_rows: int | None = None) -> DecisionStream:
+                  chunk_rows: int | None = None, progress: Progress | None = None
+                  ) -> DecisionStream:
     """The batch's decisions, made ``chunk_rows`` (default ``scoring.TEXT_ROWS``) at a time
-    as the ledger writes them."""
+    as the ledger writes them; ``progress`` is told of each chunk written."""
     chunk_rows = chunk_rows or scoring.TEXT_ROWS
     model_version = (index.manifest["encoder"] or {}).get("model_id", "numeric-only")
 
@@ -146,6 +147,8 @@ def decisions_for(scored: ScoredBatch, batch_id: str, index: FraudIndex,
                          encoded=(explanation, row_inputs))
                 for (tx, score, threshold, decision, input_hash), explanation, row_inputs
                 in zip(rows.iter_rows(), explanations, inputs, strict=True)]
+            if progress is not None:
+                progress("explaining and recording", start + rows.height, scored.scores.height)
 
     return DecisionStream(scored.scores.height, chunks)
 
@@ -157,9 +160,9 @@ def quarantined_rows(ingested: IngestResult) -> list[QuarantinedRow]:
 
 
 def record(ledger: Ledger, ingested: IngestResult, scored: ScoredBatch, index: FraudIndex,
-           batch_id: str) -> BatchReceipt:
+           batch_id: str, progress: Progress | None = None) -> BatchReceipt:
     """Write the batch's decisions and quarantined rows to the ledger in one transaction."""
-    decisions = decisions_for(scored, batch_id, index)
+    decisions = decisions_for(scored, batch_id, index, progress=progress)
     input_hash = batch_hash(scored.scores["input_hash"].to_list()
                             + [f"q:{r['row_number']}:{r['raw']}"
                                for r in ingested.quarantined.iter_rows(named=True)])
@@ -196,12 +199,15 @@ def write_outputs(scored: ScoredBatch, ingested: IngestResult, batch_id: str,
 
 def score_file(input_path: str | Path, index: FraudIndex, output_path: str | Path, *,
                ledger: Ledger, batch_id: str | None = None, config: ScoringConfig | None = None,
-               history: pl.DataFrame | None = None) -> ScoreReport:
+               history: pl.DataFrame | None = None, progress: Progress | None = None
+               ) -> ScoreReport:
+    """Score a file and record it as one ledger batch; ``progress(stage, done, total)`` is
+    told as the search and the ledger write advance."""
     ingested = read_transactions(input_path)
-    scored = FraudScorer(index, config).score(ingested.accepted, history)
+    scored = FraudScorer(index, config).score(ingested.accepted, history, progress=progress)
     batch_id = resolve_batch_id(input_path, scored, batch_id)
     out, qpath = write_outputs(scored, ingested, batch_id, output_path)
-    receipt = record(ledger, ingested, scored, index, batch_id)
+    receipt = record(ledger, ingested, scored, index, batch_id, progress=progress)
     return report_for(batch_id, ingested, scored, receipt, out, qpath, index)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -108,6 +109,8 @@ def alert_thresholds(scores: pl.DataFrame, config: ScoringConfig) -> np.ndarray:
     return per_day["_t"].to_numpy()
 
 
+# progress(stage, rows done, rows in all): how long work reports how far it is.
+Progress = Callable[[str, int, int], None]
 SEARCH_ROWS = 100_000  # queries per FAISS search call: bounds the search's temporary arrays
 TEXT_ROWS = 20_000  # rows whose explanation and inputs texts are made at a time
 
@@ -205,10 +208,12 @@ class FraudScorer:
             featured = with_derived_features(featured)
         return featured
 
-    def score(self, batch: pl.DataFrame, history: pl.DataFrame | None = None) -> ScoredBatch:
+    def score(self, batch: pl.DataFrame, history: pl.DataFrame | None = None, *,
+              progress: Progress | None = None) -> ScoredBatch:
         """Scores, alert decisions and input hashes of every row; the neighbours found are
         kept compactly as the rows' evidence. Queries are searched ``SEARCH_ROWS`` at a time:
-        each such search call is recorded with its rows (see :meth:`input_texts`)."""
+        each such search call is recorded with its rows (see :meth:`input_texts`).
+        ``progress(stage, done, total)`` is told of each search call."""
         cfg = self.config
         featured = self.features(batch, history)
         n = featured.height
@@ -235,6 +240,8 @@ class FraudScorer:
             used[part] = (pos >= 0).sum(axis=1)
             fraud_weight[part] = (sims * (labs == 1)).sum(axis=1)
             total_weight[part] = sims.sum(axis=1)
+            if progress is not None:
+                progress("nearest neighbours", part.stop, n)
         stacked = None
         if self.index.model is not None:  # an index built with --scorer knn-stacked
             stacked = self.index.model.predict(featured, self.index, self.index.meta)

@@ -454,13 +454,21 @@ def test_a_batch_searched_and_written_in_chunks_is_the_batch_scored_whole(db_url
         whole = ledger.decisions(batch_id="whole")
         monkeypatch.setattr(scoring, "SEARCH_ROWS", 500)
         monkeypatch.setattr(scoring, "TEXT_ROWS", 170)
-        report = score_into(ledger, world, batch_id="chunked", alerts_per_day=5)
+        seen = []
+        report = jobs.score_file(
+            world["work"] / "batch1.parquet", FraudIndex.load("cards", world["root"]),
+            world["work"] / "chunked.parquet", ledger=ledger, batch_id="chunked",
+            config=ScoringConfig(alerts_per_day=5), progress=lambda *step: seen.append(step))
         chunked = ledger.decisions(batch_id="chunked")
         assert ledger.verify().ok
         last = chunked[-1]
         replayed = audit.replay(ledger, last["decision_id"], root=world["root"])
     n = world["batch1"].height
     assert n > 1000 and report.rows_scored == report.ledger_added == len(chunked) == n
+    # Progress: each search call, then each chunk written, up to every row.
+    assert seen == ([("nearest neighbours", min(s + 500, n), n) for s in range(0, n, 500)]
+                    + [("explaining and recording", min(s + 170, n), n)
+                       for s in range(0, n, 170)])
     calls = [d["inputs"]["search"] for d in chunked]
     assert [c["rows"] for c in calls[::500]] == [min(500, n - s) for s in range(0, n, 500)]
     assert {c["calls"] for c in calls} == {-(-n // 500)}
