@@ -49,7 +49,8 @@ EXPORT_SCHEMA: dict[str, pl.DataType] = {
     "tx_time": pl.String(), "amount": pl.Float64(), "score": pl.Float64(),
     "threshold": pl.Float64(), "decision": pl.String(), "model_version": pl.String(),
     "index_version": pl.String(), "input_hash": pl.String(), "created_at": pl.String(),
-    "prev_hash": pl.String(), "hash": pl.String(), "explanation": pl.String(),
+    "subject_time": pl.String(), "prev_hash": pl.String(), "hash": pl.String(),
+    "explanation": pl.String(),
     "inputs": pl.String(), "review_label": pl.String(), "reviewer": pl.String(),
     "reviewed_at": pl.String(), "review_comment": pl.String(), "reviews": pl.Int64(),
 }
@@ -467,16 +468,22 @@ def export_rows(ledger: Ledger, since: datetime | None = None, until: datetime |
                 ) -> list[dict[str, Any]]:
     """One row per decision (created_at in [since, until)), in ledger order, with its latest
     review; card and terminal ids pseudonymised unless ``reveal``. Explanation and inputs are
-    canonical JSON text (with ``reveal``, each row's hash can be recomputed from it)."""
+    JSON text: with ``reveal`` the texts as recorded, so each row's hash can be recomputed
+    from the export; otherwise canonical JSON of the pseudonymised values."""
     pseudo = pseudonymiser(reveal)
     decisions = ledger.decisions(batch_id=batch_id, since=since, until=until,
-                                 decision_ids=decision_ids)
+                                 decision_ids=decision_ids, parse=False)
     if alerts_only:
         decisions = [d for d in decisions if d["decision"] == "alert"]
     reviews = _reviews_by_decision(ledger, {d["decision_id"] for d in decisions})
     rows = []
     for d in decisions:
-        inputs = None if d["inputs"] is None else pseudonymise_ids(d["inputs"], pseudo)
+        recorded = {"explanation": d["explanation"], "inputs": d["inputs"]}
+        explanation = pseudonymise_ids(json.loads(d["explanation"]), pseudo)
+        inputs = None if d["inputs"] is None else pseudonymise_ids(json.loads(d["inputs"]), pseudo)
+        if not reveal:
+            recorded = {"explanation": canonical_json(explanation),
+                        "inputs": None if inputs is None else canonical_json(inputs)}
         tx = (inputs or {}).get("transaction", {})
         history = reviews.get(d["decision_id"], [])
         last = history[-1] if history else {}
@@ -488,9 +495,8 @@ def export_rows(ledger: Ledger, since: datetime | None = None, until: datetime |
             "score": float(d["score"]), "threshold": float(d["threshold"]),
             "decision": d["decision"], "model_version": d["model_version"],
             "index_version": d["index_version"], "input_hash": d["input_hash"],
-            "created_at": d["created_at"], "prev_hash": d["prev_hash"], "hash": d["hash"],
-            "explanation": canonical_json(pseudonymise_ids(d["explanation"], pseudo)),
-            "inputs": None if inputs is None else canonical_json(inputs),
+            "created_at": d["created_at"], "subject_time": d["subject_time"],
+            "prev_hash": d["prev_hash"], "hash": d["hash"], **recorded,
             "review_label": last.get("label"), "reviewer": last.get("reviewer"),
             "reviewed_at": last.get("created_at"), "review_comment": last.get("comment"),
             "reviews": len(history),

@@ -138,14 +138,15 @@ def decisions_for(scored: ScoredBatch, batch_id: str, index: FraudIndex,
     def chunks() -> Iterator[list[Decision]]:
         for start in range(0, scored.scores.height, chunk_rows):
             rows = scored.scores.slice(start, chunk_rows).select(
-                schema.TRANSACTION_ID, "score", "threshold", "decision", "input_hash")
+                schema.TRANSACTION_ID, "score", "threshold", "decision", "input_hash",
+                schema.TX_TIME)
             explanations, inputs = scored.texts(start, start + chunk_rows)
             yield [
                 Decision(batch_id=batch_id, kind="fraud", subject_id=tx, score=score,
                          threshold=threshold, decision=decision, model_version=model_version,
                          index_version=index.version, input_hash=input_hash, explanation=None,
-                         encoded=(explanation, row_inputs))
-                for (tx, score, threshold, decision, input_hash), explanation, row_inputs
+                         subject_time=tx_time, encoded=(explanation, row_inputs))
+                for (tx, score, threshold, decision, input_hash, tx_time), explanation, row_inputs
                 in zip(rows.iter_rows(), explanations, inputs, strict=True)]
             if progress is not None:
                 progress("explaining and recording", start + rows.height, scored.scores.height)

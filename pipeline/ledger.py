@@ -55,7 +55,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 DEFAULT_DB_ENV = "FINSENTINEL_DB"
 DEFAULT_WORKDIR = Path("finsentinel-work")
 DEFAULT_DB_FILE = "ledger.sqlite"
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 GENESIS_HASH = "0" * 64
 DECISION_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://finsentinel/ledger/decision")
 BUSY_TIMEOUT_S = 30.0
@@ -68,7 +68,7 @@ HASHED_FIELDS = ("batch_id", "created_at", "decision", "decision_id", "explanati
                  "index_version", "input_hash", "kind", "model_version", "prev_hash", "score",
                  "subject_id", "threshold")
 # Hashed only when not null (schema v2): version-1 records have none and keep their hashes.
-OPTIONAL_HASHED_FIELDS = ("inputs",)
+OPTIONAL_HASHED_FIELDS = ("inputs", "subject_time")
 FEEDBACK_HASHED_FIELDS = ("comment", "created_at", "decision_hash", "decision_id", "feedback_id",
                           "kind", "label", "prev_hash", "reviewer", "subject_id")
 # What a reviewer may say about a decision, by decision kind (others: REVIEW_LABELS_OTHER).
@@ -123,9 +123,13 @@ DECISIONS = sa.Table(
     sa.Column("prev_hash", sa.CHAR(64), nullable=False),
     sa.Column("hash", sa.CHAR(64), nullable=False),
     sa.Column("inputs", sa.Text, nullable=True),  # schema v2; null in version-1 records
+    # Schema v3: when the subject happened (a transaction's time, an article's publication),
+    # ISO-8601 UTC like created_at; null in older records.
+    sa.Column("subject_time", sa.Text, nullable=True),
     sa.UniqueConstraint("kind", "batch_id", "subject_id", name="uq_decisions_kind_batch_subject"),
     # The dashboard's day queues (see READ_INDEXES).
     sa.Index("ix_decisions_kind_created_at", "kind", "created_at"),
+    sa.Index("ix_decisions_kind_subject_time", "kind", "subject_time"),
 )
 
 QUARANTINE = sa.Table(
@@ -165,7 +169,8 @@ FEEDBACK = _feedback_table_v2(METADATA)
 # changes no record and older releases read the ledger unchanged, so opening a ledger creates any
 # that are missing (under the write lock, once) instead of bumping SCHEMA_VERSION.
 READ_INDEXES: tuple[sa.Index, ...] = tuple(
-    i for i in DECISIONS.indexes if i.name == "ix_decisions_kind_created_at")
+    i for i in DECISIONS.indexes
+    if i.name in ("ix_decisions_kind_created_at", "ix_decisions_kind_subject_time"))
 
 
 # --- migrations ---------------------------------------------------------------------------
@@ -187,9 +192,15 @@ def _migrate_1_to_2(conn: Connection) -> None:
                                         {"key": "feedback_head_hash", "value": GENESIS_HASH}])
 
 
+def _migrate_2_to_3(conn: Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE decisions ADD COLUMN subject_time TEXT"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("1", "decisions.inputs (replay inputs, hashed when present); feedback hash chain",
               _migrate_1_to_2),
+    Migration("2", "decisions.subject_time (when the transaction or article happened, UTC; "
+                   "hashed when present)", _migrate_2_to_3),
 )
 
 
@@ -303,6 +314,8 @@ class Decision:
     decision_id: str = ""
     # What a replay needs (schema v2): the scored row's fields, features and query vector.
     inputs: dict | None = None
+    # When the subject happened (naive: UTC); the dashboard's days are these days.
+    subject_time: datetime | None = None
     # (explanation JSON, inputs JSON or None) as made by the producer.
     encoded: tuple[str, str | None] | None = field(default=None, repr=False, compare=False)
     # The JSON of explanation and inputs, made once here: it is what the ledger records and
@@ -332,6 +345,9 @@ class Decision:
             recorded = (explanation_json(self.explanation, where),
                         None if self.inputs is None else inputs_json(self.inputs, where))
         object.__setattr__(self, "recorded_json", recorded)
+        if self.subject_time is not None and not isinstance(self.subject_time, datetime):
+            raise ValueError(f"{where}: subject_time must be a datetime, got "
+                             f"{type(self.subject_time).__name__}")
         if self.decision_id:
             _check_text("decision_id", self.decision_id, where)
         else:
@@ -717,7 +733,8 @@ class Ledger:
                            "threshold": d.threshold, "decision": d.decision,
                            "model_version": d.model_version, "index_version": d.index_version,
                            "input_hash": d.input_hash, "explanation": explanation,
-                           "inputs": inputs, "created_at": now, "prev_hash": prev_hash}
+                           "inputs": inputs, "created_at": now, "prev_hash": prev_hash,
+                           "subject_time": _iso_bound(d.subject_time, "subject_time")}
                     row["hash"] = prev_hash = record_hash(row)
                     row["seq"] = seq
                     rows.append(row)
@@ -1029,9 +1046,11 @@ class Ledger:
 
     def decisions(self, batch_id: str | None = None, kind: str | None = None, *,
                   since: datetime | str | None = None, until: datetime | str | None = None,
-                  decision_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                  decision_ids: Sequence[str] | None = None, parse: bool = True
+                  ) -> list[dict[str, Any]]:
         """Decisions in ledger order, with the explanation and inputs parsed back into dicts
-        (inputs None for records without them). since/until: created_at, until exclusive."""
+        (inputs None for records without them; ``parse=False``: the JSON texts exactly as
+        recorded and hashed). since/until: created_at, until exclusive."""
         query = sa.select(DECISIONS).order_by(DECISIONS.c.seq)
         if batch_id is not None:
             query = query.where(DECISIONS.c.batch_id == batch_id)
@@ -1042,7 +1061,7 @@ class Ledger:
             query = query.where(DECISIONS.c.decision_id.in_(list(decision_ids)))
         with self._read() as conn:
             rows = [dict(r) for r in conn.execute(query).mappings()]
-        for row in rows:
+        for row in rows if parse else ():
             row["explanation"] = json.loads(row["explanation"])
             row["inputs"] = None if row["inputs"] is None else json.loads(row["inputs"])
         return rows

@@ -388,7 +388,8 @@ def test_a_version_1_ledger_opens_migrates_verifies_and_accepts_new_records(db_u
     old = write_v1_ledger(raw)
     with Ledger(db_url) as ledger:
         meta = ledger.meta()
-        assert meta["schema_version"] == ledger_mod.SCHEMA_VERSION == "2"
+        assert meta["schema_version"] == ledger_mod.SCHEMA_VERSION == "3"
+        assert "decisions.subject_time" in meta["migration_2_to_3"]
         assert "decisions.inputs" in meta["migration_1_to_2"]
         assert ledger.verify().ok
         kept = ledger.decisions()
@@ -416,6 +417,54 @@ def test_inputs_are_hashed_into_new_records(db_url, raw):
     assert (report.ok, report.first_bad_seq) == (False, 2) and "edited" in report.reason
 
 
+def test_subject_times_are_hashed_into_new_records(db_url, raw):
+    """A decision's subject time (the transaction's own time, which the dashboard's days
+    follow) is part of its record: changing or dropping it breaks the chain there."""
+    when = datetime(2018, 5, 30, 23, 59, 59, 250000)
+    decisions = [Decision(batch_id="t", kind="fraud", subject_id=f"tx-{i}", score=0.1,
+                          threshold=0.5, decision="pass", model_version="m", index_version="i@1",
+                          input_hash=f"h{i}", explanation={"i": i},
+                          subject_time=when + timedelta(hours=i)) for i in range(3)]
+    with Ledger(db_url) as ledger:
+        ledger.record_batch("t", "fraud", "in-t", 3, decisions)
+        stored = [d["subject_time"] for d in ledger.decisions()]
+    assert stored == ["2018-05-30T23:59:59.250000+00:00", "2018-05-31T00:59:59.250000+00:00",
+                      "2018-05-31T01:59:59.250000+00:00"]
+    for seq, change in ((2, "'2018-05-30T00:00:00.000000+00:00'"), (3, "NULL")):
+        with raw.begin() as conn:
+            conn.execute(sa.text(f"UPDATE decisions SET subject_time = {change} "
+                                 "WHERE seq = :s"), {"s": seq})
+        with Ledger(db_url) as ledger:
+            report = ledger.verify()
+        assert (report.ok, report.first_bad_seq) == (False, 2)
+    with pytest.raises(ValueError, match="subject_time must be a datetime"):
+        Decision(batch_id="t", kind="fraud", subject_id="x", score=0.1, threshold=0.5,
+                 decision="pass", model_version="m", index_version="i@1", input_hash="h",
+                 explanation={}, subject_time="2018-05-30")
+
+
+def test_a_version_2_ledger_gains_subject_times_and_keeps_verifying(db_url, raw):
+    """Schema 2 -> 3 adds the subject-time column: older records keep their hashes (no
+    subject time), new ones carry it."""
+    with Ledger(db_url) as ledger:
+        ledger.record_batch("old", "fraud", "in-old", 2, small_decisions("old", 2))
+    with raw.begin() as conn:  # what version 2 looked like
+        conn.execute(sa.text("DROP INDEX ix_decisions_kind_subject_time"))
+        conn.execute(sa.text("ALTER TABLE decisions DROP COLUMN subject_time"))
+        conn.execute(sa.text("UPDATE ledger_meta SET value = '2' WHERE key = 'schema_version'"))
+    with Ledger(db_url) as ledger:
+        meta = ledger.meta()
+        ledger.record_batch("new", "fraud", "in-new", 1, [Decision(
+            batch_id="new", kind="fraud", subject_id="n", score=0.2, threshold=0.5,
+            decision="pass", model_version="m", index_version="i@1", input_hash="h",
+            explanation={}, subject_time=datetime(2018, 6, 1, 12))])
+        assert ledger.verify().ok
+        records = ledger.decisions()
+    assert meta["schema_version"] == "3" and "subject_time" in meta["migration_2_to_3"]
+    assert [d["subject_time"] for d in records] == [None, None,
+                                                    "2018-06-01T12:00:00.000000+00:00"]
+
+
 def test_concurrent_openings_of_a_version_1_ledger_migrate_it_once(db_url, raw):
     old = write_v1_ledger(raw)
     errors, barrier = [], threading.Barrier(4)
@@ -424,7 +473,7 @@ def test_concurrent_openings_of_a_version_1_ledger_migrate_it_once(db_url, raw):
         try:
             barrier.wait()
             with Ledger(db_url) as ledger:
-                assert ledger.meta()["schema_version"] == "2"
+                assert ledger.meta()["schema_version"] == "3"
         except Exception as exc:  # collected and reported below
             errors.append(exc)
 
@@ -618,7 +667,8 @@ def expected_rows(ledger: Ledger) -> list[dict]:
         out.append({
             **{k: d[k] for k in ("seq", "decision_id", "batch_id", "kind", "subject_id", "score",
                                  "threshold", "decision", "model_version", "index_version",
-                                 "input_hash", "created_at", "prev_hash", "hash")},
+                                 "input_hash", "created_at", "subject_time", "prev_hash",
+                                 "hash")},
             "customer_id": tx["customer_id"], "terminal_id": tx["terminal_id"],
             "tx_time": tx["tx_time"], "amount": tx["amount"],
             "explanation": d["explanation"], "inputs": inputs,
@@ -671,8 +721,8 @@ def test_exports_read_back_equal_and_hold_no_raw_card_or_terminal_id(db_url, wor
     assert revealed.rows == len(decisions) and not revealed.pseudonymised
     assert decisions[0]["inputs"]["transaction"]["customer_id"] in shown
     # With --reveal every exported record's hash can be recomputed from the export.
-    first = audit.read_export(tmp_path / "raw.jsonl").row(0, named=True)
-    assert ledger_mod.record_hash(first) == first["hash"]
+    for row in audit.read_export(tmp_path / "raw.jsonl").iter_rows(named=True):
+        assert ledger_mod.record_hash(row) == row["hash"]
 
 
 def test_export_without_a_pseudonym_key_stops_before_writing(db_url, monkeypatch, tmp_path):

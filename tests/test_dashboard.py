@@ -7,6 +7,7 @@ import math
 import os
 import uuid
 from collections import defaultdict
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,12 @@ def _fraud(seeded) -> list[dict]:
         return ledger.decisions(kind="fraud")
 
 
+def _on_latest_day(decisions: list[dict]) -> list[dict]:
+    """The decisions about the last day's transactions: the Alerts page's default queue."""
+    day = max(d["inputs"]["transaction"]["tx_time"][:10] for d in decisions)
+    return [d for d in decisions if d["inputs"]["transaction"]["tx_time"][:10] == day]
+
+
 def _expected_queue(decisions, budget=100, keep=lambda tx: True):
     best: dict[str, dict] = {}
     for d in sorted(decisions, key=lambda d: (-d["score"], d["seq"])):
@@ -153,8 +160,25 @@ def _queue(queries, flt):
 
 # --- queries (SQLite and PostgreSQL) ---------------------------------------------------------
 
-def test_alert_queue_is_the_days_top_cards_by_their_highest_score(seeded):
+def test_alert_days_are_the_transactions_days_not_the_scoring_day(seeded):
+    """The seeded batch is a week of 2018 scored today: its alerts fall on their own days."""
     decisions = _fraud(seeded)
+    queries = DashboardQueries(Ledger(seeded["db"]))
+    days = sorted({d["inputs"]["transaction"]["tx_time"][:10] for d in decisions}, reverse=True)
+    assert len(days) == 7 and days[0] < "2019"
+    assert [d.isoformat() for d in queries.fraud_days()] == days
+    assert [d.isoformat() for d in queries.fraud_days(limit=2)] == days[:2]
+    assert all(d["subject_time"][:10] == d["inputs"]["transaction"]["tx_time"][:10]
+               for d in decisions)
+    earliest = date.fromisoformat(days[-1])
+    first, rows = _queue(queries, AlertFilter(day=earliest, budget=1000))
+    on_day = [d for d in decisions if d["inputs"]["transaction"]["tx_time"][:10] == days[-1]]
+    assert first.day == earliest
+    assert [(r["card"], r["score"]) for r in rows] == _expected_queue(on_day, 1000)
+
+
+def test_alert_queue_is_the_days_top_cards_by_their_highest_score(seeded):
+    decisions = _on_latest_day(_fraud(seeded))
     queries = DashboardQueries(Ledger(seeded["db"]))
     first, rows = _queue(queries, AlertFilter())
     assert first.cards == 100 and first.pages == 4 and len(rows) == 100
@@ -168,7 +192,7 @@ def test_alert_queue_is_the_days_top_cards_by_their_highest_score(seeded):
 
 
 def test_alert_filters_by_channel_merchant_and_score(seeded):
-    decisions = _fraud(seeded)
+    decisions = _on_latest_day(_fraud(seeded))
     queries = DashboardQueries(Ledger(seeded["db"]))
     _, rows = _queue(queries, AlertFilter(channel="card-not-present", budget=30))
     assert [(r["card"], r["score"]) for r in rows] == _expected_queue(
@@ -258,7 +282,7 @@ def test_an_older_ledger_gets_the_read_indexes_on_open(seeded):
     engine.dispose()
     assert {i.name for i in READ_INDEXES} <= names
     assert all(f"index_{i.name}" in meta for i in READ_INDEXES)
-    assert meta["schema_version"] == "2"
+    assert meta["schema_version"] == "3"
 
 
 def test_training_reference_scores_come_from_the_index(seeded_sqlite):
@@ -347,7 +371,7 @@ def test_alerts_page_lists_the_highest_score_first(app_env):
     assert at.sidebar.radio(key="page").value == "Alerts"
     assert at.sidebar.markdown[0].value == f"Signed in as **{USER}**"
     table = at.dataframe[0].value
-    assert table["score"].iloc[0] == max(d["score"] for d in _fraud(app_env))
+    assert table["score"].iloc[0] == max(d["score"] for d in _on_latest_day(_fraud(app_env)))
     assert len(table) == 25 and list(table["rank"]) == list(range(1, 26))
     at.selectbox(key="alert_channel").select("card-present").run()
     table = at.dataframe[0].value

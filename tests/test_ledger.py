@@ -551,7 +551,7 @@ def test_schema_version_mismatch_is_refused(db_url, raw):
     with raw.begin() as conn:
         conn.execute(sa.text("UPDATE ledger_meta SET value = :v WHERE key = 'schema_version'"),
                      {"v": "99"})
-    with pytest.raises(LedgerError, match=r"schema_version is '99'.*version '2'"):
+    with pytest.raises(LedgerError, match=r"schema_version is '99'.*version '3'"):
         Ledger(db_url)
 
 

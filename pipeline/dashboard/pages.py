@@ -144,7 +144,7 @@ def alerts_page(queries: DashboardQueries, settings: Settings, user: str) -> Non
         st.info("No fraud decisions in the ledger yet: score a batch (`finsentinel score`).")
         return
     c1, c2, c3, c4, c5 = st.columns([1.2, 1, 1.2, 1, 0.8])
-    day = c1.selectbox("Day (UTC, recorded)", days, key="alert_day",
+    day = c1.selectbox("Transactions of (UTC)", days, key="alert_day",
                        format_func=lambda d: d.isoformat())
     min_score = c2.slider("Minimum score", 0.0, 1.0, 0.0, 0.01, key="alert_min_score")
     merchant = c3.text_input("Merchant (name or terminal id)", key="alert_merchant")

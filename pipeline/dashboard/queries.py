@@ -2,7 +2,7 @@
 its database), usable and testable without Streamlit.
 
 Every query is bounded: a day's alert queue reads the day's (seq, score) pairs through the
-``(kind, created_at)`` index and the card ids of only as many top rows as the budget needs; the
+``(kind, subject_time)`` index and the card ids of only as many top rows as the budget needs; the
 audit search pages by ``seq`` (keyset, never OFFSET over the whole ledger); a batch's scores
 come through the ``batch_id`` index. Card, merchant and channel live in each decision's recorded
 inputs (JSON); they are extracted in SQL (SQLite ``json_extract``, PostgreSQL ``jsonb``) only
@@ -88,9 +88,9 @@ def main_reasons(explanation: dict[str, Any], limit: int = 3) -> list[str]:
 
 @dataclass(frozen=True)
 class AlertFilter:
-    """The alert queue's filters: the ledger day (UTC, the day decisions were recorded; None:
-    the latest), a minimum score, a merchant (name substring or exact terminal id), a channel,
-    and the budget of cards."""
+    """The alert queue's filters: the day (UTC) the transactions happened (for records from
+    before subject times, the day they were recorded; None: the latest), a minimum score, a
+    merchant (name substring or exact terminal id), a channel, and the budget of cards."""
 
     day: date | None = None
     min_score: float = 0.0
@@ -147,13 +147,32 @@ class DashboardQueries:
     # -- alerts --
 
     def fraud_days(self, limit: int = 366) -> list[date]:
-        """Days (UTC) with fraud decisions recorded, newest first (from the small batch table)."""
-        day = sa.func.substr(BATCHES.c.created_at, 1, 10)
-        query = (sa.select(day.label("day")).where(BATCHES.c.kind == FRAUD,
-                                                   BATCHES.c.rows_scored > 0)
-                 .group_by(day).order_by(day.desc()).limit(limit))
+        """Days (UTC) on which scored transactions happened, newest first: one probe of the
+        ``(kind, subject_time)`` index per day, not a scan of the decisions. Records from
+        before subject times (schema v2 and older) count on the day they were recorded."""
+        days: set[date] = set()
+        when = DECISIONS.c.subject_time
         with self.ledger.read() as conn:
-            return [date.fromisoformat(d) for d in conn.execute(query).scalars()]
+            before = None
+            while len(days) < limit:
+                query = (sa.select(when).where(DECISIONS.c.kind == FRAUD, when.is_not(None))
+                         .order_by(when.desc()).limit(1))
+                if before is not None:
+                    query = query.where(when < before)
+                latest = conn.execute(query).scalar()
+                if latest is None:
+                    break
+                day = date.fromisoformat(latest[:10])
+                days.add(day)
+                before = _day_bounds(day)[0]
+            older = conn.execute(sa.select(DECISIONS.c.seq).where(
+                DECISIONS.c.kind == FRAUD, when.is_(None)).limit(1)).first()
+            if older is not None:
+                recorded = sa.func.substr(BATCHES.c.created_at, 1, 10)
+                days |= {date.fromisoformat(d) for d in conn.execute(
+                    sa.select(recorded).where(BATCHES.c.kind == FRAUD, BATCHES.c.rows_scored > 0)
+                    .group_by(recorded).order_by(recorded.desc()).limit(limit)).scalars()}
+        return sorted(days, reverse=True)[:limit]
 
     def alerts(self, flt: AlertFilter, page: int = 0, page_size: int = PAGE_SIZE) -> AlertPage:
         """The day's queue: each card's highest-scoring decision, highest first, for the
@@ -165,12 +184,11 @@ class DashboardQueries:
                 return AlertPage(None, 0, 0, 0)
             day = days[0]
         lo, hi = _day_bounds(day)
-        where = [DECISIONS.c.kind == FRAUD, DECISIONS.c.created_at >= lo,
-                 DECISIONS.c.created_at < hi]
-        if flt.min_score > 0:
-            where.append(DECISIONS.c.score >= flt.min_score)
-        ranked = (sa.select(DECISIONS.c.seq).where(*where)
-                  .order_by(DECISIONS.c.score.desc(), DECISIONS.c.seq))
+        when = DECISIONS.c.subject_time
+        # The day's transactions; records without a subject time by the day they were recorded.
+        days = [(when >= lo, when < hi),
+                (when.is_(None), DECISIONS.c.created_at >= lo, DECISIONS.c.created_at < hi)]
+        score = [DECISIONS.c.score >= flt.min_score] if flt.min_score > 0 else []
         fields = [_json_text(self.dialect, DECISIONS.c.inputs, "transaction", name)
                   for name in (schema.CUSTOMER_ID, schema.MERCHANT_NAME, schema.TERMINAL_ID,
                                schema.CHANNEL)]
@@ -179,7 +197,10 @@ class DashboardQueries:
         # The day's seqs in score order are cheap (index + sort of numbers); the JSON fields
         # are read for chunks of the top rows only, until the budget of cards is filled.
         with self.ledger.read() as conn:
-            seqs = list(conn.execute(ranked).scalars())
+            ranked = sorted((-r.score, r.seq) for on_day in days for r in conn.execute(
+                sa.select(DECISIONS.c.seq, DECISIONS.c.score)
+                .where(DECISIONS.c.kind == FRAUD, *on_day, *score)))
+            seqs = [seq for _, seq in ranked]
             for start in range(0, len(seqs), CHUNK):
                 chunk = seqs[start:start + CHUNK]
                 found = {r[0]: r[1:] for r in conn.execute(

@@ -130,7 +130,8 @@ def decisions_for(classified: ClassifiedNews, batch_id: str) -> list[Decision]:
             score=pred.confidence if pred.failure is None else 0.0, threshold=0.0,
             decision=pred.label if pred.failure is None else FAILED,
             model_version=audit["model_id"], index_version=audit.get("index_version") or "-",
-            input_hash=row["input_hash"], explanation=explanation, inputs=given))
+            input_hash=row["input_hash"], explanation=explanation, inputs=given,
+            subject_time=row.get(PUBLISHED_AT)))
     return decisions
 
 
