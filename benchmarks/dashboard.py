@@ -90,6 +90,8 @@ def seed(url: str, decisions: int, days: int, seed: int = 0) -> dict:
                         "decision": "alert" if score >= threshold else "pass",
                         "model_version": "numeric-only", "index_version": "bench@v1",
                         "input_hash": f"{seq:064x}", "created_at": created,
+                        "subject_time": (start + timedelta(days=day, seconds=i * 8)).isoformat(
+                            timespec="microseconds"),
                         "explanation": json.dumps(explanation, separators=(",", ":")),
                         "inputs": json.dumps(inputs, separators=(",", ":")),
                         "prev_hash": f"{seq - 1:064x}", "hash": f"{seq:064x}"})
