@@ -80,6 +80,33 @@ def test_temperature_scaling_recovers_the_true_temperature():
 
 # --- the trained encoder backend --------------------------------------------------------------
 
+def test_layer_lr_decay_gives_lower_layers_smaller_learning_rates():
+    from pipeline.encoder import packaged_model_path
+    from pipeline.sentiment.model import PooledClassifier, load_base
+    from pipeline.sentiment.train import TrainConfig, _optimizer
+
+    encoder, _ = load_base(packaged_model_path())
+    model = PooledClassifier(encoder, len(LABELS))
+    lr_of = {}
+    optimizer = _optimizer(model, TrainConfig(learning_rate=1e-4, layer_lr_decay=0.5,
+                                              freeze_embeddings=False))
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            lr_of[id(param)] = group["lr"]
+    named = dict(model.encoder.named_parameters())
+    assert lr_of[id(named["encoder.layer.5.attention.self.query.weight"])] == pytest.approx(1e-4)
+    assert lr_of[id(named["encoder.layer.0.attention.self.query.weight"])] == pytest.approx(
+        1e-4 * 0.5 ** 5)
+    assert lr_of[id(named["embeddings.word_embeddings.weight"])] == pytest.approx(1e-4 * 0.5 ** 6)
+    assert lr_of[id(model.head.weight)] == pytest.approx(1e-3)
+    flat = _optimizer(model, TrainConfig(layer_lr_decay=1.0))  # one encoder lr
+    assert {g["lr"] for g in flat.param_groups} == {TrainConfig().learning_rate, 1e-3}
+    _optimizer(model, TrainConfig())
+    assert not model.encoder.get_input_embeddings().weight.requires_grad
+    with pytest.raises(ValueError, match="layer_lr_decay"):
+        TrainConfig(layer_lr_decay=0.0)
+
+
 @pytest.fixture(scope="module")
 def classifier(sentiment_model):
     return EncoderClassifier.load(sentiment_model["name"], sentiment_model["root"], device="cpu")

@@ -61,7 +61,8 @@ def train(
     eval_lines: Annotated[Path | None, typer.Option(
         "--eval-lines", help="PhraseBank line numbers for --eval-data.")] = None,
     epochs: int = typer.Option(3, help="Passes over the training data."),
-    learning_rate: float = typer.Option(1e-4, "--learning-rate", help="Encoder learning rate."),
+    learning_rate: float = typer.Option(1.5e-4, "--learning-rate",
+                                         help="Top encoder layer's learning rate."),
     batch_size: int = typer.Option(16, "--batch-size"),
     max_length: int = typer.Option(64, "--max-length", help="Tokens per text (truncated)."),
     val_fraction: float = typer.Option(0.1, "--val-fraction",

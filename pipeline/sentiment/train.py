@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 3
-    learning_rate: float = 1e-4
+    learning_rate: float = 1.5e-4  # the top layer's; lower layers x layer_lr_decay each
     head_learning_rate: float = 1e-3
     batch_size: int = 16
     warmup_fraction: float = 0.1
@@ -58,6 +58,11 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = 2
     freeze_embeddings: bool = True  # the 30k x 384 word embeddings: half the weights, little gain
+    # Chosen on the validation splits (PhraseBank 0.843 -> 0.848, Twitter 0.841 -> 0.853, same
+    # time): lr x decay**k for the layer k below the top one (1.0: one lr for all), and label
+    # smoothing (PhraseBank's 50 %-agreement labels are noisy).
+    layer_lr_decay: float = 0.9
+    label_smoothing: float = 0.1
     base_model: str | None = None  # local directory; default: the packaged all-MiniLM-L6-v2
 
     def __post_init__(self) -> None:
@@ -65,6 +70,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1 and max_length >= 8")
         if not 0.0 <= self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+        if not 0.0 < self.layer_lr_decay <= 1.0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("layer_lr_decay must be in (0, 1] and label_smoothing in [0, 1)")
 
 
 @dataclass
@@ -157,7 +164,8 @@ def train_classifier(data: LabelledTexts, config: TrainConfig | None = None, *,
         for batch in _length_buckets(encoded, config.batch_size, rng):
             ids, mask = _pad(encoded, batch, tokenizer.pad_token_id)
             logits, _ = model(ids, mask)
-            loss = torch.nn.functional.cross_entropy(logits, labels[batch])
+            loss = torch.nn.functional.cross_entropy(logits, labels[batch],
+                                                     label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -202,19 +210,34 @@ def train_classifier(data: LabelledTexts, config: TrainConfig | None = None, *,
 
 
 def _optimizer(model: PooledClassifier, config: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """AdamW: no weight decay on biases and LayerNorms; with ``layer_lr_decay`` < 1 each layer
+    below the top one gets ``decay`` times the lr of the one above it (embeddings lowest)."""
     if config.freeze_embeddings:
         model.encoder.get_input_embeddings().weight.requires_grad_(False)
+    n_layers = model.encoder.config.num_hidden_layers
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.encoder.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+        depth = _layer_depth(name, n_layers)
+        lr = config.learning_rate * config.layer_lr_decay ** (n_layers - depth)
+        decays = not (param.ndim < 2 or "LayerNorm" in name)
+        groups.setdefault((lr, decays), []).append(param)
     return torch.optim.AdamW([
-        {"params": decay, "lr": config.learning_rate, "weight_decay": config.weight_decay},
-        {"params": no_decay, "lr": config.learning_rate, "weight_decay": 0.0},
+        *({"params": params, "lr": lr, "weight_decay": config.weight_decay if decays else 0.0}
+          for (lr, decays), params in groups.items()),
         {"params": model.head.parameters(), "lr": config.head_learning_rate,
          "weight_decay": 0.0},
     ])
+
+
+def _layer_depth(name: str, n_layers: int) -> int:
+    """0 for the embeddings, i + 1 for transformer layer i, ``n_layers`` for anything above."""
+    if name.startswith("embeddings."):
+        return 0
+    if name.startswith("encoder.layer."):
+        return int(name.split(".")[2]) + 1
+    return n_layers
 
 
 def _length_buckets(encoded: list[list[int]], batch_size: int, rng: np.random.Generator
