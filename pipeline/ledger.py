@@ -493,9 +493,7 @@ def _sqlite_engine(url: str) -> Engine:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute("PRAGMA busy_timeout = 30000")
-            mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() not in ("wal", "memory"):
-                cursor.execute("PRAGMA journal_mode = WAL")
+            _use_wal(cursor)
         finally:
             cursor.close()
 
@@ -507,6 +505,24 @@ def _sqlite_engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def _use_wal(cursor: Any) -> None:
+    """Switch a SQLite database to WAL once. The switch needs the database to itself and
+    SQLite answers "locked" at once rather than waiting, so two processes opening a new
+    ledger together wait here for each other (up to the busy timeout); whichever switches
+    first, the other then finds WAL already set."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() not in ("wal", "memory"):
+                cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except Exception as exc:  # sqlite3.OperationalError, without importing the driver
+            if "locked" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02 + 0.05 * random.random())
 
 
 def engine_for(url: str) -> Engine:
