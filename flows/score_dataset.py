@@ -117,8 +117,9 @@ def score_dataset_on_dask(*, address: str | None = None, workers: int = 2,
     """Run the flow on the Dask scheduler at ``address``, else on a local cluster of
     ``workers`` processes that report to this process's Prefect API. (Workers of a remote
     cluster report to the ``PREFECT_API_URL`` of their own environment.)"""
-    runner = dask_runner(address, workers)
-    if address or JobSettings.from_env().dask_address:
-        return score_dataset.with_options(task_runner=runner)(**parameters)
+    address = address or JobSettings.from_env().dask_address
+    run = score_dataset.with_options(task_runner=dask_runner(address, workers))
+    if address:
+        return run(**parameters)
     with shared_prefect_api():
-        return score_dataset.with_options(task_runner=runner)(**parameters)
+        return run(**parameters)

@@ -478,12 +478,13 @@ def export_rows(ledger: Ledger, since: datetime | None = None, until: datetime |
     reviews = _reviews_by_decision(ledger, {d["decision_id"] for d in decisions})
     rows = []
     for d in decisions:
-        recorded = {"explanation": d["explanation"], "inputs": d["inputs"]}
-        explanation = pseudonymise_ids(json.loads(d["explanation"]), pseudo)
         inputs = None if d["inputs"] is None else pseudonymise_ids(json.loads(d["inputs"]), pseudo)
-        if not reveal:
-            recorded = {"explanation": canonical_json(explanation),
-                        "inputs": None if inputs is None else canonical_json(inputs)}
+        if reveal:
+            recorded = {"explanation": d["explanation"], "inputs": d["inputs"]}
+        else:
+            recorded = {"explanation": canonical_json(pseudonymise_ids(
+                json.loads(d["explanation"]), pseudo)),
+                "inputs": None if inputs is None else canonical_json(inputs)}
         tx = (inputs or {}).get("transaction", {})
         history = reviews.get(d["decision_id"], [])
         last = history[-1] if history else {}

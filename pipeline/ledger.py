@@ -242,6 +242,13 @@ def canonical_json(value: Any) -> str:
                       allow_nan=False, default=_json_default)
 
 
+def _object_text(name: str, text: Any, where: str) -> str:
+    """A producer's ready-made JSON object text, as it will be stored and hashed."""
+    if not (isinstance(text, str) and text.startswith("{") and "\x00" not in text):
+        raise ValueError(f"{where}: encoded {name} must be a JSON object's text")
+    return text
+
+
 def explanation_json(explanation: Mapping[str, Any], where: str = "explanation") -> str:
     if not isinstance(explanation, Mapping):
         raise ValueError(f"{where}: explanation must be a dict, got {type(explanation).__name__}")
@@ -332,13 +339,8 @@ class Decision:
         object.__setattr__(self, "threshold", _finite_float("threshold", self.threshold, where))
         if self.encoded is not None:
             explanation, inputs = self.encoded
-            if not (isinstance(explanation, str) and explanation.startswith("{")
-                    and "\x00" not in explanation):
-                raise ValueError(f"{where}: encoded explanation must be a JSON object's text")
-            if inputs is not None and not (isinstance(inputs, str) and inputs.startswith("{")
-                                           and "\x00" not in inputs):
-                raise ValueError(f"{where}: encoded inputs must be a JSON object's text")
-            recorded = (explanation, inputs)
+            recorded = (_object_text("explanation", explanation, where),
+                        None if inputs is None else _object_text("inputs", inputs, where))
         elif self.explanation is None:
             raise ValueError(f"{where}: an explanation is required (a dict, or encoded text)")
         else:

@@ -69,10 +69,16 @@ ISO_US = "%Y-%m-%dT%H:%M:%S%.6f"
 HASH_ROWS = 100_000
 
 
+def canonical_fields(frame: pl.DataFrame) -> list[pl.Expr]:
+    """The frame's schema fields (sorted; times as ISO-8601 text with microseconds): what a
+    row's input hash and its recorded inputs are made of."""
+    return [pl.col(c).dt.to_string(ISO_US) if frame.schema[c] == pl.Datetime else pl.col(c)
+            for c in sorted(c for c in frame.columns if c in schema.DTYPES)]
+
+
 def canonical_rows(frame: pl.DataFrame) -> list[dict[str, Any]]:
-    """Each row's schema fields (sorted; times as ISO-8601 text with microseconds)."""
-    cols = sorted(c for c in frame.columns if c in schema.DTYPES)
-    return frame.select(cols).with_columns(pl.col(pl.Datetime).dt.to_string(ISO_US)).to_dicts()
+    """Each row's schema fields as a dict (see :func:`canonical_fields`)."""
+    return frame.select(canonical_fields(frame)).to_dicts()
 
 
 def row_hashes(frame: pl.DataFrame) -> list[str]:
@@ -132,7 +138,6 @@ class Evidence:
     used: np.ndarray           # (rows,) neighbours found out of k
     fraud_weight: np.ndarray   # (rows,) similarity of the fraud neighbours, over all k
     total_weight: np.ndarray   # (rows,) similarity of all neighbours
-    input_hashes: list[str]
     call_starts: np.ndarray    # first row of each search call
     call_ids: list[str]
     stacked: Any = None        # the stacked model's prediction (a --scorer knn-stacked index)
@@ -263,7 +268,7 @@ class FraudScorer:
         evidence = Evidence(
             scorer=self, featured=featured, vectors=vectors, distances=distances,
             positions=positions, labels=labels, used=used, fraud_weight=fraud_weight,
-            total_weight=total_weight, input_hashes=hashes,
+            total_weight=total_weight,
             call_starts=np.array(starts, dtype=np.int64), call_ids=call_ids, stacked=stacked)
         return ScoredBatch(frame, evidence)
 
@@ -369,29 +374,25 @@ class FraudScorer:
             "label_delay_days": self.index.config.label_delay_days})
         device = "gpu" if self.index.gpu else "cpu"
         calls = evidence.call_of(rows)
-        n = len(evidence.input_hashes)
-        ends = np.append(evidence.call_starts[1:], n)
+        ends = np.append(evidence.call_starts[1:], evidence.featured.height)
         little = np.ascontiguousarray(evidence.vectors[rows], dtype="<f4")
-        fields = sorted(c for c in featured.columns if c in schema.DTYPES)
         search = pl.DataFrame({
-            "call": [evidence.call_ids[c] for c in calls.tolist()],
-            "row": rows - evidence.call_starts[calls],
-            "rows": ends[calls] - evidence.call_starts[calls],
-            "vector": [base64.b64encode(v.tobytes()).decode("ascii") for v in little]})
+            "_call": [evidence.call_ids[c] for c in calls.tolist()],
+            "_row": rows - evidence.call_starts[calls],
+            "_rows": ends[calls] - evidence.call_starts[calls],
+            "_vector": [base64.b64encode(v.tobytes()).decode("ascii") for v in little]})
         frame = featured.select(
-            *[(pl.col(c).dt.to_string(ISO_US) if featured.schema[c] == pl.Datetime else pl.col(c))
-              .alias(f"_f_{c}") for c in fields],
-            *[pl.col(c).cast(pl.Float64).alias(f"_x_{c}") for c in names],
+            pl.struct([_finite(pl.col(c).cast(pl.Float64)).alias(c) for c in names])
+            .struct.json_encode().alias("_features"),
+            pl.struct(canonical_fields(featured)).struct.json_encode().alias("_transaction"),
         ).hstack(search)
         text = pl.concat_str(
-            pl.lit('{"features":'),
-            pl.struct(**{c: _finite(pl.col(f"_x_{c}")) for c in names}).struct.json_encode(),
-            pl.lit(f',"scoring":{settings},"search":{{"call":"'), pl.col("call"),
+            pl.lit('{"features":'), pl.col("_features"),
+            pl.lit(f',"scoring":{settings},"search":{{"call":"'), pl.col("_call"),
             pl.lit(f'","calls":{len(evidence.call_ids)},"device":"{device}","row":'),
-            pl.col("row").cast(pl.String), pl.lit(',"rows":'), pl.col("rows").cast(pl.String),
-            pl.lit('},"transaction":'),
-            pl.struct(**{c: pl.col(f"_f_{c}") for c in fields}).struct.json_encode(),
-            pl.lit(',"vector_f32":"'), pl.col("vector"), pl.lit('"}'),
+            pl.col("_row").cast(pl.String), pl.lit(',"rows":'), pl.col("_rows").cast(pl.String),
+            pl.lit('},"transaction":'), pl.col("_transaction"),
+            pl.lit(',"vector_f32":"'), pl.col("_vector"), pl.lit('"}'),
         )
         return frame.select(text).to_series().to_list()
 

@@ -119,7 +119,7 @@ def test_explain_matches_the_per_element_reference(scored_setup):
         scorer=scorer, featured=featured, vectors=vectors, distances=distances[:, :shown],
         positions=pos[:, :shown], labels=labels[:, :shown], used=(pos >= 0).sum(axis=1),
         fraud_weight=(sims * (labels == 1)).sum(axis=1), total_weight=sims.sum(axis=1),
-        input_hashes=["h"] * featured.height, call_starts=np.array([0]), call_ids=["c"])
+        call_starts=np.array([0]), call_ids=["c"])
     texts = scorer.explanation_texts(evidence, np.arange(featured.height))
     ours = [json.loads(t) for t in texts]
     assert_same(ours, reference_explain(scorer, featured, sims, labels, pos))
