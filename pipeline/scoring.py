@@ -193,6 +193,7 @@ class FraudScorer:
         self.index = index
         self.config = config or ScoringConfig()
         self._usual: pl.DataFrame | None = None
+        self._neighbour_texts: tuple[pl.Series, pl.Series] | None = None
 
     @property
     def prior(self) -> float:
@@ -284,31 +285,18 @@ class FraudScorer:
         """Each row's explanation as JSON (keys sorted): its neighbours (id, similarity,
         label, time) and its features against the card's usual values (its mean over the
         indexed history). Built as one polars expression over the rows, not dict by dict."""
-        meta = self.index.meta
         names = sorted(self.index.vectorizer.config.numeric_features)
         featured = evidence.featured[rows]
         joined = featured.select(schema.CUSTOMER_ID).join(
             self.card_usual(), on=schema.CUSTOMER_ID, how="left", maintain_order="left")
         known = joined["_n"].fill_null(0)
-        positions = evidence.positions[rows]
-        sims = similarity(evidence.distances[rows])
         columns: dict[str, Any] = {"_n": known}
-        for j in range(positions.shape[1]):
-            safe = pl.Series(np.where(positions[:, j] >= 0, positions[:, j], 0))
-            columns |= {f"_p{j}": positions[:, j], f"_s{j}": sims[:, j],
-                        f"_l{j}": evidence.labels[rows, j].astype(np.int64),
-                        f"_i{j}": meta[schema.TRANSACTION_ID].gather(safe),
-                        f"_t{j}": meta[schema.TX_TIME].gather(safe)}
         for c, name in enumerate(names):
             columns[f"_v{c}"] = featured[name].cast(pl.Float64)
             columns[f"_u{c}"] = joined[name].cast(pl.Float64)
         columns |= {"_used": evidence.used[rows].astype(np.int64),
-                    "_fw": evidence.fraud_weight[rows], "_tw": evidence.total_weight[rows]}
-        neighbours = [
-            pl.when(pl.col(f"_p{j}") >= 0).then(pl.struct(
-                is_fraud=pl.col(f"_l{j}"), similarity=pl.col(f"_s{j}").round(6),
-                transaction_id=pl.col(f"_i{j}"), tx_time=_iso_expr(pl.col(f"_t{j}"))))
-            for j in range(positions.shape[1])]
+                    "_fw": evidence.fraud_weight[rows], "_tw": evidence.total_weight[rows],
+                    "_neighbours": self._neighbour_lists(evidence, rows)}
         features = pl.struct(**{name: pl.struct(
             card_usual=pl.when(pl.col("_n") > 0).then(_shown(pl.col(f"_u{c}"))),
             value=_shown(pl.col(f"_v{c}"))) for c, name in enumerate(names)})
@@ -318,8 +306,7 @@ class FraudScorer:
             fraud_weight=pl.col("_fw").round(6),
             k=pl.lit(self.config.k, pl.Int64),
             method=pl.lit("knn-similarity-weighted"),
-            neighbours=(pl.concat_list(neighbours).list.drop_nulls() if neighbours
-                        else pl.lit([], pl.List(pl.Null))),
+            neighbours=pl.col("_neighbours"),
             neighbours_used=pl.col("_used"),
             prior=pl.lit(round(self.prior, 8), pl.Float64),
             smoothing=pl.lit(float(self.config.smoothing), pl.Float64),
@@ -331,6 +318,35 @@ class FraudScorer:
             texts = [self.explain_stacked(text, evidence.stacked, int(row))
                      for text, row in zip(texts, rows, strict=True)]
         return texts
+
+    def _neighbour_lists(self, evidence: Evidence, rows: np.ndarray) -> pl.Series:
+        """Each row's shown neighbours as a list of structs (id, similarity, label, time):
+        made flat, one struct per (row, neighbour), then cut into rows of ``shown`` with the
+        missing ones (no neighbour found) dropped."""
+        positions = evidence.positions[rows]
+        n, shown = positions.shape
+        if shown == 0:
+            return pl.Series([[]] * n, dtype=pl.List(pl.Null))
+        flat = positions.ravel()
+        safe = pl.Series(np.where(flat >= 0, flat, 0))
+        ids, times = self.neighbour_texts()
+        neighbour = pl.DataFrame({
+            "_p": flat, "_l": evidence.labels[rows].ravel().astype(np.int64),
+            "_s": similarity(evidence.distances[rows]).ravel(),
+            "_i": ids.gather(safe), "_t": times.gather(safe),
+        }).select(pl.when(pl.col("_p") >= 0).then(pl.struct(
+            is_fraud=pl.col("_l"), similarity=pl.col("_s").round(6),
+            transaction_id=pl.col("_i"), tx_time=pl.col("_t")))).to_series()
+        return neighbour.reshape((n, shown)).arr.to_list().list.drop_nulls()
+
+    def neighbour_texts(self) -> tuple[pl.Series, pl.Series]:
+        """The indexed transactions' ids and times as explanations show them (ISO text),
+        made once per scorer rather than once per neighbour shown."""
+        if self._neighbour_texts is None:
+            meta = self.index.meta
+            self._neighbour_texts = (meta[schema.TRANSACTION_ID].cast(pl.String),
+                                     meta.select(_iso_expr(pl.col(schema.TX_TIME))).to_series())
+        return self._neighbour_texts
 
     def explain_stacked(self, text: str, stacked: Any, row: int) -> str:
         """Add the stacked model's part to one explanation: its largest per-input

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
@@ -630,3 +632,51 @@ def test_a_streamed_batch_is_written_whole_or_not_at_all(db_url):
             Decision(batch_id="t", kind="fraud", subject_id="x", score=0.1, threshold=0.5,
                      decision="pass", model_version="m", index_version="i@1", input_hash="h",
                      explanation=None, encoded=("not json", None))
+
+
+# --- the record hash and the decision id, made field by field -----------------------------------
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=40)  # quotes, backslashes, controls, ...
+_NUMBER = st.floats(allow_nan=False, allow_infinity=False) | st.integers(-10**6, 10**6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.fixed_dictionaries({name: _TEXT for name in (
+           "batch_id", "created_at", "decision", "decision_id", "explanation", "index_version",
+           "input_hash", "kind", "model_version", "prev_hash", "subject_id")}),
+       score=_NUMBER, threshold=_NUMBER,
+       inputs=st.none() | _TEXT, subject_time=st.none() | _TEXT)
+def test_record_hash_is_the_canonical_json_of_the_fields(texts, score, threshold, inputs,
+                                                         subject_time):
+    """record_hash writes the JSON itself (it runs per record); it must be the text that
+    json.dumps(sort_keys=True, compact, ensure_ascii=False) makes of the same fields, with
+    the optional fields (schema v2/v3) only when present."""
+    record = {**texts, "score": score, "threshold": threshold, "inputs": inputs,
+              "subject_time": subject_time, "seq": 1, "hash": "h"}
+    material = {**texts, "score": float(score), "threshold": float(threshold)}
+    material |= {k: v for k, v in (("inputs", inputs), ("subject_time", subject_time))
+                 if v is not None}
+    canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                           allow_nan=False)
+    assert ledger_mod.record_hash(record) == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_record_hash_of_other_value_types_and_non_finite_scores():
+    """A value the fast path does not write (a number where text belongs, as a tampered row
+    may hold) is hashed by canonical_json, and a NaN score is refused as before."""
+    base = {name: "x" for name in ledger_mod.HASHED_FIELDS} | {"score": 0.5, "threshold": 0.5}
+    odd = base | {"subject_id": 17, "inputs": {"a": [1, 2]}}
+    material = {k: odd[k] for k in ledger_mod.HASHED_FIELDS} | {"inputs": {"a": [1, 2]}}
+    expected = hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":"))
+                              .encode()).hexdigest()
+    assert ledger_mod.record_hash(odd) == expected
+    with pytest.raises(ValueError):
+        ledger_mod.record_hash(base | {"score": float("nan")})
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=_TEXT, batch_id=_TEXT, subject_id=_TEXT)
+def test_decision_id_is_uuid5_of_kind_batch_and_subject(kind, batch_id, subject_id):
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, "https://finsentinel/ledger/decision")
+    assert ledger_mod.decision_id_for(kind, batch_id, subject_id) == str(
+        uuid.uuid5(namespace, f"{kind}:{batch_id}:{subject_id}"))

@@ -38,7 +38,10 @@ def test_a_stream_of_batches_keeps_handles_and_memory_flat(tmp_path):
         assert ledger.verify().ok and len(ledger.batches()) == 20
 
     # A Ledger is opened and closed per batch, files are read and written: none may stay open.
-    assert summary["fds_max_after_warmup"] <= summary["fds_after_warmup"]
+    # A leak of one per batch would add 18 after warm-up; a library opening one handle once
+    # for good (seen after test_models' boosters in the same process) is not a leak.
+    assert summary["fds_last"] <= summary["fds_after_warmup"] + 1, summary
+    assert summary["fds_max_after_warmup"] <= summary["fds_after_warmup"] + 2, summary
     assert summary["threads_max_after_warmup"] <= summary["threads_after_warmup"] + 2
     # A leak of one batch's scores or explanations (600 dicts) per batch would add
     # megabytes per batch; allow allocator noise only.
