@@ -104,6 +104,8 @@ def test_explain_matches_the_per_element_reference(scored_setup):
     # never seen, NaN and infinite feature values.
     pos[0, 3:] = -1
     sims[0, 3:] = 0.0
+    pos[4, :] = -1  # no neighbour at all
+    sims[4, :] = 0.0
     names = list(scorer.index.vectorizer.config.numeric_features)
     featured = featured.with_columns(
         pl.when(pl.int_range(pl.len()) == 1).then(pl.lit("never-seen-card"))
@@ -125,6 +127,7 @@ def test_explain_matches_the_per_element_reference(scored_setup):
     assert_same(ours, reference_explain(scorer, featured, sims, labels, pos))
     assert [list(json.loads(t)) for t in texts[:1]] == [sorted(ours[0])]  # keys sorted
     assert len(ours[0]["neighbours"]) == 3 and ours[0]["neighbours_used"] == 3
+    assert ours[4]["neighbours"] == [] and ours[4]["neighbours_used"] == 0
     assert ours[1]["card_history_transactions"] == 0
     assert all(f["card_usual"] is None for f in ours[1]["features"].values())
     assert ours[2]["features"][names[0]]["value"] is None
@@ -153,3 +156,15 @@ def test_score_explanations_are_the_reference_ones(scored_setup):
     assert scored.explanations[0]["card_history_transactions"] > 0
     assert datetime.fromisoformat(scored.explanations[0]["neighbours"][0]["tx_time"]) < \
         batch[schema.TX_TIME][0] - timedelta(days=0)
+
+
+def test_explanations_without_neighbours_shown(scored_setup):
+    """explain_neighbours=0: every explanation has an empty neighbour list, the rest as usual."""
+    scorer, batch = scored_setup
+    quiet = FraudScorer(scorer.index, ScoringConfig(k=20, explain_neighbours=0))
+    scored = quiet.score(batch.head(50))
+    explanations = scored.explanations
+    assert len(explanations) == 50
+    assert all(e["neighbours"] == [] and e["neighbours_used"] > 0 for e in explanations)
+    shown = scorer.score(batch.head(50)).explanations
+    assert [e["total_weight"] for e in explanations] == [e["total_weight"] for e in shown]
