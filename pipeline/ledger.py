@@ -51,6 +51,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -1185,10 +1186,11 @@ _FEEDBACK_CHAIN = _ChainSpec("feedback", FEEDBACK, FEEDBACK_HASHED_FIELDS, "feed
 _CHAINS = {c.name: c for c in (_DECISION_CHAIN, _FEEDBACK_CHAIN)}
 
 
-_DECISION_COLUMNS = tuple(c.name for c in DECISIONS.columns)
-_DECISION_VALUES = itemgetter(*_DECISION_COLUMNS)
-_SQLITE_INSERT = (f"INSERT INTO {DECISIONS.name} ({', '.join(_DECISION_COLUMNS)}) "
-                  f"VALUES ({', '.join('?' * len(_DECISION_COLUMNS))})")
+# The Core insert compiled once for SQLite: its text (qmark placeholders) and their order.
+_SQLITE_INSERT_COMPILED = DECISIONS.insert().compile(
+    dialect=sqlite_dialect.dialect(), column_keys=[c.name for c in DECISIONS.columns])
+_SQLITE_INSERT = str(_SQLITE_INSERT_COMPILED)
+_DECISION_VALUES = itemgetter(*_SQLITE_INSERT_COMPILED.positiontup)
 
 
 def _insert_decisions(conn: Connection, rows: list[dict[str, Any]]) -> None:
