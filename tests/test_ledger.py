@@ -545,7 +545,23 @@ def test_ledger_uses_env_url_and_creates_the_directory(tmp_path, monkeypatch):
     assert path.exists()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        # 16 kB pages: a ~4 kB decision record fits in its page instead of overflowing.
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384
         assert conn.execute("SELECT count(*) FROM decisions").fetchone()[0] == 1
+
+
+def test_an_existing_ledger_keeps_its_page_size(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:  # made by an earlier version, on 4 kB pages
+        conn.execute("PRAGMA page_size = 4096")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE other (x)")
+    with Ledger(f"sqlite:///{path}") as ledger:
+        ledger.record_batch("b1", "fraud", "in", 2, make_decisions("b1", 2))
+        assert ledger.verify().ok
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert conn.execute("SELECT count(*) FROM decisions").fetchone()[0] == 2
 
 
 def test_schema_version_mismatch_is_refused(db_url, raw):
