@@ -354,7 +354,8 @@ def section(report: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     # Runs with a note (made under load, with other code, or another way) are shown but not
     # summarised: not in the fitted lines, the growth exponent or the shares below.
-    fit = linear_fit([r for r in res["runs"] if not r.get("note")])
+    plain = [r for r in res["runs"] if not r.get("note")]
+    fit = linear_fit(plain)
 
     def extrapolated(n: int, why: str) -> str:
         if fit is None:
@@ -381,11 +382,11 @@ def section(report: dict[str, Any]) -> str:
     for n in STANDARD_SIZES:
         if n not in {r["rows"] for r in res["runs"]}:
             lines.append(extrapolated(n, "not run in this session (see below)"))
-    exponent = growth_exponent([r for r in res["runs"] if not r.get("note")])
+    exponent = growth_exponent(plain)
     if exponent is not None:
         lines += ["", f"Growth: time ∝ rows^{exponent:.2f} over the sizes that finished "
                   "(1.00 is linear)."]
-    done = [r for r in res["runs"] if "failed" not in r and not r.get("note")]
+    done = [r for r in plain if "failed" not in r]
     if done:
         last = done[-1]
         share = sorted(((v / last["seconds"], k) for k, v in last["stages"].items()),
