@@ -347,7 +347,11 @@ def replay(ledger: Ledger, decision_id: str, *, root: str | Path | None = None,
                         f"({replayed_ids[:3]}… vs {recorded_neighbours[:3]}…)")
     note = ("" if complete else f"; only {len(group)} of the {inputs['search']['rows']} rows of "
             "its scoring call are in the batch, so FAISS's float32 distances may differ slightly")
-    if inputs["search"].get("device") == "gpu" and not index.gpu:
+    device = inputs["search"].get("device", "cpu")
+    if device == "gpu-float16":
+        note += ("; scored on a GPU with vectors in half precision, so its distances were "
+                 "approximate")
+    if device.startswith("gpu") and not index.gpu:
         note += "; scored on a GPU, replayed on the CPU"
     detail = dict(replayed_score=replayed, score_difference=difference,
                   replayed_threshold=threshold, replayed_decision=decision,

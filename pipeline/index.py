@@ -3,13 +3,15 @@
 Exact search (``IndexFlatL2``) below ``exact_max`` vectors, HNSW above it (IVF on a GPU, where
 HNSW does not run), IVF past ``ivf_min`` (10M) vectors, where HNSW's graph no longer fits in
 memory comfortably. Approximate indexes record their recall@k against exact search.
-On the GPU when faiss was built with CUDA and a device is present.
+On the GPU when faiss was built with CUDA and a device is present (flat and IVF indexes; HNSW
+stays on the CPU), sharded over every GPU when there are several; ``gpu_float16`` holds a flat
+index's vectors there in half precision (brute force at half the memory traffic, no longer exact).
 """
 
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +58,9 @@ class IndexConfig:
     recall_queries: int = 1000
     label_delay_days: int = 7
     use_gpu: bool | None = None  # None: use one when available
+    # Brute force on a GPU with the vectors in half precision: half the memory and traffic,
+    # distances approximate. Flat indexes only (faiss keeps IVF lists in float32).
+    gpu_float16: bool = False
     context_days: float = 37.0   # raw history kept for feature windows (30 days + 7 delay)
 
 
@@ -117,14 +122,26 @@ def measure_recall(index: faiss.Index, vectors: np.ndarray, k: int = 10,
     return recall_at_k(got, want)
 
 
-def _to_gpu(index: faiss.Index) -> faiss.Index:
+# faiss's GPU k-selection stops at 2048 neighbours; deeper searches go to the CPU copy.
+GPU_MAX_K = 2048
+
+
+def _to_gpu(index: faiss.Index, float16: bool = False) -> faiss.Index:
+    """A GPU copy of a flat or IVF index (sharded over every GPU when there are several);
+    HNSW has no GPU version in faiss and is returned as it is."""
     if isinstance(index, faiss.IndexHNSW):
-        return index  # no GPU HNSW in faiss; stays on the CPU
+        return index
     if faiss.get_num_gpus() > 1:
         options = faiss.GpuMultipleClonerOptions()
         options.shard = True
+        options.useFloat16 = float16
         return faiss.index_cpu_to_all_gpus(index, options)
-    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    options = faiss.GpuClonerOptions()
+    options.useFloat16 = float16
+    resources = faiss.StandardGpuResources()
+    gpu = faiss.index_cpu_to_gpu(resources, 0, index, options)
+    gpu.referenced_objects = [resources]  # as faiss's own wrappers do: keep it alive with gpu
+    return gpu
 
 
 class FraudIndex:
@@ -141,9 +158,21 @@ class FraudIndex:
         self._label_time = meta["label_time"].dt.epoch("us").to_numpy()
         self._labels = meta[schema.IS_FRAUD].to_numpy().astype(np.int8)
         self._ids = meta[schema.TRANSACTION_ID].to_numpy()
-        self.gpu = bool(config.use_gpu if config.use_gpu is not None else gpu_available())
-        self._search_index = _to_gpu(index) if self.gpu and gpu_available() else index
+        wanted = config.use_gpu if config.use_gpu is not None else gpu_available()
+        self._search_index = (_to_gpu(index, config.gpu_float16) if wanted and gpu_available()
+                              else index)
+        # What the searches really run on: an HNSW index, or no GPU, keeps them on the CPU.
+        self.gpu = self._search_index is not index
         self.model = None  # optional StackedModel (pipeline.stacking), saved beside the index
+
+    @property
+    def search_device(self) -> str:
+        """Where searches run, as decisions record it: cpu, gpu, or gpu-float16 (a flat index
+        searched in half precision)."""
+        if not self.gpu:
+            return "cpu"
+        flat = isinstance(self.index, faiss.IndexFlat)
+        return "gpu-float16" if flat and self.config.gpu_float16 else "gpu"
 
     @property
     def size(self) -> int:
@@ -235,9 +264,11 @@ class FraudIndex:
 
     @classmethod
     def load(cls, name: str, root: str | Path | None = None, *, version: str | None = None,
-             encoder: TextEncoder | None = None, use_gpu: bool | None = None) -> FraudIndex:
+             encoder: TextEncoder | None = None, use_gpu: bool | None = None,
+             gpu_float16: bool | None = None) -> FraudIndex:
         """Load after checking every file against the manifest hashes, and the encoder's
-        weights against the ones the index was built with."""
+        weights against the ones the index was built with. ``use_gpu`` (None: when there is
+        one) and ``gpu_float16`` (None: as built) choose where and how it searches."""
         root = Path(root) if root else default_root()
         directory, manifest = artifacts.resolve(root, name, version, require=INDEX_FILES)
         recorded = manifest.get("encoder")
@@ -251,6 +282,8 @@ class FraudIndex:
         vectorizer = TransactionVectorizer.load(directory, encoder if recorded else None)
         index = faiss.read_index(str(directory / "index.faiss"))
         config = IndexConfig(**{**manifest["index_config"], "use_gpu": use_gpu})
+        if gpu_float16 is not None:
+            config = replace(config, gpu_float16=gpu_float16)
         if isinstance(index, faiss.IndexHNSW):
             index.hnsw.efSearch = config.hnsw_ef_search
         elif isinstance(index, faiss.IndexIVF):
@@ -270,9 +303,11 @@ class FraudIndex:
         return loaded
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Squared L2 distances and row positions in ``meta`` (-1 where fewer than k exist)."""
+        """Squared L2 distances and row positions in ``meta`` (-1 where fewer than k exist).
+        On a GPU index, a k beyond faiss's GPU limit is searched on the CPU copy."""
         k = min(k, self.size)
-        return self._search_index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        index = self._search_index if k <= GPU_MAX_K else self.index
+        return index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
 
     def neighbours(self, vectors: np.ndarray, tx_time_us: np.ndarray, tx_ids: np.ndarray, k: int
                    ) -> tuple[np.ndarray, np.ndarray]:

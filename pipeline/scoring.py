@@ -388,7 +388,7 @@ class FraudScorer:
             "threshold": cfg.threshold, "alerts_per_day": cfg.alerts_per_day,
             "explain_neighbours": cfg.explain_neighbours,
             "label_delay_days": self.index.config.label_delay_days})
-        device = "gpu" if self.index.gpu else "cpu"
+        device = self.index.search_device
         calls = evidence.call_of(rows)
         ends = np.append(evidence.call_starts[1:], evidence.featured.height)
         little = np.ascontiguousarray(evidence.vectors[rows], dtype="<f4")

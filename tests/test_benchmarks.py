@@ -110,6 +110,21 @@ def test_gpu_parts_report_not_run_without_a_gpu(alt):
     assert "not run: no GPU on this machine" in text and "queries/s" in text
 
 
+@pytest.mark.gpu
+def test_gpu_benchmark_measures_exact_and_half_precision_search(alt):
+    status = alt.gpu_status()
+    if not (status["faiss_has_gpu"] and status["faiss_gpus"] and status["torch_cuda"]):
+        pytest.skip("needs a CUDA GPU with faiss-gpu and CUDA torch; CI has neither")
+    res = alt.run_gpu(argparse.Namespace(history=50_000, queries=20_000, k=20, repeat=1,
+                                         cpu_queries=500, texts=5_000))
+    knn = res["knn"]
+    assert knn["agreement"]["differ"] == 0 and knn["gpu_qps"] > knn["cpu_qps"]
+    assert knn["float16"]["recall_at_k"] >= 0.98
+    assert res["encoder"]["gpu_fp16_texts_per_s"] > res["encoder"]["cpu_texts_per_s"]
+    text = alt.gpu_section({"result": res})
+    assert "half precision" in text and "not run" not in text
+
+
 def test_write_section_replaces_only_its_own(alt, tmp_path):
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n<!-- other:start -->\nkeep\n<!-- other:end -->\n")

@@ -100,3 +100,36 @@ def test_encoder_in_fp16_gives_the_fp32_embeddings():
     fp16 = TextEncoder(device="cuda").encode(texts)
     cosine = (fp32 * fp16).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(fp16, axis=1))
     assert cosine.min() > 0.999
+
+
+def test_half_precision_brute_force_finds_the_exact_neighbours_on_the_gpu(history):
+    from pipeline.index import measure_recall
+    from pipeline.scoring import FraudScorer
+
+    cpu, gpu = _pair(history, kind="flat", gpu_float16=True)
+    assert gpu.gpu and gpu.config.gpu_float16
+    vectors = cpu.vectorizer.transform(history)
+    assert measure_recall(gpu._search_index, vectors, k=10, queries=1000) >= 0.98
+    queries = cpu.vectorizer.transform(history.tail(500))
+    d_cpu, _ = cpu.search(queries, 20)
+    d_gpu, _ = gpu.search(queries, 20)
+    np.testing.assert_allclose(d_gpu, d_cpu, rtol=2e-2, atol=1e-2)
+
+    cutoff = history["tx_time"].max() - timedelta(days=2)
+    past = history.filter(history["tx_time"] < cutoff)
+    batch = history.filter(history["tx_time"] >= cutoff).head(300).drop("is_fraud")
+    _, half = _pair(past, kind="flat", gpu_float16=True)
+    inputs = FraudScorer(half).score(batch, past).inputs
+    assert {e["search"]["device"] for e in inputs} == {"gpu-float16"}
+
+
+def test_a_search_deeper_than_the_gpu_allows_runs_on_the_cpu_copy(history):
+    from pipeline.index import GPU_MAX_K
+
+    cpu, gpu = _pair(history, kind="flat")
+    assert gpu.size > GPU_MAX_K + 100
+    queries = cpu.vectorizer.transform(history.tail(50))
+    d_cpu, p_cpu = cpu.search(queries, GPU_MAX_K + 100)
+    d_gpu, p_gpu = gpu.search(queries, GPU_MAX_K + 100)
+    np.testing.assert_array_equal(p_gpu, p_cpu)
+    np.testing.assert_array_equal(d_gpu, d_cpu)

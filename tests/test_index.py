@@ -115,3 +115,53 @@ def test_index_with_text_records_the_encoder_and_refuses_other_weights(history, 
     encoder._weights_hash = "0" * 64  # stands for an encoder with other weights
     with pytest.raises(artifacts.ArtifactError, match="was built with encoder"):
         FraudIndex.load("cards", tmp_path, encoder=encoder)
+
+
+def test_gpu_settings_are_kept_and_searches_run_where_they_really_can(history, tmp_path):
+    """use_gpu / gpu_float16 go into the manifest; ``gpu`` says where searches really run (never
+    on a GPU without one, nor for HNSW, which faiss has no GPU version of), and the scored
+    decisions' inputs record that device."""
+    from pipeline.index import gpu_available
+    from pipeline.scoring import FraudScorer
+
+    cutoff = history[schema.TX_TIME].max() - timedelta(days=3)
+    past = history.filter(pl.col(schema.TX_TIME) < cutoff)
+    batch = history.filter(pl.col(schema.TX_TIME) >= cutoff).head(200).drop(schema.IS_FRAUD)
+    idx = FraudIndex.build(past, encoder=None, vector_config=VectorConfig(text_dim=0),
+                           config=IndexConfig(kind="flat", use_gpu=True, gpu_float16=True))
+    assert idx.gpu is gpu_available()
+    idx.save("cards", tmp_path)
+    manifest = artifacts.resolve(tmp_path, "cards")[1]
+    assert manifest["index_config"]["gpu_float16"] is True
+    assert FraudIndex.load("cards", tmp_path).config.gpu_float16 is True
+    assert FraudIndex.load("cards", tmp_path, gpu_float16=False).config.gpu_float16 is False
+
+    devices = {r["search"]["device"] for r in FraudScorer(idx).score(batch, past).inputs}
+    assert devices == {"gpu-float16" if gpu_available() else "cpu"}
+    if not gpu_available():  # the CPU's exact search, whatever the GPU settings say
+        plain = FraudIndex.build(past, encoder=None, vector_config=VectorConfig(text_dim=0),
+                                 config=IndexConfig(kind="flat", use_gpu=False))
+        queries = plain.vectorizer.transform(batch)
+        d1, p1 = idx.search(queries, 10)
+        d2, p2 = plain.search(queries, 10)
+        assert np.array_equal(p1, p2) and np.array_equal(d1, d2)
+
+    hnsw = FraudIndex.build(past, encoder=None, vector_config=VectorConfig(text_dim=0),
+                            config=IndexConfig(kind="hnsw", use_gpu=True))
+    assert hnsw.gpu is False
+
+
+def test_index_build_cli_records_half_precision_for_the_gpu(history, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    path = tmp_path / "history.parquet"
+    history.head(3000).write_parquet(path)
+    args = ["index", "build", "--input", str(path), "--root", str(tmp_path / "indexes"),
+            "--text-dim", "0", "--kind", "flat"]
+    for name, flag, expected in (("half", ["--gpu-float16"], True), ("full", [], False)):
+        result = CliRunner().invoke(app, [*args, "--name", name, *flag])
+        assert result.exit_code == 0, result.output
+        manifest = artifacts.resolve(tmp_path / "indexes", name)[1]
+        assert manifest["index_config"]["gpu_float16"] is expected
