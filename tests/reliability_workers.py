@@ -56,24 +56,21 @@ def record(ledger, batch: str, size: int):
 
 
 def ledger_main(url: str, mode: str, first: int, count: int, size: int) -> None:
-    """Record batches b<first>…; mode ``pause`` stops inside the first batch's transaction after
-    two chunks of decisions were inserted; ``loop`` records them one after another."""
-    from sqlalchemy import event
-
+    """Record batches b<first>…; mode ``pause`` stops inside the first batch's transaction
+    right after its decisions were inserted (not committed); ``loop`` records them one after
+    another."""
     import pipeline.ledger as ledger_mod
     from pipeline.ledger import Ledger
 
     with Ledger(url) as ledger:
         if mode == "pause":
-            ledger_mod.INSERT_CHUNK = 50
-            inserts = [0]
+            insert = ledger_mod._insert_decisions
 
-            @event.listens_for(ledger._engine, "before_cursor_execute")
-            def _pause(_conn, _cursor, statement, *_args):
-                if statement.lstrip().upper().startswith("INSERT INTO DECISIONS"):
-                    inserts[0] += 1
-                    if inserts[0] == 3:  # two chunks (100 decisions) are in, uncommitted
-                        pause("ledger-insert")
+            def insert_then_pause(conn, rows):  # both SQLite's executemany and PG's COPY
+                insert(conn, rows)
+                pause("ledger-insert")
+
+            ledger_mod._insert_decisions = insert_then_pause
 
         for b in range(first, first + count):
             record(ledger, f"b{b}", size)

@@ -169,7 +169,8 @@ def test_sigkill_inside_a_ledger_batch_leaves_it_absent_and_the_rerun_adds_it_on
     kill(child)
 
     per_batch, total = ledger_state(db_url)
-    assert per_batch == {"b0": 120} and total == 120  # nothing of b1, not even its first 100
+    # Nothing of b1, not even the decisions its transaction had already inserted.
+    assert per_batch == {"b0": 120} and total == 120
 
     with Ledger(db_url) as ledger:  # the lock the dead writer held is free again
         assert workers.record(ledger, "b1", 300).added == 300
