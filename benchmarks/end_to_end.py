@@ -125,19 +125,6 @@ STAGES = (
     ("scores file", "pipeline.jobs", "write_outputs"),
     ("ledger", "pipeline.jobs", "record"),
 )
-# Made in jobs.decisions_for's second thread during the ledger stage, not before it.
-OVERLAPPED = {"explanations", "decision inputs"}
-
-
-def stage_text(r: dict[str, Any]) -> str:
-    """A run's stage seconds, largest first; overlapped stages after the ledger's."""
-    alongside = set(r.get("overlapped", ()))
-    main = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["stages"].items(), key=lambda kv: -kv[1])
-                     if k not in alongside)
-    if not alongside:
-        return main
-    return main + " (in a second thread during the ledger's: " + ", ".join(
-        f"{k} {r['stages'][k]:.1f}" for k in sorted(alongside)) + ")"
 
 
 def instrument(seconds: dict[str, float]) -> None:
@@ -190,15 +177,16 @@ def step_score(work: Path, rows: int, db: str) -> dict[str, Any]:
         scored_n, added = report.rows_scored, report.ledger_added
     seconds = time.perf_counter() - t0
     out.unlink(missing_ok=True)
-    # Explanations and inputs are made chunk by chunk in a second thread while the ledger
-    # writes the chunk before (jobs.decisions_for): their seconds overlap the ledger's.
+    # Explanations and inputs are made chunk by chunk inside the ledger write: "ledger" is
+    # what remains (records, hash chain, inserts, commit).
+    if "ledger" in stages:
+        stages["ledger"] -= stages.get("explanations", 0.0) + stages.get("decision inputs", 0.0)
     ledger_bytes = sum(f.stat().st_size for f in work.glob(f"ledger-{rows}.sqlite*"))
     return {"rows": rows, "ledger_bytes": ledger_bytes, "scored": scored_n,
             "ledger_added": added, "seconds": seconds,
             "tx_per_s": rows / seconds, "index_load_seconds": load_s,
             "index_vectors": index.size, "faiss_index": index.manifest["faiss_index"],
-            "stages": stages, "overlapped": sorted(OVERLAPPED & stages.keys()),
-            "rss_after_index_load_mb": rss_loaded,
+            "stages": stages, "rss_after_index_load_mb": rss_loaded,
             "load_average_start": load_avg, "load_average_end": load_average()}
 
 
@@ -287,20 +275,16 @@ WHY = (
     "indexes (the primary key among them) and the commit (24 µs on 16 kB pages; 33 µs on "
     "SQLite's default 4 kB pages, where a 4 kB record spills into overflow pages). "
     "Explanations and replay inputs are JSON columns made by polars (struct to JSON) a chunk "
-    "at a time, the neighbour lists cut from one flat column, in a second thread while the "
-    "ledger writes the chunk before; each distinct merchant text is embedded and projected "
-    "once per call. That second thread shortens the ledger stage by about 7 % (100,000 "
-    "scored rows recorded into a fresh SQLite ledger, three alternating runs each on this "
-    "machine: median 9.5 s against 10.3 s), about 3 % of a whole run, less than the "
-    "run-to-run spread of whole runs. On PostgreSQL the decisions go in with COPY (psycopg "
-    "3): recording the same 100,000 rows took 13.7–14.7 s against 16.6–17.2 s with "
-    "multi-row INSERTs (two alternating runs each); most of what remains is Python's per-row "
-    "work and the server's (eight indexes, TOAST compression). 20,000 transactions/s is "
-    "50 µs a row on 2 cores for everything: the chained record alone (Decision, canonical "
-    "JSON, sha256, insert, commit) costs about 80 µs a row, and the search about 55–60 µs. "
-    "Compare rows of one machine only: the previous table, on an AMD EPYC, scored the same "
-    "1M rows in 181 s (5,515/s) with the code before the second thread; this Intel Xeon is "
-    "slower at every stage.")
+    "at a time, the neighbour lists cut from one flat column, and each distinct merchant text "
+    "is embedded and projected once per call. On PostgreSQL the decisions go in with COPY "
+    "(psycopg 3): recording 100,000 scored rows took 13.7–14.7 s against 16.6–17.2 s with "
+    "multi-row INSERTs (two alternating runs each, this machine); most of what remains is "
+    "Python's per-row work and the server's (eight indexes, TOAST compression). 20,000 "
+    "transactions/s is 50 µs a row on 2 cores for everything: the chained record alone "
+    "(Decision, canonical JSON, sha256, insert, commit) costs about 80 µs a row, and the "
+    "search about 55–60 µs. Compare rows of one machine only: the previous table, on an AMD "
+    "EPYC, scored the same 1M rows in 181 s (5,515/s) with the code before this session's "
+    "changes; this Intel Xeon is slower at every stage.")
 MEMORY = (
     "The explanations are not held: a batch's decisions are made and written 20,000 at a time "
     "inside its one ledger transaction (a `DecisionStream`), and FAISS is searched 100,000 "
@@ -387,7 +371,8 @@ def section(report: dict[str, Any]) -> str:
         if "failed" in r:
             lines.append(extrapolated(r["rows"], r["failed"]))
             continue
-        stages = stage_text(r)
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(
+            r["stages"].items(), key=lambda kv: -kv[1]))
         if r.get("note"):
             stages = f"*{r['note']}*: {stages}"
         disk = (f"{r['ledger_bytes'] / 1e9:,.1f} GB ({r['ledger_bytes'] / r['rows'] / 1e3:.1f} "
@@ -407,13 +392,10 @@ def section(report: dict[str, Any]) -> str:
     done = [r for r in plain if "failed" not in r]
     if done:
         last = done[-1]
-        alongside = set(last.get("overlapped", ()))
-        share = sorted(((v / last["seconds"], k) for k, v in last["stages"].items()
-                        if k not in alongside), reverse=True)
-        during = ("" if not alongside else " (" + " and ".join(sorted(alongside)) + " are made "
-                  "in a second thread during the ledger stage, so they are part of no share)")
+        share = sorted(((v / last["seconds"], k) for k, v in last["stages"].items()),
+                       reverse=True)
         lines += ["", f"Where the time goes at {last['rows']:,} rows: " + ", ".join(
-            f"{k} {p:.0%}" for p, k in share if p >= 0.01) + during + ". " + WHY]
+            f"{k} {p:.0%}" for p, k in share if p >= 0.01) + ". " + WHY]
         if fit is not None:
             lines += ["", f"Memory: about {fit['mb_per_million_rows'] / 1024:,.1f} GB more peak "
                       "per million rows scored in one call, on top of the loaded index. " + MEMORY]

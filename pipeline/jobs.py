@@ -4,7 +4,6 @@ step by step as tasks. Each returns a typed report."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -132,40 +131,27 @@ def decisions_for(scored: ScoredBatch, batch_id: str, index: FraudIndex,
                   chunk_rows: int | None = None, progress: Progress | None = None
                   ) -> DecisionStream:
     """The batch's decisions, made ``chunk_rows`` (default ``scoring.TEXT_ROWS``) at a time
-    as the ledger writes them; ``progress`` is told of each chunk written.
-
-    The next chunk's explanation and inputs texts are made (by polars, mostly outside the GIL)
-    in a second thread while the ledger hashes and writes the current one."""
+    as the ledger writes them; ``progress`` is told of each chunk written."""
     chunk_rows = chunk_rows or scoring.TEXT_ROWS
     model_version = (index.manifest["encoder"] or {}).get("model_id", "numeric-only")
-    n = scored.scores.height
 
     def chunks() -> Iterator[list[Decision]]:
-        with ThreadPoolExecutor(1, thread_name_prefix="explain") as pool:
-            pending = pool.submit(scored.texts, 0, chunk_rows)
-            for start in range(0, n, chunk_rows):
-                texts = pending.result()
-                if start + chunk_rows < n:
-                    pending = pool.submit(scored.texts, start + chunk_rows,
-                                          start + 2 * chunk_rows)
-                decisions = chunk(start, *texts)
-                yield decisions
-                if progress is not None:
-                    progress("explaining and recording", start + len(decisions), n)
+        for start in range(0, scored.scores.height, chunk_rows):
+            rows = scored.scores.slice(start, chunk_rows).select(
+                schema.TRANSACTION_ID, "score", "threshold", "decision", "input_hash",
+                schema.TX_TIME)
+            explanations, inputs = scored.texts(start, start + chunk_rows)
+            yield [
+                Decision(batch_id=batch_id, kind="fraud", subject_id=tx, score=score,
+                         threshold=threshold, decision=decision, model_version=model_version,
+                         index_version=index.version, input_hash=input_hash, explanation=None,
+                         subject_time=tx_time, encoded=(explanation, row_inputs))
+                for (tx, score, threshold, decision, input_hash, tx_time), explanation, row_inputs
+                in zip(rows.iter_rows(), explanations, inputs, strict=True)]
+            if progress is not None:
+                progress("explaining and recording", start + rows.height, scored.scores.height)
 
-    def chunk(start: int, explanations: list[str], inputs: list[str]) -> list[Decision]:
-        rows = scored.scores.slice(start, chunk_rows).select(
-            schema.TRANSACTION_ID, "score", "threshold", "decision", "input_hash",
-            schema.TX_TIME)
-        return [
-            Decision(batch_id=batch_id, kind="fraud", subject_id=tx, score=score,
-                     threshold=threshold, decision=decision, model_version=model_version,
-                     index_version=index.version, input_hash=input_hash, explanation=None,
-                     subject_time=tx_time, encoded=(explanation, row_inputs))
-            for (tx, score, threshold, decision, input_hash, tx_time), explanation, row_inputs
-            in zip(rows.iter_rows(), explanations, inputs, strict=True)]
-
-    return DecisionStream(n, chunks)
+    return DecisionStream(scored.scores.height, chunks)
 
 
 def quarantined_rows(ingested: IngestResult) -> list[QuarantinedRow]:

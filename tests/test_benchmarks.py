@@ -146,11 +146,6 @@ def test_end_to_end_scores_and_records_every_row(tmp_path):
     assert run["rows"] == run["scored"] == run["ledger_added"] == 400
     assert run["tx_per_s"] > 0 and run["peak_rss_mb"] >= run["rss_after_index_load_mb"] > 0
     assert {"features", "vectors", "knn", "explanations", "ledger"} <= set(run["stages"])
-    # Explanations and inputs are made in a second thread inside the ledger stage's time.
-    assert run["overlapped"] == ["decision inputs", "explanations"]
-    inside = run["stages"]["explanations"] + run["stages"]["decision inputs"]
-    assert 0 < inside <= run["stages"]["ledger"] * 1.01
-    assert sum(v for k, v in run["stages"].items()
-               if k not in run["overlapped"]) <= run["seconds"] * 1.01
+    assert sum(run["stages"].values()) <= run["seconds"] * 1.01
     text = e2e.section({"result": res})
     assert "| 400 |" in text
