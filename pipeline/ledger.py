@@ -1190,18 +1190,21 @@ _FEEDBACK_CHAIN = _ChainSpec("feedback", FEEDBACK, FEEDBACK_HASHED_FIELDS, "feed
 _CHAINS = {c.name: c for c in (_DECISION_CHAIN, _FEEDBACK_CHAIN)}
 
 
-# The Core insert compiled once for SQLite: its text (qmark placeholders) and their order.
+# The Core insert compiled once for SQLite: its text (qmark placeholders) and their order,
+# which PostgreSQL's COPY of the same rows uses too.
 _SQLITE_INSERT_COMPILED = DECISIONS.insert().compile(
     dialect=sqlite_dialect.dialect(), column_keys=[c.name for c in DECISIONS.columns])
 _SQLITE_INSERT = str(_SQLITE_INSERT_COMPILED)
-_DECISION_VALUES = itemgetter(*_SQLITE_INSERT_COMPILED.positiontup)
+_DECISION_ORDER = tuple(_SQLITE_INSERT_COMPILED.positiontup)
+_DECISION_VALUES = itemgetter(*_DECISION_ORDER)
+_COPY_DECISIONS = f"COPY {DECISIONS.name} ({', '.join(_DECISION_ORDER)}) FROM STDIN"
 
 
 def _insert_decisions(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """Insert decision rows (dicts of every column). On SQLite straight through the driver's
     executemany, which saves SQLAlchemy's per-row parameter processing (a tenth of a
-    write's time); on PostgreSQL through psycopg (3) with COPY; elsewhere as a Core insert.
-    INSERT_CHUNK rows at a time."""
+    write's time), INSERT_CHUNK rows at a time; on PostgreSQL through psycopg (3) with one
+    COPY; elsewhere as a Core insert, INSERT_CHUNK rows at a time."""
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
         _copy_decisions(conn, rows)
         return
@@ -1214,11 +1217,6 @@ def _insert_decisions(conn: Connection, rows: list[dict[str, Any]]) -> None:
             conn.execute(DECISIONS.insert(), chunk)
 
 
-_DECISION_COLUMNS = tuple(c.name for c in DECISIONS.columns)
-_COPY_DECISIONS = f"COPY {DECISIONS.name} ({', '.join(_DECISION_COLUMNS)}) FROM STDIN"
-_COPY_VALUES = itemgetter(*_DECISION_COLUMNS)
-
-
 def _copy_decisions(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """COPY the rows in the connection's open transaction; psycopg's errors are raised as
     SQLAlchemy's (a conflict reads as IntegrityError, a lost connection is retried)."""
@@ -1228,7 +1226,7 @@ def _copy_decisions(conn: Connection, rows: list[dict[str, Any]]) -> None:
     try:
         with dbapi.cursor() as cursor, cursor.copy(_COPY_DECISIONS) as copy:
             for row in rows:
-                copy.write_row(_COPY_VALUES(row))
+                copy.write_row(_DECISION_VALUES(row))
     except psycopg.Error as exc:
         raise sa.exc.DBAPIError.instance(
             _COPY_DECISIONS, None, exc, psycopg.Error, dialect=conn.dialect,
