@@ -70,7 +70,7 @@ def score_transactions(input: str, index: str, output: str, batch_id: str | None
     fraud_index = load_index(index, root)
     # quote(): large results pass through as they are; Prefect need not walk them for futures.
     scored = score(quote(ingested), quote(fraud_index), config)
-    batch_id = jobs.resolve_batch_id(input, scored, batch_id)
+    batch_id = jobs.resolve_batch_id(input, scored, batch_id, ingested)
     out, qpath = write_outputs(quote(scored), quote(ingested), batch_id, output)
     receipt = record_decisions(db, quote(ingested), quote(scored), quote(fraud_index), batch_id)
     report = jobs.report_for(batch_id, ingested, scored, receipt, out, qpath, fraud_index)

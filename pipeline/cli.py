@@ -212,6 +212,8 @@ def score(
         _fail("give either --threshold or --alerts-per-day, not both")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         _fail(f"--threshold: expected a score in [0, 1], got {threshold}")
+    if k < 1:
+        _fail(f"--k: expected a whole number of neighbours >= 1, got {k}")
     config = ScoringConfig(k=k, threshold=0.5 if threshold is None else threshold,
                            alerts_per_day=alerts_per_day)
     if partitions is not None:
@@ -456,6 +458,10 @@ def audit_review(
     from pipeline.audit import default_reviewer
     from pipeline.ledger import Ledger
 
+    if reviewer is not None:
+        reviewer = reviewer.strip()
+        if not reviewer:
+            _fail("--reviewer: expected the reviewer's name, got a blank one")
     with Ledger(db) as ledger:
         receipt = ledger.record_feedback(decision_id, label, comment,
                                          reviewer or default_reviewer())

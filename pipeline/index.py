@@ -218,10 +218,13 @@ class FraudIndex:
         recall = None if kind == "flat" else measure_recall(index, vectors, 10,
                                                             config.recall_queries)
         end = history[schema.TX_TIME].max()
+        # The windows of transactions scored after the cutoff look back from it: keep the
+        # history from `context_days` before the cutoff (or the file's end, if earlier) on.
+        start = min(end, until) if until is not None else end
         context_cols = [c for c in history.columns
                         if c in schema.DTYPES and c != schema.FRAUD_SCENARIO]
         context = history.filter(
-            pl.col(schema.TX_TIME) > end - timedelta(days=config.context_days)
+            pl.col(schema.TX_TIME) > start - timedelta(days=config.context_days)
         )
         if until is not None:  # labels not yet known at the cutoff are not known to us either
             context = context.with_columns(

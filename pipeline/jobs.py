@@ -16,7 +16,7 @@ from pipeline.artifacts import atomic_path
 from pipeline.audit import FeedbackLabels, apply_feedback
 from pipeline.encoder import TextEncoder
 from pipeline.features import compute_features
-from pipeline.index import FraudIndex, IndexConfig
+from pipeline.index import FraudIndex, IndexConfig, default_root
 from pipeline.ingest import IngestResult, read_transactions, write_quarantine
 from pipeline.ledger import BatchReceipt, Decision, DecisionStream, Ledger, QuarantinedRow
 from pipeline.scoring import FraudScorer, Progress, ScoredBatch, ScoringConfig, batch_hash
@@ -119,7 +119,7 @@ def build_index(ingested: IngestResult, name: str, *, root: str | Path | None = 
     version = index.save(name, root)
     m = index.manifest
     return BuildReport(
-        name=name, version=version, path=str(Path(root or "indexes") / name / version),
+        name=name, version=version, path=str(Path(root or default_root()) / name / version),
         rows_in=ingested.rows_in, rows_accepted=ingested.accepted.height,
         rows_quarantined=ingested.quarantined.height, vectors=m["vector_count"],
         frauds=m["fraud_count"], faiss_index=m["faiss_index"], label_cutoff=m["label_cutoff"],
@@ -164,11 +164,16 @@ def record(ledger: Ledger, ingested: IngestResult, scored: ScoredBatch, index: F
            batch_id: str, progress: Progress | None = None) -> BatchReceipt:
     """Write the batch's decisions and quarantined rows to the ledger in one transaction."""
     decisions = decisions_for(scored, batch_id, index, progress=progress)
-    input_hash = batch_hash(scored.scores["input_hash"].to_list()
-                            + [f"q:{r['row_number']}:{r['raw']}"
-                               for r in ingested.quarantined.iter_rows(named=True)])
+    input_hash = batch_input_hash(ingested, scored)
     return ledger.record_batch(batch_id, "fraud", input_hash, ingested.rows_in, decisions,
                                quarantined_rows(ingested))
+
+
+def batch_input_hash(ingested: IngestResult, scored: ScoredBatch) -> str:
+    """The hash the ledger records for a batch: its scored rows and its quarantined rows."""
+    return batch_hash(scored.scores["input_hash"].to_list()
+                      + [f"q:{r['row_number']}:{r['raw']}"
+                         for r in ingested.quarantined.iter_rows(named=True)])
 
 
 def top_alerts(scored: ScoredBatch, n: int = 10) -> list[dict[str, Any]]:
@@ -179,12 +184,19 @@ def top_alerts(scored: ScoredBatch, n: int = 10) -> list[dict[str, Any]]:
     ).with_columns(pl.col(schema.TX_TIME).dt.to_string("%Y-%m-%d %H:%M:%S")).to_dicts()
 
 
-def resolve_batch_id(input_path: str | Path, scored: ScoredBatch, batch_id: str | None) -> str:
+def resolve_batch_id(input_path: str | Path, scored: ScoredBatch, batch_id: str | None,
+                     ingested: IngestResult | None = None) -> str:
     """The given batch id, else one derived from the input rows: re-scoring the same rows
-    lands on the same batch and adds nothing to the ledger."""
+    lands on the same batch and adds nothing to the ledger. A file with no row scored is
+    named by its quarantined rows (given ``ingested``): by the scored rows alone every such
+    file of one name would get the same id, and the second would conflict in the ledger."""
     if batch_id:
         return batch_id
-    return f"{Path(input_path).stem}-{batch_hash(scored.scores['input_hash'].to_list())[:12]}"
+    if scored.scores.height == 0 and ingested is not None and ingested.quarantined.height:
+        digest = batch_input_hash(ingested, scored)
+    else:
+        digest = batch_hash(scored.scores["input_hash"].to_list())
+    return f"{Path(input_path).stem}-{digest[:12]}"
 
 
 def write_outputs(scored: ScoredBatch, ingested: IngestResult, batch_id: str,
@@ -206,7 +218,7 @@ def score_file(input_path: str | Path, index: FraudIndex, output_path: str | Pat
     told as the search and the ledger write advance."""
     ingested = read_transactions(input_path)
     scored = FraudScorer(index, config).score(ingested.accepted, history, progress=progress)
-    batch_id = resolve_batch_id(input_path, scored, batch_id)
+    batch_id = resolve_batch_id(input_path, scored, batch_id, ingested)
     out, qpath = write_outputs(scored, ingested, batch_id, output_path)
     receipt = record(ledger, ingested, scored, index, batch_id, progress=progress)
     return report_for(batch_id, ingested, scored, receipt, out, qpath, index)

@@ -11,8 +11,9 @@ ledger's own lock: partitions may finish in any order, and a re-run with another
 count lands on the same batches, so it adds nothing.
 
 Limits: the input must be Parquet with ``tx_time`` stored as a timestamp (so that partitions can
-be cut by time without parsing); a ``transaction_id`` repeated across two partitions further
-apart than the margin is not caught as a duplicate.
+be cut by time without parsing). A ``transaction_id`` repeated anywhere in the file is caught as
+scoring the whole file catches it: each partition also reads the file's other rows with its ids
+(one more filtered scan of the file).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pipeline.index import FraudIndex
 from pipeline.ingest import (
     IngestResult,
     InputError,
+    _text,
     canonical_columns,
     validate_transactions,
     write_quarantine,
@@ -41,6 +43,7 @@ from pipeline.scoring import FraudScorer, ScoredBatch, ScoringConfig, batch_hash
 
 _FILE_ROW = "__file_row"
 _DAY = "__day"
+_KEPT = r" duplicates row (\d+), which is kept$"  # a duplicate's reason, naming the row kept
 
 
 def history_margin(label_delay_days: int = LABEL_DELAY_DAYS) -> timedelta:
@@ -153,6 +156,7 @@ def read_partition(path: str | Path, partition: Partition,
     wanted = own | ((time >= partition.start - margin) & (time < partition.start))
     frame = (scan.with_row_index(_FILE_ROW).filter(wanted)
              .with_columns(own.alias("__own")).collect(engine="streaming"))
+    frame = _with_same_ids(scan, frame, wanted)
     file_rows, is_own = frame[_FILE_ROW], frame["__own"]
     checked = validate_transactions(frame.drop(_FILE_ROW, "__own"),
                                     source=f"{path} partition {partition.number}")
@@ -161,15 +165,42 @@ def read_partition(path: str | Path, partition: Partition,
                     & (pl.col(schema.TX_TIME) < partition.end))
     positions = checked.quarantined["row_number"]
     days = frame.select(time.dt.truncate("1d")).to_series()
+    # A duplicate's reason names the row kept by its place in `frame`: name it in the file.
+    kept = checked.quarantined["reason"].str.extract(_KEPT, 1).cast(pl.Int64)
+    kept_text = file_rows.gather(kept.fill_null(0)).cast(pl.String)
     quarantined = checked.quarantined.with_columns(
         file_rows.gather(positions).cast(pl.Int64).alias("row_number"),
         days.gather(positions).alias(_DAY),
+        pl.when(kept.is_not_null())
+        .then(pl.col("reason").str.replace(_KEPT, " duplicates row ")
+              + kept_text + pl.lit(", which is kept"))
+        .otherwise(pl.col("reason")).alias("reason"),
     ).filter(is_own.gather(positions))
     result = IngestResult(accepted=accepted.filter(own_accepted), quarantined=quarantined,
                           rows_in=int(is_own.sum()), source=f"{path} partition "
                                                             f"{partition.number}")
-    history = accepted.filter(~own_accepted).drop(schema.LABELS, strict=False)
+    in_margin = pl.col(schema.TX_TIME).is_between(partition.start - margin, partition.start,
+                                                 closed="left")
+    history = accepted.filter(~own_accepted & in_margin).drop(schema.LABELS, strict=False)
     return result, history
+
+
+def _with_same_ids(scan: pl.LazyFrame, frame: pl.DataFrame, wanted: pl.Expr) -> pl.DataFrame:
+    """``frame`` plus the file's other rows with a transaction id found in it, in file order,
+    as neither own rows nor history: a repeated id is then quarantined as scoring the whole
+    file does (its first valid occurrence in the file kept), wherever the copies are."""
+    ids = [src for src, canonical in canonical_columns(frame.columns).items()
+           if canonical == schema.TRANSACTION_ID]
+    if not ids:
+        return frame  # validation names the missing column
+    name = ids[0]
+    key = _text(pl.col(name), frame.schema[name])
+    seen = frame.select(key.alias("id")).to_series().drop_nulls().unique()
+    others = (scan.with_row_index(_FILE_ROW).filter(~wanted.fill_null(False) & key.is_in(seen))
+              .with_columns(pl.lit(False).alias("__own")).collect(engine="streaming"))
+    if not others.height:
+        return frame
+    return pl.concat([frame, others.select(frame.columns)]).sort(_FILE_ROW)
 
 
 @lru_cache(maxsize=2)

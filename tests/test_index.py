@@ -165,3 +165,45 @@ def test_index_build_cli_records_half_precision_for_the_gpu(history, tmp_path):
         assert result.exit_code == 0, result.output
         manifest = artifacts.resolve(tmp_path / "indexes", name)[1]
         assert manifest["index_config"]["gpu_float16"] is expected
+
+
+def test_an_index_as_of_a_past_cutoff_keeps_the_history_before_the_cutoff_for_windows():
+    """`index build --until` on a file running on past the cutoff (a backtest: index as of
+    May 1, score the week after). The feature context used to be the last 37 days of the
+    file, weeks after the cutoff, so the week after it was scored with near-empty windows
+    (terminal risk 0 for every row, 30-day card counts an eighth of their value)."""
+    data = generate(SyntheticConfig(n_customers=60, n_terminals=120, n_days=90, seed=4))
+    until = data[schema.TX_TIME].min().replace(hour=0, minute=0, second=0) + timedelta(days=40)
+    idx = FraudIndex.build(compute_features(data), encoder=None,
+                           vector_config=VectorConfig(text_dim=0), until=until)
+    assert idx.context[schema.TX_TIME].min() > until - timedelta(days=37)
+    assert idx.context[schema.TX_TIME].min() < until - timedelta(days=36)
+    from pipeline.scoring import FraudScorer
+
+    week = (pl.col(schema.TX_TIME) >= until) & (pl.col(schema.TX_TIME) < until + timedelta(days=7))
+    got = FraudScorer(idx).features(data.filter(week)).sort(schema.TRANSACTION_ID)
+    # What was known at the cutoff: every transaction before it, labels known by then.
+    known = data.filter(pl.col(schema.TX_TIME) < until + timedelta(days=7)).with_columns(
+        pl.when(pl.col(schema.TX_TIME) + timedelta(days=7) <= until)
+        .then(pl.col(schema.IS_FRAUD)).alias(schema.IS_FRAUD))
+    want = compute_features(known).filter(week).sort(schema.TRANSACTION_ID)
+    assert got.height == want.height > 0
+    assert want["TERMINAL_ID_RISK_30DAY_WINDOW"].sum() > 0
+    for name in schema.FEATURES:
+        assert np.allclose(got[name].to_numpy(), want[name].to_numpy()), name
+
+
+def test_build_report_names_where_the_index_was_saved_under_the_env_root(history, tmp_path,
+                                                                          monkeypatch):
+    """With $FINSENTINEL_INDEXES set and no --root, `index build` printed ./indexes/NAME/…,
+    a directory that does not exist, instead of where the index went."""
+    from pipeline import jobs
+    from pipeline.ingest import validate_transactions
+
+    monkeypatch.setenv("FINSENTINEL_INDEXES", str(tmp_path / "shared-indexes"))
+    monkeypatch.chdir(tmp_path)
+    raw = history.select(*schema.REQUIRED, schema.IS_FRAUD)
+    report = jobs.build_index(validate_transactions(raw, require_labels=True), "cards",
+                              encoder=None, vector_config=VectorConfig(text_dim=0))
+    assert report.path == str(tmp_path / "shared-indexes" / "cards" / report.version)
+    assert (tmp_path / "shared-indexes" / "cards" / report.version / "index.faiss").is_file()

@@ -148,6 +148,41 @@ def test_partitioned_scoring_equals_whole_file_in_any_order(dataset, tmp_path):
         assert ledger.count() == report.rows_scored and ledger.verify().ok
 
 
+def test_a_repeated_id_is_caught_whatever_partition_its_first_occurrence_is_in(dataset,
+                                                                             tmp_path):
+    """The file's first row repeats the id of a row weeks earlier in time (a resent payment
+    with a corrected time, say): scored whole, the later row in the file is quarantined as a
+    duplicate. Partitioned, each copy used to be scored in its own partition (the earlier
+    partition never saw the other copy): one transaction, two decisions. And a duplicate's
+    reason named the kept row by its place among the partition's rows, not in the file."""
+    feed = pl.read_parquet(dataset["feed"])
+    early = feed.filter(pl.col(schema.AMOUNT) >= 0).row(3, named=True)
+    late = feed.row(feed.height - 3, named=True)
+    assert late[schema.TX_TIME] - early[schema.TX_TIME] > timedelta(days=45)
+    resent = pl.DataFrame([late | {schema.TRANSACTION_ID: early[schema.TRANSACTION_ID]}],
+                          schema=feed.schema)
+    path = tmp_path / "resent.parquet"
+    pl.concat([resent, feed]).write_parquet(path)
+    with Ledger(f"sqlite:///{tmp_path / 'whole.sqlite'}") as ledger:
+        whole = jobs.score_file(path, dataset["index"], tmp_path / "whole.parquet",
+                                ledger=ledger)
+    assert (whole.rows_scored, whole.rows_quarantined) == (dataset["rows"] - 4, 5)
+    out = tmp_path / "parts.parquet"
+    db = f"sqlite:///{tmp_path / 'parts.sqlite'}"
+    report = score_dataset(path, "fraud", out, partitions=3, db=db, root=str(dataset["root"]))
+    assert (report.rows_scored, report.rows_quarantined) == (whole.rows_scored,
+                                                             whole.rows_quarantined)
+    _same_scores(whole.output, out)
+    parts_q = pl.read_parquet(report.quarantine).select("row_number", "field", "reason")
+    whole_q = pl.read_parquet(whole.quarantine).select("row_number", "field", "reason")
+    assert parts_q.to_dicts() == whole_q.to_dicts()
+    early_row = 1 + feed[schema.TRANSACTION_ID].to_list().index(early[schema.TRANSACTION_ID])
+    assert parts_q.filter(pl.col("row_number") == early_row)["reason"].to_list() == [
+        f"transaction_id: '{early[schema.TRANSACTION_ID]}' duplicates row 0, which is kept"]
+    with Ledger(db) as ledger:
+        assert ledger.count() == whole.rows_scored and ledger.verify().ok
+
+
 def test_flow_on_a_two_worker_dask_cluster(dataset, prefect_harness, pg_url, tmp_path):
     """Two worker processes write to one PostgreSQL ledger concurrently, and report their
     task runs to the flow's own Prefect server (not to temporary servers of their own)."""

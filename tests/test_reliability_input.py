@@ -327,6 +327,53 @@ def test_cli_on_bad_files_prints_a_message_never_a_traceback(tmp_path: Path, sma
                 assert len(ledger.quarantined("b")) == quarantined
 
 
+def test_two_different_files_of_only_bad_rows_under_one_name_are_two_batches(
+        tmp_path: Path, small_index: Path) -> None:
+    """An inbox file named the same every day, every row bad (say, amounts with a currency
+    sign): each day's file is its own batch, its bad rows in the ledger. The batch id used to
+    come from the scored rows alone, so every such file got `export-e3b0c44298fc` (the hash of
+    nothing) and the second one stopped on 'a batch id must name one input'."""
+    db = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    header = "transaction_id,tx_time,customer_id,terminal_id,amount\n"
+    days = {"mon": "1,2020-01-06T10:00:00Z,c,t,€5\n2,2020-01-06T11:00:00Z,c,t,€7\n",
+            "tue": "3,2020-01-07T10:00:00Z,c,t,€9\n"}
+    batches = []
+    for day, body in days.items():
+        path = tmp_path / day / "export.csv"
+        path.parent.mkdir()
+        path.write_text(header + body)
+        args = ("score", "--input", str(path), "--index", "cards", "--root", str(small_index),
+                "--output", str(tmp_path / day / "s.parquet"), "--db", db)
+        code, out, err = run_cli(*args)
+        assert code == 0, err
+        assert counts_line(err) == (body.count("\n"), 0, body.count("\n"))
+        batches.append(re.search(r"batch (\S+):", out).group(1))
+        code, out, err = run_cli(*args)  # the same file again adds nothing
+        assert code == 0 and "ledger +0 records" in out and batches[-1] in out, err
+    assert batches[0] != batches[1]
+    assert all(b.startswith("export-") for b in batches)
+    with Ledger(db) as ledger:
+        assert [len(ledger.quarantined(b)) for b in batches] == [2, 1]
+        assert ledger.verify().ok
+
+
+def test_score_refuses_a_neighbour_count_below_one_before_recording(
+        tmp_path: Path, small_index: Path) -> None:
+    """--k 0 used to record every row as a 'pass' at the prior (no neighbour consulted), and
+    --k -1 stopped on numpy's 'negative dimensions are not allowed'."""
+    path = tmp_path / "in.csv"
+    path.write_text("transaction_id,tx_time,customer_id,terminal_id,amount\n"
+                    "1,2018-04-05T10:00:00Z,1,1,5\n")
+    db = tmp_path / "ledger.sqlite"
+    for k in ("0", "-1"):
+        code, out, err = run_cli("score", "--input", str(path), "--index", "cards", "--root",
+                                 str(small_index), "--output", str(tmp_path / "s.parquet"),
+                                 "--db", f"sqlite:///{db}", "--k", k)
+        assert code == 2 and "Traceback" not in out + err
+        assert f"--k: expected a whole number of neighbours >= 1, got {k}" in err
+    assert not db.exists() and not (tmp_path / "s.parquet").exists()
+
+
 def test_cli_index_build_on_unusable_history_is_a_message(tmp_path: Path) -> None:
     """No labelled row, no label column, a header with rich markup in it: messages, exit 2."""
     cases = {
