@@ -480,7 +480,9 @@ def _parse_times(series: pl.Series) -> pl.Series:
         todo = todo & out.is_null()
     if todo.any():
         idx = todo.arg_true()
-        out = out.scatter(idx, pl.select(_parse_iso(pl.lit(text.gather(idx)))).to_series())
+        # In a frame: pl.select(pl.lit(series)) of the null-when-bad result panics in polars.
+        rest = pl.DataFrame({"text": text.gather(idx)})
+        out = out.scatter(idx, rest.select(_parse_iso(pl.col("text"))).to_series())
     return out
 
 
@@ -494,11 +496,13 @@ def _parse_iso(text: pl.Expr) -> pl.Expr:
     ).str.strptime(pl.Datetime("us"), "%Y-%m-%d %H:%M:%S", strict=False)
     micros = parts.field("frac").str.slice(0, 6).str.pad_end(6, "0").cast(pl.Int64)
     sign = pl.when(parts.field("sign") == "-").then(-1).otherwise(1)
-    offset = sign * (
-        parts.field("oh").cast(pl.Int64).fill_null(0) * 60
-        + parts.field("om").cast(pl.Int64).fill_null(0)
-    )
-    return wall + pl.duration(microseconds=micros.fill_null(0)) - pl.duration(minutes=offset)
+    hours = parts.field("oh").cast(pl.Int64).fill_null(0)
+    minutes = parts.field("om").cast(pl.Int64).fill_null(0)
+    # An offset is less than a day, its minutes less than 60 (as the fixed formats and
+    # datetime.fromisoformat require): +99:00 is a typo, not a zone, and is not accepted.
+    offset = sign * (hours * 60 + minutes)
+    time = wall + pl.duration(microseconds=micros.fill_null(0)) - pl.duration(minutes=offset)
+    return pl.when((hours < 24) & (minutes < 60)).then(time)
 
 
 def _encode_rows(frame: pl.DataFrame) -> pl.Series:
@@ -681,13 +685,20 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
+_ID_COLUMNS = (schema.TRANSACTION_ID, schema.CUSTOMER_ID, schema.TERMINAL_ID)
+
+
 def _read_json_lines(path: Path, source: str) -> _Read:
     try:
         frame = pl.read_ndjson(path, infer_schema_length=None)
     except Exception:  # bad lines, mixed nested types: the line-by-line reader sorts them out
         frame = None
+    # polars reads a column of integers with one float in it as floats: long numeric ids
+    # (16 digits and more) would change. The line-by-line reader keeps each value's own text.
     if frame is not None and not any(
-        frame.schema[name].is_nested() for name in _canonical_columns(frame.columns, source)
+        frame.schema[name].is_nested()
+        or (canonical in _ID_COLUMNS and frame.schema[name].is_float())
+        for name, canonical in _canonical_columns(frame.columns, source).items()
     ):
         return _Read(frame)
     data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")

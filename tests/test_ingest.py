@@ -389,6 +389,22 @@ def test_less_common_iso_spellings_are_parsed_by_hand_checked_values() -> None:
     ]
 
 
+def test_utc_offsets_beyond_a_day_or_sixty_minutes_are_quarantined_not_shifted() -> None:
+    """An offset of +99:00 or +05:75 is a typo, not a time zone: it used to shift the time by
+    days (2018-04-01T00:00:31+99:00 became 2018-03-28T01:00:31) and be accepted."""
+    texts = ["2018-04-01T00:00:31+99:00", "2018-04-01T00:00:31+05:75", "2018-04-01T00:00:31+2400",
+             "2018-04-01T00:00:31-23:59", "2018-04-01T14:00:31+14:00", "2018-04-01T00:00:31+0500",
+             "2018-04-01T00:00+24"]
+    result = checked(validate_transactions(pl.DataFrame(rows(len(texts), tx_time=texts))))
+    assert result.accepted["tx_time"].to_list() == [
+        T0 + timedelta(hours=23, minutes=59), T0, T0 - timedelta(hours=5)]
+    assert result.quarantined["row_number"].to_list() == [0, 1, 2, 6]
+    assert result.quarantined["field"].to_list() == ["tx_time"] * 4
+    assert result.quarantined["reason"][0] == (
+        "tx_time: expected an ISO-8601 date-time like 2018-04-01T00:00:31Z, got "
+        "'2018-04-01T00:00:31+99:00'")
+
+
 def test_aware_and_coarse_datetime_columns_become_naive_utc_microseconds() -> None:
     paris = pl.Series([datetime(2018, 4, 1, 2, 0, 31)]).dt.replace_time_zone("Europe/Paris")
     frame = pl.DataFrame(rows(1)).with_columns(tx_time=paris)
@@ -486,6 +502,17 @@ def test_json_ids_read_the_same_on_the_line_by_line_path(tmp_path: Path) -> None
         "transaction_id",
         "transaction_id: '5' duplicates row 1, which is kept",
     )
+
+
+def test_long_numeric_json_ids_keep_every_digit_beside_a_float_id(tmp_path: Path) -> None:
+    """One float among integer ids makes polars read the column as floats: 19-digit card and
+    transaction ids would silently change. Each id must keep the digits of its own line."""
+    long_ids = [4_000_000_000_000_000_001, 4_000_000_000_000_000_002]
+    records = rows(3, transaction_id=[*long_ids, 7.5], customer_id=[*long_ids, 3.25])
+    result = read(write_jsonl(tmp_path / "t.jsonl", records))
+    assert result.accepted.height == 3
+    assert result.accepted["transaction_id"].to_list() == [str(i) for i in long_ids] + ["7.5"]
+    assert result.accepted["customer_id"].to_list() == [str(i) for i in long_ids] + ["3.25"]
 
 
 def test_mixed_type_json_amounts_are_parsed_one_by_one(tmp_path: Path) -> None:
