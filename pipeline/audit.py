@@ -58,7 +58,6 @@ EXPORT_SCHEMA: dict[str, pl.DataType] = {
 
 # --- time ranges -----------------------------------------------------------------------------
 
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _MONTH = re.compile(r"^(\d{4})-(\d{2})$")
 
 
@@ -68,7 +67,7 @@ def time_range(start: str | None, end: str | None) -> tuple[datetime | None, dat
     since = _parse(start, "--from")
     until = _parse(end, "--to")
     if until is not None:
-        until += timedelta(days=1) if _DATE.match(end.strip()) else timedelta(microseconds=1)
+        until += timedelta(days=1) if _is_date(end) else timedelta(microseconds=1)
     if since is not None and until is not None and until <= since:
         raise ValueError(f"--to ({end}) is before --from ({start})")
     return since, until
@@ -87,6 +86,15 @@ def month_range(month: str) -> tuple[datetime, datetime]:
 def previous_month(today: date | None = None) -> str:
     first = (today or datetime.now(UTC).date()).replace(day=1)
     return (first - timedelta(days=1)).strftime("%Y-%m")
+
+
+def _is_date(value: str) -> bool:
+    """A day without a time, in any ISO-8601 spelling (2024-05-01, 20240501, 2024-W18-3)."""
+    try:
+        date.fromisoformat(value.strip())
+    except ValueError:
+        return False
+    return True
 
 
 def _parse(value: str | None, option: str) -> datetime | None:
@@ -620,12 +628,12 @@ def render_case_report(rows: Sequence[Mapping[str, Any]],
                                                f"{e(verified.first_bad_seq)}")
         parts.append(f'<p>Ledger hash chain at export: <b class="{css}">{status}</b> — '
                      f"{e(verified.reason)}</p>")
-    parts.append("<table><tr><th>seq</th><th>transaction</th><th>time</th><th>score</th>"
+    parts.append("<table><tr><th>seq</th><th>subject</th><th>time</th><th>score</th>"
                  "<th>threshold</th><th>decision</th><th>review</th></tr>")
     for r in rows:
         parts.append(
             f'<tr><td class="n"><a href="#d{int(r["seq"])}">{int(r["seq"])}</a></td>'
-            f"<td>{e(r['subject_id'])}</td><td>{e(r['tx_time'])}</td>"
+            f"<td>{e(r['subject_id'])}</td><td>{e(r['tx_time'] or r['subject_time'])}</td>"
             f'<td class="n">{r["score"]:.4f}</td><td class="n">{r["threshold"]:.4f}</td>'
             f"<td>{_badge(r['decision'])}</td><td>{e(r['review_label'] or '')}</td></tr>")
     parts.append("</table>")
@@ -636,6 +644,8 @@ def render_case_report(rows: Sequence[Mapping[str, Any]],
 
 
 def _case(r: Mapping[str, Any], reviews: list[dict[str, Any]]) -> str:
+    if r["kind"] == "sentiment":
+        return _sentiment_case(r, reviews)
     e = _esc
     explanation = json.loads(r["explanation"])
     inputs = json.loads(r["inputs"]) if r["inputs"] else {}
@@ -679,7 +689,89 @@ def _case(r: Mapping[str, Any], reviews: list[dict[str, Any]]) -> str:
             out.append(f"<tr><td>{e(name)}</td><td class='n'>{e(_fmt(v.get('value')))}</td>"
                        f"<td class='n'>{e(_fmt(v.get('card_usual')))}</td></tr>")
         out.append("</table>")
-    out.append("<h3>Versions and hashes</h3><table>")
+    out += _versions_and_reviews(r, reviews)
+    return "\n".join(out)
+
+
+# What a sentiment case shows in its own sections; any other explanation field is listed too.
+_SENTIMENT_SHOWN = ("probabilities", "attributions", "nearest_training_examples", "aggregation",
+                    "rationale", "failure", "tickers", "units", "signed_score")
+
+
+def _sentiment_case(r: Mapping[str, Any], reviews: list[dict[str, Any]]) -> str:
+    """A news classification: the article, the label's probabilities, and why (the words
+    that moved it, the nearest labelled training texts, the sentences of a long article, an
+    LLM's rationale)."""
+    e = _esc
+    explanation = json.loads(r["explanation"])
+    inputs = json.loads(r["inputs"]) if r["inputs"] else {}
+    out = [f'<section class="case" id="d{int(r["seq"])}">',
+           f"<h2>{e(r['kind'])} decision on {e(r['subject_id'])} {_badge(r['decision'])}</h2>",
+           f"<p><b>{e(inputs.get('headline'))}</b></p>"]
+    body = inputs.get("body") or ""
+    if body:
+        out.append(f"<p class='muted'>{e(body[:600])}{'…' if len(body) > 600 else ''}</p>")
+    out.append('<div class="grid">')
+    facts = [("decision id", r["decision_id"]), ("batch", r["batch_id"]),
+             ("published", inputs.get("published_at") or r["subject_time"]),
+             ("source", inputs.get("source")),
+             ("tickers", ", ".join(explanation.get("tickers") or []) or "none found"),
+             ("confidence", f"{float(r['score']):.4f}"),
+             ("signed score (positive − negative)", explanation.get("signed_score")),
+             ("texts classified", explanation.get("units")),
+             ("recorded at", r["created_at"]), ("ledger seq", r["seq"])]
+    out += [f"<div><span class='muted'>{e(k)}:</span> {e(v)}</div>" for k, v in facts
+            if v is not None]
+    out.append("</div>")
+    if explanation.get("failure"):
+        out.append(f"<p class='bad'>No label: {e(explanation['failure'])}</p>")
+    probabilities = explanation.get("probabilities") or {}
+    if probabilities:
+        out.append("<h3>Probabilities</h3><table><tr><th>label</th><th>probability</th></tr>")
+        out += [f"<tr><td>{e(label)}</td><td class='n'>{e(_fmt(p))}</td></tr>"
+                for label, p in probabilities.items()]
+        out.append("</table>")
+    if explanation.get("rationale"):
+        out.append(f"<h3>The model's rationale</h3><p>{e(explanation['rationale'])}</p>")
+    words = (explanation.get("attributions") or {}).get("words") or []
+    if words:
+        method = (explanation.get("attributions") or {}).get("method")
+        out.append(f"<h3>Words that moved the label ({e(method)}: the label's probability "
+                   "lost when the word is left out)</h3><table><tr><th>word</th>"
+                   "<th>weight</th></tr>")
+        out += [f"<tr><td>{e(w.get('word'))}</td><td class='n'>{e(_fmt(w.get('weight')))}"
+                "</td></tr>" for w in words]
+        out.append("</table>")
+    examples = explanation.get("nearest_training_examples") or []
+    if examples:
+        out.append("<h3>Nearest labelled training texts</h3><table><tr><th>#</th><th>text</th>"
+                   "<th>label</th><th>similarity</th></tr>")
+        out += [f"<tr><td class='n'>{i}</td><td>{e(x.get('text'))}</td><td>{e(x.get('label'))}"
+                f"</td><td class='n'>{e(_fmt(x.get('similarity')))}</td></tr>"
+                for i, x in enumerate(examples, 1)]
+        out.append("</table>")
+    aggregation = explanation.get("aggregation") or {}
+    if aggregation.get("sentences"):
+        out.append(f"<h3>Body sentences ({e(aggregation.get('method'))}; the heaviest "
+                   "shown)</h3><table><tr><th>sentence</th><th>label</th><th>weight</th></tr>")
+        out += [f"<tr><td>{e(x.get('text'))}</td><td>{e(x.get('label'))}</td>"
+                f"<td class='n'>{e(_fmt(x.get('weight')))}</td></tr>"
+                for x in aggregation["sentences"]]
+        out.append("</table>")
+    other = {k: v for k, v in explanation.items() if k not in _SENTIMENT_SHOWN}
+    if other:
+        out.append("<h3>Model and run</h3><table>")
+        out += [f"<tr><th>{e(k.replace('_', ' '))}</th><td class='h'>"
+                f"{e(v if isinstance(v, str) else canonical_json(v))}</td></tr>"
+                for k, v in other.items()]
+        out.append("</table>")
+    out += _versions_and_reviews(r, reviews)
+    return "\n".join(out)
+
+
+def _versions_and_reviews(r: Mapping[str, Any], reviews: list[dict[str, Any]]) -> list[str]:
+    e = _esc
+    out = ["<h3>Versions and hashes</h3><table>"]
     for k in ("model_version", "index_version", "input_hash", "prev_hash", "hash"):
         out.append(f"<tr><th>{e(k.replace('_', ' '))}</th><td class='h'>{e(r[k])}</td></tr>")
     out.append("</table><h3>Reviews</h3>")
@@ -693,7 +785,7 @@ def _case(r: Mapping[str, Any], reviews: list[dict[str, Any]]) -> str:
     else:
         out.append("<p class='muted'>not reviewed</p>")
     out.append("</section>")
-    return "\n".join(out)
+    return out
 
 
 def _esc(value: Any) -> str:

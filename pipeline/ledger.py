@@ -830,6 +830,9 @@ class Ledger:
             _check_text("label", label, "review")
         except ValueError as exc:
             raise LedgerError(str(exc)) from exc
+        if not reviewer.strip():  # a review must say who made it
+            raise LedgerError(f"review: reviewer must name someone, got {reviewer!r}")
+        reviewer = reviewer.strip()
         if comment is not None:
             if not isinstance(comment, str) or "\x00" in comment:
                 raise LedgerError("review: comment must be text without NUL characters")

@@ -21,6 +21,9 @@ METADATA = sa.MetaData()
 # Writers of the daily table are serialised (one PostgreSQL advisory lock, SQLite's write lock):
 # each recomputes a (ticker, day) from the article rows, which a concurrent writer could miss.
 PG_LOCK_KEY = 0x6E657773  # "news"
+# Values per IN list: well under PostgreSQL's 65,535 parameters per statement (and SQLite's
+# limit), for a backfill touching many ticker-days.
+PAIRS_PER_QUERY = 5000
 
 ARTICLES = sa.Table(
     "news_sentiment_articles", METADATA,
@@ -45,6 +48,13 @@ DAILY = sa.Table(
     sa.Column("articles", sa.Integer, nullable=False),
     sa.Column("updated_at", sa.Text, nullable=False),
 )
+
+
+def _as_date(value: date | datetime | str) -> date:
+    """A ``day`` value as a date, whichever type the driver returned it as."""
+    if isinstance(value, datetime):
+        return value.date()
+    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
 
 
 @dataclass(frozen=True)
@@ -102,24 +112,47 @@ class NewsStore:
         return retry_transient(lambda: self._record(rows))
 
     def _record(self, rows: list[dict]) -> int:
-        touched = sorted({(r["ticker"], r["day"]) for r in rows})
+        touched = {(r["ticker"], r["day"]) for r in rows}
         now = datetime.now(UTC).isoformat(timespec="seconds")
         with write_transaction(self._engine, lock_key=PG_LOCK_KEY) as conn:
+            # An article already stored on another day (its time was corrected) leaves that
+            # day: the day it leaves is recomputed too.
+            keys = {(r["news_id"], r["ticker"]) for r in rows}
+            ids = sorted({news_id for news_id, _ in keys})
+            for start in range(0, len(ids), PAIRS_PER_QUERY):
+                touched |= {(t, _as_date(d)) for n, t, d in conn.execute(
+                    sa.select(ARTICLES.c.news_id, ARTICLES.c.ticker, ARTICLES.c.day).where(
+                        ARTICLES.c.news_id.in_(ids[start:start + PAIRS_PER_QUERY])))
+                    if (n, t) in keys}
             for start in range(0, len(rows), 1000):
                 conn.execute(self._upsert(ARTICLES, rows[start:start + 1000],
                                           ("news_id", "ticker")))
             label = ARTICLES.c.label
-            pairs = sa.tuple_(ARTICLES.c.ticker, ARTICLES.c.day).in_(touched)
-            query = (sa.select(
-                ARTICLES.c.ticker, ARTICLES.c.day,
-                sa.func.avg(ARTICLES.c.score).label("mean_score"),
-                sa.func.sum(sa.case((label == "positive", 1), else_=0)).label("positive"),
-                sa.func.sum(sa.case((label == "negative", 1), else_=0)).label("negative"),
-                sa.func.sum(sa.case((label == "neutral", 1), else_=0)).label("neutral"),
-                sa.func.count().label("articles"))
-                .where(pairs).group_by(ARTICLES.c.ticker, ARTICLES.c.day))
-            daily = [{**dict(r), "mean_score": float(r.mean_score), "updated_at": now}
-                     for r in conn.execute(query).mappings()]
+            pending = sorted(touched)
+            daily = []
+            for start in range(0, len(pending), PAIRS_PER_QUERY):
+                chunk = pending[start:start + PAIRS_PER_QUERY]
+                # Scalar IN lists (which use the indexes; a row-value IN list does not on
+                # PostgreSQL), then only the chunk's own pairs are kept.
+                pairs = sa.and_(ARTICLES.c.ticker.in_(sorted({t for t, _ in chunk})),
+                                ARTICLES.c.day.in_(sorted({d for _, d in chunk})))
+                query = (sa.select(
+                    ARTICLES.c.ticker, ARTICLES.c.day,
+                    sa.func.avg(ARTICLES.c.score).label("mean_score"),
+                    sa.func.sum(sa.case((label == "positive", 1), else_=0)).label("positive"),
+                    sa.func.sum(sa.case((label == "negative", 1), else_=0)).label("negative"),
+                    sa.func.sum(sa.case((label == "neutral", 1), else_=0)).label("neutral"),
+                    sa.func.count().label("articles"))
+                    .where(pairs).group_by(ARTICLES.c.ticker, ARTICLES.c.day))
+                wanted = set(chunk)
+                found = [{**dict(r), "mean_score": float(r.mean_score), "updated_at": now}
+                         for r in conn.execute(query).mappings()
+                         if (r["ticker"], _as_date(r["day"])) in wanted]
+                emptied = set(chunk) - {(r["ticker"], _as_date(r["day"])) for r in found}
+                for ticker, day in sorted(emptied):  # no article is on these any more
+                    conn.execute(DAILY.delete().where(DAILY.c.ticker == ticker,
+                                                      DAILY.c.day == day))
+                daily += found
             for start in range(0, len(daily), 1000):
                 conn.execute(self._upsert(DAILY, daily[start:start + 1000], ("ticker", "day")))
         return len(daily)

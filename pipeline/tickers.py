@@ -49,6 +49,9 @@ class TickerExtractor:
 
     def __post_init__(self) -> None:
         for name, ticker in self.companies.items():
+            if not name.strip():  # would match the empty text between any two non-letters
+                raise ValueError(f"company map: blank company name (-> {ticker!r}); every "
+                                 "name must have at least one non-space character")
             if not TICKER_PATTERN.match(ticker):
                 raise ValueError(f"company map: {name!r} -> {ticker!r} is not a ticker symbol "
                                  "(upper-case letters, digits, '.' or '-')")

@@ -184,6 +184,17 @@ def test_time_range_reads_both_ends_inclusively():
         audit.month_range("2024-13")
 
 
+def test_every_date_only_spelling_covers_its_whole_day():
+    """ISO 8601's other date-only forms (basic 20240501, week date 2024-W18-3) are dates
+    too: --to covers the whole day, not its first microsecond."""
+    whole_may_first = (datetime(2024, 5, 1), datetime(2024, 5, 2))
+    for spelling in ("2024-05-01", "20240501", "2024-W18-3", " 20240501 "):
+        assert audit.time_range(spelling, spelling) == whole_may_first, spelling
+    assert audit.time_range(None, "20240531") == (None, datetime(2024, 6, 1))
+    # Times stay inclusive to the microsecond.
+    assert audit.time_range(None, "20240501T1200")[1] == datetime(2024, 5, 1, 12, 0, 0, 1)
+
+
 # --- reviews --------------------------------------------------------------------------------
 
 def test_reviews_are_chained_bound_to_the_decision_and_checked_per_kind(db_url):
@@ -193,7 +204,7 @@ def test_reviews_are_chained_bound_to_the_decision_and_checked_per_kind(db_url):
         fraud, sentiment = ledger.decisions(kind="fraud"), ledger.decisions(kind="sentiment")
         first = ledger.record_feedback(fraud[0]["decision_id"], "confirmed-fraud", "card stolen",
                                        "ana")
-        second = ledger.record_feedback(fraud[0]["decision_id"], "false-positive", "  ", "bo")
+        second = ledger.record_feedback(fraud[0]["decision_id"], "false-positive", "  ", " bo ")
         ledger.record_feedback(sentiment[0]["decision_id"], "incorrect", "sarcasm", "ana")
         with pytest.raises(LedgerError, match="expected one of confirmed, incorrect"):
             ledger.record_feedback(sentiment[0]["decision_id"], "confirmed-fraud", None, "ana")
@@ -203,6 +214,8 @@ def test_reviews_are_chained_bound_to_the_decision_and_checked_per_kind(db_url):
             ledger.record_feedback("nope", "confirmed-fraud", None, "ana")
         with pytest.raises(LedgerError, match="reviewer must be a non-empty string"):
             ledger.record_feedback(fraud[1]["decision_id"], "confirmed-fraud", None, "")
+        with pytest.raises(LedgerError, match="reviewer must name someone"):
+            ledger.record_feedback(fraud[1]["decision_id"], "confirmed-fraud", None, " \t ")
         reviews = ledger.feedback()
         report = ledger.verify()
         labels = audit.feedback_labels(ledger)
@@ -211,6 +224,7 @@ def test_reviews_are_chained_bound_to_the_decision_and_checked_per_kind(db_url):
     assert [r["prev_hash"] for r in reviews] == ["0" * 64, first.hash, second.hash]
     assert reviews[0]["decision_hash"] == fraud[0]["hash"]
     assert reviews[1]["comment"] is None  # a blank comment is no comment
+    assert [r["reviewer"] for r in reviews] == ["ana", "bo", "ana"]  # names as typed, trimmed
     assert report.ok and report.feedback_checked == 3
     # The latest fraud review per transaction is the label; sentiment reviews are not labels.
     assert labels.frame.select(schema.TRANSACTION_ID, schema.IS_FRAUD).rows() == [("tx-0", 0)]
@@ -936,6 +950,24 @@ def test_cli_review_build_verify_anchor_export_and_replay(world, tmp_path):
     forge_rebuild(sa.create_engine(url), change_seq=10)
     code, stdout, _ = cli("audit", "verify", "--anchors", str(anchors), env=env)
     assert code == 1 and "rewritten or rebuilt" in stdout
+
+
+def test_cli_review_refuses_a_blank_reviewer(tmp_path):
+    """A review is only worth its reviewer's name: a blank --reviewer is refused, not recorded
+    anonymously; surrounding spaces are not part of the name."""
+    url = f"sqlite:///{tmp_path / 'l.sqlite'}"
+    with Ledger(url) as ledger:
+        ledger.record_batch("a", "fraud", "in-a", 2, small_decisions("a", 2))
+        target = ledger.decisions()[0]["decision_id"]
+    for blank in ("", "   ", "\t"):
+        code, _, stderr = cli("audit", "review", target, "--label", "false-positive",
+                              "--reviewer", blank, "--db", url)
+        assert code == 2 and "--reviewer" in stderr, (blank, stderr)
+    code, stdout, stderr = cli("audit", "review", target, "--label", "false-positive",
+                               "--reviewer", "  dana ", "--db", url)
+    assert code == 0, stderr
+    with Ledger(url) as ledger:
+        assert [r["reviewer"] for r in ledger.feedback()] == ["dana"]
 
 
 def test_cli_errors_name_the_missing_key_without_a_traceback(tmp_path):

@@ -4,6 +4,7 @@ ledger."""
 
 from __future__ import annotations
 
+import html
 import json
 from datetime import date, datetime
 
@@ -101,6 +102,17 @@ def test_tickers_from_cashtags_crypto_and_company_names(tmp_path):
         TickerExtractor.from_file(companies)
 
 
+def test_a_blank_company_name_is_refused_not_matched_everywhere(tmp_path):
+    """A blank name in the company map (a spreadsheet's empty row) would match the empty text
+    between any two non-letters (", ") and tag every such article with its ticker."""
+    companies = tmp_path / "companies.json"
+    for blank in ("", "  "):
+        companies.write_text(json.dumps({blank: "XX", "Acme Corp": "ACME"}))
+        with pytest.raises(ValueError, match="blank company name"):
+            TickerExtractor.from_file(companies)
+    assert TickerExtractor().extract("Stocks rose 5% , then fell.  Bonds too.") == []
+
+
 def test_sentences_split_at_ends_not_at_abbreviations():
     body = ("Acme Inc. said revenue rose 12% to $3.4bn. The U.S. unit grew fastest! "
             "\"We are pleased,\" the CEO said. Shares rose 3.5 % in early trade.")
@@ -143,6 +155,41 @@ def test_daily_table_is_upserted_per_ticker_and_day_without_double_counting(db_u
         assert [(d["articles"], d["negative"], d["neutral"]) for d in day] == [(2, 0, 1)]
         assert day[0]["mean_score"] == pytest.approx(0.4)
         assert len(store.daily()) == 3
+
+
+def test_an_article_whose_time_moves_to_another_day_is_counted_on_that_day_only(db_url):
+    """The same news id re-sent with a corrected publication time (another UTC day): its
+    (news_id, ticker) row moves, so the old day must lose it, not keep counting it."""
+    def art(day, hour, label, score, news_id="a"):
+        return ArticleSentiment(news_id, "AAPL", datetime(2024, 5, day, hour), label, score,
+                                "m@1", "b1")
+
+    with NewsStore(db_url) as store:
+        store.record([art(1, 23, "positive", 0.8), art(1, 9, "negative", -0.4, news_id="b")])
+        store.record([art(2, 1, "positive", 0.8)])  # "a" corrected: now on May 2
+        rows = {r["day"]: (r["articles"], r["positive"], r["negative"], r["mean_score"])
+                for r in store.daily("AAPL")}
+        assert rows == {date(2024, 5, 1): (1, 0, 1, pytest.approx(-0.4)),
+                        date(2024, 5, 2): (1, 1, 0, pytest.approx(0.8))}
+        store.record([art(2, 9, "negative", -0.4, news_id="b")])  # May 1 now has no article
+        assert [(r["day"], r["articles"]) for r in store.daily("AAPL")] == [
+            (date(2024, 5, 2), 2)]
+        assert sum(r["articles"] for r in store.daily()) == len(store.articles()) == 2
+
+
+def test_a_backfill_touching_many_ticker_days_is_written_whole(db_url):
+    """A history backfill that touches tens of thousands of (ticker, day) pairs in one batch
+    (more than a PostgreSQL statement takes as parameters in one IN list)."""
+    from datetime import timedelta
+
+    articles = [ArticleSentiment(f"n{t}-{d}", f"T{t}", datetime(2024, 1, 1, 12) + timedelta(d),
+                                 ("positive", "negative", "neutral")[(t + d) % 3], 0.25, "m@1",
+                                 "backfill") for t in range(700) for d in range(50)]
+    with NewsStore(db_url) as store:
+        assert store.record(articles) == 35_000
+        daily = store.daily()
+    assert len(daily) == 35_000 and {r["articles"] for r in daily} == {1}
+    assert sum(r["positive"] for r in daily) == sum(1 for a in articles if a.label == "positive")
 
 
 # --- end to end -------------------------------------------------------------------------------
@@ -251,6 +298,69 @@ def test_classify_command(sentiment_model, news_file, tmp_path):
     assert (tmp_path / "out.quarantine.parquet").exists()
 
 
+def test_classify_command_prints_bracketed_names_as_they_are(sentiment_model, news_file,
+                                                              tmp_path):
+    """A file named feed[reuters].jsonl gives batch feed[reuters]-…: the printed batch id and
+    paths are the real ones (not read as console markup), and brackets never crash it."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    source = shutil.copy(news_file, tmp_path / "feed[reuters].jsonl")
+    db = f"sqlite:///{tmp_path / 'cli.sqlite'}"
+    base = ["sentiment", "classify", "--input", str(source), "--model", sentiment_model["name"],
+            "--root", str(sentiment_model["root"]), "--db", db]
+    result = CliRunner().invoke(app, [*base, "--output", str(tmp_path / "res[bold].csv")],
+                                env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    with Ledger(db) as ledger:
+        (batch,) = {d["batch_id"] for d in ledger.decisions(kind="sentiment")}
+    assert batch.startswith("feed[reuters]-")
+    assert f"batch {batch} " in result.output
+    assert f"results in {tmp_path / 'res[bold].csv'}" in result.output
+    again = CliRunner().invoke(app, [*base, "--output", str(tmp_path / "o.csv"), "--batch-id",
+                                     "[/bold]"], env={"COLUMNS": "400"})
+    assert again.exit_code == 0, again.output
+    assert "batch [/bold] " in again.output
+
+
+class _FixedClassifier:
+    """A stand-in backend: every text neutral (what is tested here is the batch, not a model)."""
+
+    backend = "encoder"
+    model_id = "fixed@0"
+
+    def classify(self, texts, *, explain=True):
+        return [Prediction("neutral", {"negative": 0.1, "neutral": 0.8, "positive": 0.1})
+                for _ in texts]
+
+    def audit_fields(self):
+        return {"backend": self.backend, "model_id": self.model_id, "index_version": "-"}
+
+
+def test_files_of_one_name_with_nothing_classifiable_get_their_own_batches(db_url, tmp_path):
+    """A feed file dropped under the same name each time, once with every row bad and once
+    with other bad rows: each is its own batch (named by its quarantined rows), not a
+    conflicting re-run of the first; re-running either adds nothing."""
+    from pipeline.sentiment.jobs import classify_file
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = _write_jsonl(tmp_path / "a" / "feed.jsonl", [BAD[0]])
+    second = _write_jsonl(tmp_path / "b" / "feed.jsonl",
+                          [BAD[0] | {"published": "next friday"}, BAD[2]])
+    with Ledger(db_url) as ledger, NewsStore(db_url) as store:
+        reports = [classify_file(path, _FixedClassifier(), tmp_path / f"out{i}.parquet",
+                                 ledger=ledger, store=store)
+                   for i, path in enumerate((first, second, first, second))]
+        assert reports[0].batch_id != reports[1].batch_id
+        assert [r.batch_id for r in reports[2:]] == [r.batch_id for r in reports[:2]]
+        assert [r.rows_quarantined for r in reports] == [1, 2, 1, 2]
+        assert len(ledger.quarantined()) == 3 and ledger.verify().ok
+
+
 def test_classify_news_flow(sentiment_model, news_file, prefect_harness, tmp_path):
     from flows.classify_news import classify_news
 
@@ -273,3 +383,47 @@ def test_classify_news_flow_refuses_a_password_in_a_plain_db_parameter(news_file
                       db="postgresql://analyst:pw-canary@127.0.0.1:1/test")
     assert "pw-canary" not in str(refused.value)
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_html_case_report_explains_a_news_classification(sentiment_model, tmp_path,
+                                                          monkeypatch):
+    """An auditor's case report of a sentiment decision shows the article, the label's
+    probabilities and why: the words that moved it, the nearest labelled training texts and the
+    body's sentences; every text escaped."""
+    from pipeline import audit
+    from pipeline.sentiment.backends import EncoderClassifier
+    from pipeline.sentiment.jobs import classify_file
+
+    monkeypatch.setenv("FINSENTINEL_PSEUDONYM_KEY", "k" * 32)
+    hostile = {"id": "n9", "published": "2024-05-03T08:00:00Z", "source": "<b>wire</b>",
+               "headline": 'Shares of <script>alert("x")</script> Corp plunge after fraud probe'}
+    path = _write_jsonl(tmp_path / "news.jsonl", [*GOOD, hostile])
+    classifier = EncoderClassifier.load(sentiment_model["directory"])
+    with Ledger(f"sqlite:///{tmp_path / 'l.sqlite'}") as ledger, \
+            NewsStore(f"sqlite:///{tmp_path / 'l.sqlite'}") as store:
+        classify_file(path, classifier, tmp_path / "out.parquet", ledger=ledger, store=store)
+        decisions = {d["subject_id"]: d for d in ledger.decisions(kind="sentiment")}
+        report = audit.export(ledger, tmp_path / "case.html", "html",
+                              decision_ids=[decisions["n2"]["decision_id"],
+                                            decisions["n9"]["decision_id"]])
+    page = (tmp_path / "case.html").read_text()
+    assert report.rows == 2 and page.count('<section class="case"') == 2
+    assert "<script" not in page and "<b>wire" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+
+    n2 = decisions["n2"]
+    case = page[page.index(f'id="d{n2["seq"]}"'):]
+    case = case[:case.index("</section>")]
+    e = n2["explanation"]
+    assert "Bitcoin slides 8% as ETF outflows mount" in case
+    assert "Bitcoin fell to its lowest in two months." in case  # the body
+    assert "BTC, ETH" in case and f"{n2['score']:.4f}" in case
+    for label, p in e["probabilities"].items():
+        assert f"<td>{label}</td><td class='n'>{p:,.4f}".rstrip("0").rstrip(".") in case
+    for word in e["attributions"]["words"]:
+        assert f"<td>{word['word']}</td>" in case
+    for example in e["nearest_training_examples"]:
+        assert f"<td>{html.escape(example['text'])}</td><td>{example['label']}</td>" in case
+    for sentence in e["aggregation"]["sentences"]:
+        assert f"<td>{html.escape(sentence['text'])}</td>" in case
+    assert e["weights_sha256"] in case and n2["hash"] in case

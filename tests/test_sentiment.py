@@ -54,6 +54,20 @@ def test_twitter_labels_need_the_preset_or_a_label_map(tmp_path):
         parse_label_map("0=great")
 
 
+def test_named_labels_are_read_as_names_when_a_label_map_is_given(tmp_path):
+    """`sentiment evaluate` passes the map a model was trained with (Twitter's 0/1/2) to any
+    data it evaluates: a CSV labelled with names must still read, and a numeric label the map
+    does not know is still refused."""
+    path = tmp_path / "named.csv"
+    path.write_text('text,label\n"Profit warning, shares slump",negative\nBoard meets,neutral\n'
+                    '"Record quarter",Positive\n"Guidance cut",0\n')
+    data = load_labelled(path, label_map={"0": "negative", "1": "positive", "2": "neutral"})
+    assert [LABELS[i] for i in data.labels] == ["negative", "neutral", "positive", "negative"]
+    with pytest.raises(InputError, match=r"row 0: label '7' is not one of 0, 1, 2"):
+        path.write_text("text,label\nx,7\n")
+        load_labelled(path, label_map="0=negative,1=positive,2=neutral")
+
+
 def test_classification_report_matches_scikit_learn():
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
@@ -241,6 +255,37 @@ def test_hf_backend_reads_the_label_order_from_the_checkpoint(hf_checkpoint):
     audit = hf.audit_fields()
     assert audit["id2label"] == {"0": "bullish", "1": "bearish", "2": "neutral"}
     assert "model.safetensors" in audit["weights_sha256"]
+
+
+@pytest.mark.parametrize("which", ["only-pickle", "both"])
+def test_hf_and_local_llm_checkpoints_with_pickle_weights_are_refused(hf_checkpoint, tmp_path,
+                                                                     which):
+    """Weights are loaded from safetensors only, for every backend: a checkpoint directory
+    holding a pickle (alone, or beside safetensors) is refused naming it, before anything is
+    unpickled, as the text encoder does."""
+    import pickle
+    import shutil
+    from pathlib import Path
+
+    from pipeline.encoder import UnsafeModelError
+    from pipeline.sentiment.llm import LocalLLMClassifier
+
+    directory = shutil.copytree(hf_checkpoint[0], tmp_path / "ckpt")
+    marker = tmp_path / "pickle-ran"
+    if which == "only-pickle":  # a real, loadable state dict
+        (directory / "model.safetensors").unlink()
+        torch.save(hf_checkpoint[1].state_dict(), directory / "pytorch_model.bin")
+    else:
+
+        class Payload:  # unpickling this would create the marker file: code execution
+            def __reduce__(self):
+                return (Path.touch, (marker,))
+
+        (directory / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    for load in (HFClassifier, LocalLLMClassifier.load):
+        with pytest.raises(UnsafeModelError, match=r"pickle-format weights \(pytorch_model\.bin\)"):
+            load(directory)
+    assert not marker.exists()
 
 
 def test_hf_labels_that_say_nothing_are_refused_unless_mapped():

@@ -170,11 +170,15 @@ class HFClassifier:
                  device: str = "cpu", max_length: int = 128, batch_size: int = 32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from pipeline.encoder import check_safetensors_only
+
         self.directory = Path(directory)
         if not (self.directory / "config.json").exists():
             raise ArtifactError(f"{self.directory}: not a Hugging Face checkpoint directory "
                                 "(no config.json)")
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(self.directory))
+        check_safetensors_only(self.directory)  # never unpickle weights (they can run code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            str(self.directory), use_safetensors=True)
         self.model = self.model.to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.directory))
         self.order = hf_label_order(self.model.config.id2label, label_map)

@@ -76,7 +76,8 @@ def train(
     from pipeline.sentiment.train import TrainConfig, evaluate_trained, train_classifier
 
     labelled = load_labelled(data, format=format, label_map=label_map, lines=lines)
-    console.print(f"{len(labelled):,} labelled texts from {data}: {labelled.counts()}")
+    console.print(f"{len(labelled):,} labelled texts from {data}: {labelled.counts()}",
+                  markup=False)
     config = TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                          max_length=max_length, val_fraction=val_fraction, seed=seed,
                          threads=threads)
@@ -92,7 +93,7 @@ def train(
     val = trained.validation
     out.print(f"model {output.name}@{version} in {directory} ({trained.seconds:.0f} s); "
               f"validation accuracy {val.get('accuracy', float('nan')):.4f}, temperature "
-              f"{trained.head.temperature:.3f}")
+              f"{trained.head.temperature:.3f}", markup=False)
     if "test_metrics" in extra:
         m = extra["test_metrics"]
         out.print(f"held-out: accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f}, "
@@ -116,13 +117,15 @@ def classify(
     db: DbOption = None,
 ) -> None:
     """Label news items; every classification to the ledger, per-ticker days to the database."""
+    from rich.markup import escape
+
     from pipeline.ledger import Ledger
     from pipeline.news_store import NewsStore
     from pipeline.sentiment.jobs import classify_file
     from pipeline.tickers import TickerExtractor
 
     extractor = TickerExtractor.from_file(companies)
-    with console.status(f"loading {backend} model {model}"):
+    with console.status(f"loading {escape(backend)} model {escape(model)}"):
         classifier = _load(backend, model, root, endpoint, label_map, quantize)
     with console.status("classifying"), Ledger(db) as ledger, NewsStore(ledger.url) as store:
         report = classify_file(input, classifier, output, ledger=ledger, store=store,
@@ -132,15 +135,15 @@ def classify(
     out.print(f"batch {report.batch_id} ({report.model_id}): {report.labels}, "
               f"{report.failures} failures; ledger +{report.ledger_added:,} "
               f"({report.ledger_already_present:,} already present); {report.daily_rows} "
-              f"ticker-days updated; results in {report.output}")
+              f"ticker-days updated; results in {report.output}", markup=False)
     if report.quarantine:
-        out.print(f"quarantined rows in {report.quarantine}")
+        out.print(f"quarantined rows in {report.quarantine}", markup=False)
     if report.per_ticker:
         table = Table(title="tickers in this batch")
         for col in report.per_ticker[0]:
             table.add_column(col)
         for row in report.per_ticker:
-            table.add_row(*(str(v) for v in row.values()))
+            table.add_row(*(escape(str(v)) for v in row.values()))
         out.print(table)
 
 
@@ -173,5 +176,6 @@ def evaluate(
     write_json(report, output)
     out.print(f"{classifier.model_id} on {data} ({report['n']:,} texts): accuracy "
               f"{report['accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}, weighted F1 "
-              f"{report['weighted_f1']:.4f}; {report['failures']} failures; written to {output}")
-    out.print(json.dumps(report["confusion_matrix"]))
+              f"{report['weighted_f1']:.4f}; {report['failures']} failures; written to {output}",
+              markup=False)
+    out.print(json.dumps(report["confusion_matrix"]), markup=False)

@@ -125,9 +125,13 @@ def read_text_label_csv(path: str | Path, label_map: Mapping[str, str] | None = 
     texts, labels, ids = [], [], []
     for n, row in enumerate(reader):
         raw = (row.get(label_col) or "").strip()
-        label = label_map.get(raw) if label_map else canonical_label(raw)
+        # Raw values through the map; a label that names itself (negative, Bullish, …) is read
+        # as its name even with a map (evaluating a model trained with a map on named data).
+        label = (label_map.get(raw) if label_map and raw in label_map else None) \
+            or canonical_label(raw)
         if label is None:
-            hint = (f"one of {', '.join(sorted(label_map))} (the label map)" if label_map else
+            hint = (f"one of {', '.join(sorted(label_map))} (the label map) or "
+                    f"{', '.join(LABELS)}" if label_map else
                     f"one of {', '.join(LABELS)}; give --label-map for numeric labels")
             raise InputError(f"{path}: row {n}: label {raw!r} is not {hint}")
         body = (row.get(text_col) or "").strip()

@@ -98,14 +98,23 @@ def classify_news(ingested: IngestResult, classifier: Classifier, *,
 
 
 def resolve_batch_id(input_path: str | Path, classified: ClassifiedNews,
-                     batch_id: str | None) -> str:
+                     batch_id: str | None, ingested: IngestResult | None = None) -> str:
     """The given batch id, else one from the input rows and the model: the same articles
-    classified by the same model land on the same batch and add nothing."""
+    classified by the same model land on the same batch and add nothing. A file with no
+    article classified is named by its quarantined rows too (given ``ingested``): by the
+    classified rows alone every such file of one name would get the same id, and the second
+    would conflict in the ledger."""
     if batch_id:
         return batch_id
-    digest = batch_hash([*classified.results["input_hash"].to_list(),
-                         f"model:{classified.audit['model_id']}"])
+    hashes = classified.results["input_hash"].to_list()
+    if not hashes and ingested is not None and ingested.quarantined.height:
+        hashes = _quarantine_hashes(ingested)
+    digest = batch_hash([*hashes, f"model:{classified.audit['model_id']}"])
     return f"{Path(input_path).stem}-{digest[:12]}"
+
+
+def _quarantine_hashes(ingested: IngestResult) -> list[str]:
+    return [f"q:{r['row_number']}:{r['raw']}" for r in ingested.quarantined.iter_rows(named=True)]
 
 
 def decisions_for(classified: ClassifiedNews, batch_id: str) -> list[Decision]:
@@ -179,7 +188,7 @@ def classify_file(input_path: str | Path, classifier: Classifier, output: str | 
     started = time.perf_counter()
     ingested = read_news(input_path)
     classified = classify_news(ingested, classifier, extractor=extractor)
-    batch_id = resolve_batch_id(input_path, classified, batch_id)
+    batch_id = resolve_batch_id(input_path, classified, batch_id, ingested)
     out, qpath = write_results(classified, ingested, batch_id, output)
     receipt = record(ledger, ingested, classified, batch_id)
     daily = store.record(article_rows(classified, batch_id)) if store is not None else 0

@@ -311,7 +311,10 @@ class LocalLLMClassifier:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}: not a local causal-LM directory (no config.json); "
                                     "for a server give --endpoint URL and the model name")
-        model = AutoModelForCausalLM.from_pretrained(str(path)).to(device)
+        from pipeline.encoder import check_safetensors_only
+
+        check_safetensors_only(path)  # never unpickle weights (they can run code)
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True).to(device)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         return cls(model, tokenizer, name=path.name, weights_sha256=_directory_hash(path),
                    **kwargs)

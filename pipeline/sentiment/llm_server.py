@@ -35,8 +35,11 @@ class ChatModel:
     def load(cls, directory: str | Path, name: str | None = None, **kwargs: Any) -> ChatModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from pipeline.encoder import check_safetensors_only
+
         path = Path(directory)
-        return cls(AutoModelForCausalLM.from_pretrained(str(path)),
+        check_safetensors_only(path)  # never unpickle weights (they can run code)
+        return cls(AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True),
                    AutoTokenizer.from_pretrained(str(path)), name or path.name, **kwargs)
 
     def complete(self, body: dict[str, Any]) -> dict[str, Any]:
