@@ -101,29 +101,41 @@ class NewsStore:
         updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
         return stmt.on_conflict_do_update(index_elements=list(keys), set_=updates)
 
-    def record(self, articles: Iterable[ArticleSentiment]) -> int:
+    def record(self, articles: Iterable[ArticleSentiment],
+               classified: Iterable[str] = ()) -> int:
         """Upsert article rows and recompute the touched daily rows; returns daily rows
-        written."""
+        written. ``classified``: the news ids this run classified (with or without tickers);
+        their earlier rows for tickers they no longer have are removed (a changed company map,
+        a corrected text), so a ticker's day counts each article under its current tickers."""
         rows = [{"news_id": a.news_id, "ticker": a.ticker, "day": a.published_at.date(),
                  "published_at": a.published_at, "label": a.label, "score": float(a.score),
                  "model_version": a.model_version, "batch_id": a.batch_id} for a in articles]
-        if not rows:
+        ids = frozenset(classified)
+        if not rows and not ids:
             return 0
-        return retry_transient(lambda: self._record(rows))
+        return retry_transient(lambda: self._record(rows, ids))
 
-    def _record(self, rows: list[dict]) -> int:
+    def _record(self, rows: list[dict], classified: frozenset[str] = frozenset()) -> int:
         touched = {(r["ticker"], r["day"]) for r in rows}
         now = datetime.now(UTC).isoformat(timespec="seconds")
         with write_transaction(self._engine, lock_key=PG_LOCK_KEY) as conn:
             # An article already stored on another day (its time was corrected) leaves that
-            # day: the day it leaves is recomputed too.
+            # day, and a ticker it no longer has loses it: those days are recomputed too.
             keys = {(r["news_id"], r["ticker"]) for r in rows}
-            ids = sorted({news_id for news_id, _ in keys})
+            ids = sorted({news_id for news_id, _ in keys} | classified)
+            stale = []
             for start in range(0, len(ids), PAIRS_PER_QUERY):
-                touched |= {(t, _as_date(d)) for n, t, d in conn.execute(
-                    sa.select(ARTICLES.c.news_id, ARTICLES.c.ticker, ARTICLES.c.day).where(
-                        ARTICLES.c.news_id.in_(ids[start:start + PAIRS_PER_QUERY])))
-                    if (n, t) in keys}
+                for n, t, d in conn.execute(
+                        sa.select(ARTICLES.c.news_id, ARTICLES.c.ticker, ARTICLES.c.day).where(
+                            ARTICLES.c.news_id.in_(ids[start:start + PAIRS_PER_QUERY]))):
+                    if (n, t) in keys or n in classified:
+                        touched.add((t, _as_date(d)))
+                    if (n, t) not in keys and n in classified:
+                        stale.append({"n": n, "t": t})
+            if stale:
+                conn.execute(ARTICLES.delete().where(ARTICLES.c.news_id == sa.bindparam("n"),
+                                                     ARTICLES.c.ticker == sa.bindparam("t")),
+                             stale)
             for start in range(0, len(rows), 1000):
                 conn.execute(self._upsert(ARTICLES, rows[start:start + 1000],
                                           ("news_id", "ticker")))

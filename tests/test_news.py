@@ -427,3 +427,26 @@ def test_html_case_report_explains_a_news_classification(sentiment_model, tmp_pa
     for sentence in e["aggregation"]["sentences"]:
         assert f"<td>{html.escape(sentence['text'])}</td>" in case
     assert e["weights_sha256"] in case and n2["hash"] in case
+
+
+def test_an_article_reclassified_with_fewer_tickers_leaves_the_tickers_it_lost(db_url):
+    """An article classified again with another company map (or a corrected text) that no longer
+    names a ticker: that ticker's day must stop counting it; a run that did not classify the
+    article (not in ``classified``) leaves its rows alone."""
+    def art(news_id, ticker, label="positive", score=0.5):
+        return ArticleSentiment(news_id, ticker, datetime(2024, 5, 1, 9), label, score, "m@1",
+                                "b1")
+
+    with NewsStore(db_url) as store:
+        store.record([art("a", "AAPL"), art("a", "MSFT"), art("b", "MSFT", "negative", -0.5)],
+                     classified=["a", "b"])
+        store.record([art("c", "NVDA")], classified=["c"])  # "a" untouched by this run
+        assert {r["ticker"]: r["articles"] for r in store.daily()} == {
+            "AAPL": 1, "MSFT": 2, "NVDA": 1}
+        store.record([art("a", "AAPL", "neutral", 0.0)], classified=["a"])  # MSFT no longer
+        days = {r["ticker"]: (r["articles"], r["positive"], r["negative"], r["neutral"])
+                for r in store.daily()}
+        assert days == {"AAPL": (1, 0, 0, 1), "MSFT": (1, 0, 1, 0), "NVDA": (1, 1, 0, 0)}
+        store.record([], classified=["a", "b"])  # both now name no ticker at all
+        assert {r["ticker"]: r["articles"] for r in store.daily()} == {"NVDA": 1}
+        assert sorted((r["news_id"], r["ticker"]) for r in store.articles()) == [("c", "NVDA")]

@@ -169,6 +169,12 @@ def article_rows(classified: ClassifiedNews, batch_id: str) -> list[ArticleSenti
     return out
 
 
+def classified_ids(classified: ClassifiedNews) -> list[str]:
+    """The news ids given a label in this run (failed ones keep what the store had)."""
+    return [row[NEWS_ID] for row in classified.results.iter_rows(named=True)
+            if row["label"] != FAILED]
+
+
 def write_results(classified: ClassifiedNews, ingested: IngestResult, batch_id: str,
                   output: str | Path) -> tuple[Path, Path | None]:
     from pipeline.jobs import quarantine_path, write_frame
@@ -191,7 +197,8 @@ def classify_file(input_path: str | Path, classifier: Classifier, output: str | 
     batch_id = resolve_batch_id(input_path, classified, batch_id, ingested)
     out, qpath = write_results(classified, ingested, batch_id, output)
     receipt = record(ledger, ingested, classified, batch_id)
-    daily = store.record(article_rows(classified, batch_id)) if store is not None else 0
+    daily = (store.record(article_rows(classified, batch_id), classified_ids(classified))
+             if store is not None else 0)
     return report_for(batch_id, ingested, classified, receipt, daily, out, qpath,
                       time.perf_counter() - started)
 
