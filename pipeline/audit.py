@@ -599,7 +599,7 @@ font-variant-numeric:tabular-nums}code,.h{font-family:ui-monospace,Menlo,Consola
 font-size:12px;word-break:break-all}.case{border:1px solid #d5d9e0;border-radius:6px;
 padding:14px 18px;margin:22px 0;page-break-inside:avoid}.badge{display:inline-block;
 border-radius:4px;padding:1px 8px;font-weight:600;font-size:12px}.alert{background:#fde2e1;
-color:#9b1c1c}.pass{background:#e1f5e6;color:#1d6b35}.ok{color:#1d6b35}.bad{color:#9b1c1c}
+color:#9b1c1c}.pass{background:#e1f5e6;color:#1d6b35}.other{background:#eef0f4;color:#3b4252}.ok{color:#1d6b35}.bad{color:#9b1c1c}
 .muted{color:#6b7385}.grid{display:grid;grid-template-columns:1fr 1fr;gap:4px 24px}
 @media print{body{margin:0}.case{border:none}}
 """
@@ -801,7 +801,9 @@ def _fmt(value: Any) -> str:
 
 
 def _badge(decision: str) -> str:
-    css = "alert" if decision == "alert" else "pass"
+    # Fraud: alert red, pass green; news: negative red, positive green, the rest grey.
+    css = {"alert": "alert", "negative": "alert", "pass": "pass", "positive": "pass"}.get(
+        decision, "other")
     return f'<span class="badge {css}">{_esc(decision)}</span>'
 
 
