@@ -14,7 +14,7 @@ from prefect.utilities.annotations import quote
 from pydantic import SecretStr
 
 from flows.score_transactions import transient_db_error
-from pipeline.inbox import drain, pending
+from pipeline.inbox import drain, output_for, pending
 from pipeline.ingest import IngestResult, InputError
 from pipeline.ledger import BatchReceipt, Ledger
 from pipeline.news import read_news
@@ -25,6 +25,7 @@ from pipeline.sentiment.jobs import (
     ClassifiedNews,
     SentimentReport,
     article_rows,
+    classified_ids,
     record,
     report_for,
     resolve_batch_id,
@@ -70,7 +71,7 @@ def record_decisions(db: str | None, ingested: IngestResult, classified: Classif
       cache_policy=NO_CACHE)
 def update_daily(db: str | None, classified: ClassifiedNews, batch_id: str) -> int:
     with NewsStore(db) as store:
-        return store.record(article_rows(classified, batch_id))
+        return store.record(article_rows(classified, batch_id), classified_ids(classified))
 
 
 @flow(name="classify_news", log_prints=True)
@@ -122,7 +123,7 @@ def classify_inbox(inbox: str | None = None, model: str | None = None,
     results to ``output_dir`` (default ``$FINSENTINEL_WORKDIR/news``), then move the file to
     ``inbox/done`` (``inbox/failed`` with the reason when the file is unusable)."""
     settings = JobSettings.from_env()
-    db = flow_db_url(db)
+    flow_db_url(db)  # a plain-text password is refused here, before any file is tried
     model = model or settings.sentiment_model
     if not model:
         raise ValueError(f"no sentiment model: pass model or set ${SENTIMENT_MODEL_ENV}")
@@ -132,7 +133,8 @@ def classify_inbox(inbox: str | None = None, model: str | None = None,
     return drain(
         pending(inbox_dir),
         lambda path: classify_news(
-            str(path), model, str(out_dir / f"{path.stem}.sentiment.parquet"),
+            str(path), model, str(output_for(path, out_dir, ".sentiment.parquet")),
+            # db as given: a SecretStr stays one, masked in the subflow's parameters too.
             backend=backend, endpoint=endpoint, db=db, root=root, companies=companies,
             return_state=True),
         what="news", inbox=inbox_dir, unusable=InputError)

@@ -12,7 +12,7 @@ from prefect.utilities.annotations import quote
 from pydantic import SecretStr
 
 from pipeline import jobs
-from pipeline.inbox import drain, pending
+from pipeline.inbox import drain, output_for, pending
 from pipeline.index import FraudIndex
 from pipeline.ingest import IngestResult, InputError, read_transactions
 from pipeline.ledger import BatchReceipt, Ledger, is_transient
@@ -109,6 +109,6 @@ def score_inbox(inbox: str | None = None, index: str | None = None,
         pending(inbox_dir),
         lambda path: score_transactions(
             str(path), index or settings.index_name,
-            str(out_dir / f"{path.stem}.scores.parquet"), db=db, root=root,
+            str(output_for(path, out_dir, ".scores.parquet")), db=db, root=root,
             threshold=threshold, alerts_per_day=alerts_per_day, k=k, return_state=True),
         what="transactions", inbox=inbox_dir, unusable=InputError)

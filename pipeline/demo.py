@@ -88,14 +88,16 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> DemoRepo
         "%Y-%m-%dT%H:%M:%S")), bad_rows(unlabelled)], how="vertical_relaxed")
     feed.write_csv(batch_path)
 
+    # Both flows on the demo's ledger (reviews for the build, decisions from the scoring):
+    # never on another one $FINSENTINEL_DB names when --db says otherwise.
+    flow_db = SecretStr(db) if url_password(db) else db
     log(f"building index on {history.height:,} labelled transactions (flow build_index) …")
     built = build_index(input=str(history_path), name="demo", root=str(work / "indexes"),
-                        until=split)
+                        until=split, db=flow_db)
     log(f"scoring {feed.height:,} rows of the last {config.test_days} days "
         "(flow score_transactions) …")
     scored = score_transactions(input=str(batch_path), index="demo", output=str(
-        work / "scores.parquet"), db=SecretStr(db) if url_password(db) else db,
-        root=str(work / "indexes"))
+        work / "scores.parquet"), db=flow_db, root=str(work / "indexes"))
     with Ledger(db) as ledger:
         verified = ledger.verify()
         records = ledger.count()

@@ -495,3 +495,110 @@ def test_review_counts_by_label_come_from_the_ledger(app_env):
     rows = queries.alerts(AlertFilter()).rows
     table = at.dataframe[0].value
     assert list(table["status"]) == [latest.get(r["decision_id"]) or "open" for r in rows]
+
+
+# --- untrusted text is shown as text ---------------------------------------------------------
+
+LURE = "[Session expired: sign in again](https://evil.example/login)"
+PIXEL = "![](https://tracker.example/p.png)"
+TOKEN = "[verify](https://evil.example/v)"
+
+
+def _shown_as_text(markdown: str, text: str) -> None:
+    """``markdown`` (an element body or label, which Streamlit renders as Markdown with math)
+    shows exactly ``text``: no link, no image, no formatting, no $...$ math."""
+    import html
+    import re
+
+    from markdown_it import MarkdownIt
+
+    rendered = MarkdownIt("commonmark").render(markdown)
+    assert "<a " not in rendered and "<img" not in rendered and "<em>" not in rendered
+    assert re.search(r"(?<!\\)\$", markdown) is None, markdown  # no math delimiter left
+    assert html.unescape(re.sub(r"<[^>]+>", "", rendered)).strip() == text
+
+
+@pytest.fixture
+def hostile_env(app_env, tmp_path, monkeypatch):
+    """A ledger whose feed-supplied text is Markdown: a transaction id and a headline."""
+    import json
+
+    import polars as pl
+    from dashboard_seed import LexiconClassifier
+
+    from pipeline import jobs
+    from pipeline.index import FraudIndex
+    from pipeline.news_store import NewsStore
+    from pipeline.sentiment.jobs import classify_file
+
+    db = f"sqlite:///{tmp_path / 'hostile.sqlite'}"
+    batch = app_env["batch"].head(30).drop("is_fraud", "fraud_scenario", strict=False)
+    batch = batch.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit(LURE))
+                               .otherwise(pl.col("transaction_id").cast(pl.String))
+                               .alias("transaction_id"))
+    batch.write_parquet(tmp_path / "hostile.parquet")
+    news = tmp_path / "hostile.jsonl"
+    news.write_text(json.dumps({
+        "id": "h1", "published": "2024-05-01T10:00:00", "source": "wire", "tickers": ["AAPL"],
+        "headline": f"$AAPL beats, $MSFT jump {LURE} {PIXEL} *now* x`{TOKEN}`y"}) + "\n")
+
+    class WordsFromText(LexiconClassifier):  # occlusion explains with the article's own words
+        def classify(self, texts, *, explain: bool = True):
+            out = super().classify(texts, explain=explain)
+            for text, pred in zip(texts, out, strict=True):
+                pred.explanation["attributions"]["words"] = [
+                    {"word": w, "weight": 0.5} for w in text.split() if "`" in w]
+            return out
+
+    index = FraudIndex.load(app_env["index_version"].split("@")[0], app_env["indexes"])
+    with Ledger(db) as ledger:
+        jobs.score_file(tmp_path / "hostile.parquet", index, tmp_path / "s.parquet",
+                        ledger=ledger)
+        with NewsStore(ledger.url) as store:
+            classify_file(news, WordsFromText(), tmp_path / "n.parquet", ledger=ledger,
+                          store=store)
+        lured = next(d for d in ledger.decisions(kind="fraud") if d["subject_id"] == LURE)
+    monkeypatch.setenv("FINSENTINEL_DB", db)
+    return {"decision_id": lured["decision_id"], "decision": lured["decision"]}
+
+
+def test_feed_text_and_url_parameters_are_shown_as_text_not_markdown(hostile_env):
+    # A decision id in a shared link (?decision=...) that is no decision: echoed as text.
+    at = _sign_in(_app(page="Case", decision=LURE))
+    [error] = at.error
+    _shown_as_text(error.value, f"No decision {LURE!r} in the ledger.")
+    # A transaction id from the feed, in the case's heading.
+    at = _sign_in(_app(page="Case", decision=hostile_env["decision_id"]))
+    assert not at.exception
+    _shown_as_text(at.subheader[0].value,
+                   f"fraud decision on {LURE}: {hostile_env['decision'].upper()}")
+    # A news headline, in the label of the expander that explains it.
+    at = _sign_in(_app(page="Sentiment"))
+    assert not at.exception
+    [expander] = at.expander
+    _shown_as_text(expander.label,
+                   f"positive: $AAPL beats, $MSFT jump {LURE} {PIXEL} *now* x`{TOKEN}`y")
+    [words] = [m.value for m in at.markdown if m.value.startswith("Words that moved")]
+    _shown_as_text(words, f"Words that moved the label (occlusion): x`{TOKEN}`y")
+
+
+def test_models_page_reads_the_weekly_evaluations_under_the_workdir(app_env, monkeypatch,
+                                                                    tmp_path):
+    """With only $FINSENTINEL_WORKDIR set (docs/operations.md), the weekly evaluation writes
+    to $FINSENTINEL_WORKDIR/evaluations: the dashboard reads its reports from there too."""
+    import json
+    import shutil
+
+    from pipeline.settings import JobSettings
+
+    monkeypatch.delenv("FINSENTINEL_EVALUATIONS")
+    monkeypatch.setenv("FINSENTINEL_WORKDIR", str(tmp_path / "srv"))
+    written = JobSettings.from_env().evaluations  # where flows/evaluate.py writes
+    written.mkdir(parents=True)
+    shutil.copy(app_env["evaluations"] / "logreg.json", written / "knn-2018-04-22.json")
+    report = json.loads((written / "knn-2018-04-22.json").read_text())
+    at = _sign_in(_app(page="Models and data"))
+    assert not at.exception
+    evaluations = _table(at, "file", "scorer")
+    assert list(evaluations["file"]) == ["knn-2018-04-22.json"]
+    assert evaluations["auc_roc mean"].iloc[0] == report["summary"]["auc_roc"]["mean"]

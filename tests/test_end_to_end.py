@@ -168,3 +168,22 @@ def test_demo_command_runs_the_whole_pipeline(tmp_path):
     assert report["ledger_records"] == report["scored"]
     assert report["auc_roc"] > 0.7
     assert Path(report["scores_file"]).exists()
+
+
+def test_demo_twice_in_one_folder_uses_only_its_own_ledger(prefect_harness, tmp_path,
+                                                           monkeypatch):
+    """`finsentinel demo --db URL` works on that ledger alone, even with $FINSENTINEL_DB set
+    (another team's ledger); run again in the same folder, it adds nothing to it."""
+    from pipeline.demo import DemoConfig, run_demo
+
+    elsewhere = tmp_path / "production.sqlite"
+    monkeypatch.setenv("FINSENTINEL_DB", f"sqlite:///{elsewhere}")
+    config = DemoConfig(workdir=tmp_path / "demo", customers=200, terminals=400, days=21,
+                        db=f"sqlite:///{tmp_path / 'demo-ledger.sqlite'}")
+    first = run_demo(config, log=lambda _: None)
+    second = run_demo(config, log=lambda _: None)
+    assert not elsewhere.exists()
+    assert first.ledger_records == first.scored == second.ledger_records == second.scored
+    assert (first.quarantined, second.quarantined) == (3, 3)
+    assert second.ledger_verified and second.auc_roc == first.auc_roc
+    assert first.index != second.index  # rebuilt: a new version, the old one kept

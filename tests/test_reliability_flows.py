@@ -274,3 +274,44 @@ def test_flow_artifacts_and_logs_hold_pseudonyms_not_ids(feeds, prefect_harness,
     top = scores.filter(pl.col("decision") == "alert").sort("score", descending=True).head(10)
     for tx, customer in top.select(schema.TRANSACTION_ID, schema.CUSTOMER_ID).iter_rows():
         assert reference(tx) in stored and reference(customer) in stored
+
+
+def test_news_inbox_with_a_secret_ledger_url_classifies_and_keeps_the_password(
+        prefect_harness, pg_url, monkeypatch, tmp_path):
+    """classify_inbox given the URL as SecretStr (as it must be, with a password) classifies the
+    waiting file, moves it to done/, and no run it makes stores the password."""
+    from dashboard_seed import LexiconClassifier
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    import flows.classify_news as news_flow
+
+    monkeypatch.setattr(news_flow, "load_classifier", lambda *a, **k: LexiconClassifier())
+    inbox = tmp_path / "news-inbox"
+    inbox.mkdir()
+    (inbox / "wire.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"id": "n1", "published": "2024-05-01T10:00:00", "source": "wire",
+         "headline": "$AAPL beats estimates, shares jump", "tickers": ["AAPL"]},
+        {"id": "n2", "published": "2024-05-01T11:00:00", "source": "wire",
+         "headline": "$MSFT misses on probe", "tickers": ["MSFT"]})) + "\n")
+    canary = "s3cret-News-Canary-4Lp"
+    state = news_flow.classify_inbox(inbox=str(inbox), model="lexicon",
+                                     output_dir=str(tmp_path / "news"),
+                                     db=SecretStr(with_password(pg_url, canary)),
+                                     return_state=True)
+    assert state.is_completed(), state.result(raise_on_failure=False)
+    [report] = state.result()
+    assert report.rows_classified == 2 and report.ledger_added == 2
+    assert [p.name for p in (inbox / "done").iterdir()] == ["wire.jsonl"]
+    with Ledger(pg_url) as ledger:
+        assert ledger.count() == 2 and ledger.verify().ok
+    parent = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
+        inbox_run = client.read_flow_run(parent).model_dump_json()
+    assert len(children) == 1
+    assert canary not in inbox_run
+    child = run_record(children[0].id)
+    assert canary not in child
+    assert '"db":"**********"' in child.replace(" ", "")

@@ -198,3 +198,86 @@ def test_weekly_evaluation_tests_the_latest_week():
 
     frame = pl.DataFrame({DAY: [datetime(2024, 3, d).date() for d in range(1, 29)]})
     assert latest_test_start(frame, ProtocolConfig()).isoformat() == "2024-03-22"
+
+
+class _State:
+    """Just enough of a Prefect state for pipeline.inbox.drain."""
+
+    def __init__(self, value: object, ok: bool = True):
+        self.value, self.ok = value, ok
+
+    def is_completed(self) -> bool:
+        return self.ok
+
+    def result(self, raise_on_failure: bool = True) -> object:
+        return self.value
+
+
+def test_inbox_files_taken_by_an_overlapping_run_are_skipped_not_crashed_on(tmp_path):
+    """Two runs of an inbox job overlap (a slow hourly run, the next one starts): a file the
+    other run has already moved, or moves while this one works on it, is not an error, and
+    every other file is still done."""
+    from pipeline.inbox import drain, pending
+    from pipeline.ingest import InputError
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("a.csv", "b.csv", "c.csv", "d.csv"):
+        (inbox / name).write_text("x\n")
+        time.sleep(0.01)  # distinct mtimes: pending() is oldest first
+    files = pending(inbox)
+    other = tmp_path / "other-run-done"
+    other.mkdir()
+    (inbox / "a.csv").rename(other / "a.csv")  # taken before this run reaches it
+    seen = []
+
+    def run(path: Path) -> _State:
+        seen.append(path.name)
+        if path.name == "b.csv":  # the other run finishes it while this one scores it
+            path.rename(other / path.name)
+            return _State("b")
+        if path.name == "c.csv":
+            path.rename(other / path.name)
+            return _State(InputError("c.csv: no such file"), ok=False)
+        return _State(path.name)
+
+    assert drain(files, run, what="transactions", inbox=inbox, unusable=InputError) \
+        == ["b", "d.csv"]
+    assert seen == ["b.csv", "c.csv", "d.csv"]  # a.csv was gone: not even tried
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["d.csv"]
+    assert not (inbox / "failed").exists()
+    assert sorted(p.name for p in other.iterdir()) == ["a.csv", "b.csv", "c.csv"]
+
+
+def test_a_file_name_dropped_again_gets_its_own_scores_file(small_index, prefect_harness,
+                                                            tmp_path, monkeypatch):
+    """A feed that always arrives as `feed.csv`: each hour's drop keeps its own scores (and
+    quarantine) file; a later drop never overwrites an earlier one's, nor sits beside its
+    quarantine file."""
+    from flows.score_transactions import score_inbox
+
+    inbox, scores = tmp_path / "inbox", tmp_path / "work" / "scores"
+    inbox.mkdir()
+    feed = small_index["feed"]
+    first, second = feed.head(40), feed.slice(40, 60)
+    bad = first.head(1).with_columns(pl.lit("broken-amount").alias(schema.TRANSACTION_ID),
+                                     pl.lit(-5.0).alias(schema.AMOUNT))
+    monkeypatch.setenv("FINSENTINEL_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setenv("FINSENTINEL_INDEXES", str(small_index["root"]))
+    monkeypatch.setenv("FINSENTINEL_DB", f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+
+    pl.concat([first, bad]).write_csv(inbox / "feed.csv")
+    [hour1] = score_inbox(inbox=str(inbox))
+    second.write_csv(inbox / "feed.csv")
+    [hour2] = score_inbox(inbox=str(inbox))
+    assert (hour1.rows_scored, hour1.rows_quarantined) == (40, 1)
+    assert (hour2.rows_scored, hour2.rows_quarantined) == (60, 0)
+    assert hour1.output != hour2.output and hour2.quarantine is None
+    assert pl.read_parquet(hour1.output)[schema.TRANSACTION_ID].to_list() \
+        == first[schema.TRANSACTION_ID].to_list()
+    assert pl.read_parquet(hour2.output)[schema.TRANSACTION_ID].to_list() \
+        == second[schema.TRANSACTION_ID].to_list()
+    written = sorted(p.name for p in scores.iterdir())
+    assert len(written) == 3 and Path(hour1.quarantine).name in written
+    assert sum(1 for name in written if "quarantine" in name) == 1
+    assert len(list((inbox / "done").iterdir())) == 2

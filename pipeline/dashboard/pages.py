@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,6 +30,15 @@ EVALUATIONS_ENV = "FINSENTINEL_EVALUATIONS"
 PAGES = ("Alerts", "Case", "Sentiment", "Models and data", "Audit")
 EXPORT_MAX_ROWS = 50_000
 LABEL_NAMES = {1: "fraud", 0: "genuine"}
+_MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character
+
+
+def plain(value: object) -> str:
+    """``value`` as literal text inside Markdown (headings, captions, alerts, labels), which
+    Streamlit renders with links, images, ``$`` math and ``:color[...]`` directives: ids,
+    headlines and URL parameters come from feeds and links, so each ASCII punctuation
+    character is backslash-escaped and line breaks become spaces."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(value).splitlines()))
 
 
 @dataclass(frozen=True)
@@ -46,12 +56,15 @@ class Settings:
         from pipeline.index import INDEXES_ENV
         from pipeline.ledger import DEFAULT_DB_ENV
         from pipeline.sentiment.backends import MODELS_ENV
+        from pipeline.settings import JobSettings
 
         env = os.environ
+        # Evaluations: where the weekly flow writes them ($FINSENTINEL_EVALUATIONS, else
+        # $FINSENTINEL_WORKDIR/evaluations), so the page finds what the schedule produced.
         return cls(db=env.get(DEFAULT_DB_ENV) or None,
                    indexes=Path(env.get(INDEXES_ENV) or "indexes"),
                    models=Path(env.get(MODELS_ENV) or "models"),
-                   evaluations=Path(env.get(EVALUATIONS_ENV) or "finsentinel-work/evaluations"))
+                   evaluations=JobSettings.from_env(env).evaluations)
 
 
 @st.cache_resource(show_spinner=False)
@@ -225,14 +238,15 @@ def case_page(queries: DashboardQueries, settings: Settings, user: str) -> None:
         return
     case = queries.case(decision_id)
     if case is None:
-        st.error(f"No decision {decision_id.strip()!r} in the ledger.")
+        st.error(f"No decision {plain(repr(decision_id.strip()))} in the ledger.")
         return
     explanation, inputs = case["explanation"], case["inputs"] or {}
     tx = inputs.get("transaction") or {}
     score, threshold = float(case["score"]), float(case["threshold"])
     reviews = case["reviews"]
     status = reviews[-1]["label"] if reviews else "open"
-    st.subheader(f"{case['kind']} decision on {case['subject_id']}: {case['decision'].upper()}")
+    st.subheader(f"{plain(case['kind'])} decision on {plain(case['subject_id'])}: "
+                 f"{plain(case['decision'].upper())}")
     m = st.columns(5)
     m[0].metric("Score", f"{score:.4f}")
     m[1].metric("Threshold", f"{threshold:.4f}")
@@ -391,12 +405,12 @@ def sentiment_page(queries: DashboardQueries, settings: Settings, user: str) -> 
                  hide_index=True, key="sent_headlines",
                  column_config={"headline": st.column_config.TextColumn(width="large")})
     for h in found:
-        with st.expander(f"{h['label']}: {h['headline']}"):
+        with st.expander(f"{plain(h['label'])}: {plain(h['headline'])}"):
             explanation = h["explanation"]
             words = (explanation.get("attributions") or {}).get("words") or []
             if words:
                 st.markdown("Words that moved the label (occlusion): " + ", ".join(
-                    f"`{w.get('word', w) if isinstance(w, dict) else w}`" for w in words[:8]))
+                    plain(w.get("word", w) if isinstance(w, dict) else w) for w in words[:8]))
             examples = explanation.get("nearest_training_examples") or []
             if examples:
                 st.markdown("Nearest training examples:")
@@ -503,18 +517,19 @@ def _drift(queries: DashboardQueries, settings: Settings, batch: dict[str, Any],
     if reference is None:
         previous = queries.latest_batch(before=batch["created_at"])
         if previous is None:
-            st.caption(f"Batch {batch['batch_id']}: no reference to compare with (no index on "
-                       "disk and no earlier batch).")
+            st.caption(f"Batch {plain(batch['batch_id'])}: no reference to compare with (no "
+                       "index on disk and no earlier batch).")
             return
         reference = np.array(queries.batch_scores(previous["batch_id"])["knn_scores"])
-        source = f"the previous batch {previous['batch_id']}"
+        source = f"the previous batch {plain(previous['batch_id'])}"
     result = psi(reference, actual)
     c1, c2, c3 = st.columns(3)
     c1.metric("PSI", f"{result.value:.3f}", help="< 0.1 stable, 0.1-0.25 moderate, > 0.25 "
                                                   "significant shift")
     c2.metric("Shift", result.level)
     c3.metric("Batch rows", f"{result.actual_n:,}")
-    st.caption(f"Batch {batch['batch_id']} (recorded {batch['created_at']}) against {source}; "
+    st.caption(f"Batch {plain(batch['batch_id'])} (recorded {batch['created_at']}) against "
+               f"{source}; "
                "kNN scores, in ten bins cut at the reference's deciles.")
     labels = [f"{_edge(lo)}-{_edge(hi)}" for lo, hi in zip(result.edges[:-1], result.edges[1:],
                                                            strict=True)]
@@ -607,7 +622,7 @@ def audit_page(queries: DashboardQueries, settings: Settings, user: str) -> None
             st.success(f"Chain intact — {text}")
         else:
             st.error(f"Chain BROKEN at {report.chain} seq {report.first_bad_seq} "
-                     f"({report.first_bad_decision_id}) — {text}")
+                     f"({plain(report.first_bad_decision_id)}) — {plain(text)}")
     else:
         st.caption("Not verified in this session yet.")
 
