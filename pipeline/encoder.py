@@ -12,6 +12,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class EmbeddingCache:
     def put_many(self, model: str, items: dict[str, np.ndarray]) -> None:
         with self._conn:
             self._conn.executemany(
-                "INSERT OR IGNORE INTO embeddings (model, text_sha, vector) VALUES (?, ?, ?)",
+                "INSERT OR REPLACE INTO embeddings (model, text_sha, vector) VALUES (?, ?, ?)",
                 [(model, k, np.ascontiguousarray(v, dtype=np.float32).tobytes())
                  for k, v in items.items()],
             )
@@ -104,7 +105,11 @@ class TextEncoder:
     @property
     def model(self):
         if self._model is None:
-            self._model = load_sentence_transformer(self.model_ref, self.device)
+            model = _load_full_precision(self.model_ref, self.device)
+            # Hashed as stored (full precision) before any fp16 cast: the same weights have the
+            # same hash on a CPU and on CUDA, so an index or a decision stays checkable on both.
+            self._weights_hash = state_dict_sha256(model)
+            self._model = _to_device_precision(model, self.device)
         return self._model
 
     @property
@@ -115,12 +120,16 @@ class TextEncoder:
     def weights_hash(self) -> str:
         """sha256 over the model's parameters: exactly which weights produced a vector."""
         if self._weights_hash is None:
-            digest = hashlib.sha256()
-            for name, tensor in sorted(self.model.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-            self._weights_hash = digest.hexdigest()
+            model = self.model  # loading hashes the full-precision weights
+            if self._weights_hash is None:  # a model set from outside
+                self._weights_hash = state_dict_sha256(model)
         return self._weights_hash
+
+    @property
+    def _cache_key(self) -> str:
+        """The cache's model key: the weights hash, marked when the model runs in fp16 (its
+        vectors differ slightly from the fp32 ones and must not be served to fp32 runs)."""
+        return self.weights_hash + (":fp16" if self.device.startswith("cuda") else "")
 
     @property
     def model_id(self) -> str:
@@ -134,17 +143,22 @@ class TextEncoder:
             return np.zeros((0, self.dimension), dtype=np.float32)
         unique, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
         keys = [text_hash(t) for t in unique]
-        cached = self.cache.get_many(self.weights_hash, keys) if self.cache is not None else {}
-        missing = [i for i, k in enumerate(keys) if k not in cached]
+        cached = self.cache.get_many(self._cache_key, keys) if self.cache is not None else {}
         vectors = np.empty((len(unique), self.dimension), dtype=np.float32)
+        missing = []
         for i, key in enumerate(keys):
-            if key in cached:
-                vectors[i] = cached[key]
+            hit = cached.get(key)
+            # A row that is not a finite vector of this dimension (a corrupted or truncated
+            # cache row) is encoded again, and replaced.
+            if hit is not None and hit.shape == vectors.shape[1:] and np.isfinite(hit).all():
+                vectors[i] = hit
+            else:
+                missing.append(i)
         if missing:
             fresh = self._encode_model([unique[i] for i in missing], progress)
             vectors[missing] = fresh
             if self.cache is not None:
-                self.cache.put_many(self.weights_hash,
+                self.cache.put_many(self._cache_key,
                                     {keys[i]: fresh[j] for j, i in enumerate(missing)})
         return vectors[inverse.reshape(-1)]
 
@@ -189,9 +203,29 @@ def check_safetensors_only(directory: str | Path) -> None:
         raise UnsafeModelError(f"model directory {directory} has no .safetensors weights")
 
 
+def state_dict_sha256(model: Any) -> str:
+    """sha256 over a model's parameters (by name, as float32 bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_sentence_transformer(model_ref: str, device: str):
     """Load the packaged default, a local directory, or (where the hub is reachable) a hub name;
-    safetensors weights only (see :func:`check_safetensors_only`)."""
+    safetensors weights only (see :func:`check_safetensors_only`). On CUDA in fp16."""
+    return _to_device_precision(_load_full_precision(model_ref, device), device)
+
+
+def _to_device_precision(model: Any, device: str) -> Any:
+    if device.startswith("cuda"):
+        model = model.half()
+    model.eval()
+    return model
+
+
+def _load_full_precision(model_ref: str, device: str) -> Any:
     from sentence_transformers import SentenceTransformer
 
     if model_ref == DEFAULT_ENCODER:
@@ -207,9 +241,5 @@ def load_sentence_transformer(model_ref: str, device: str):
         )
     if path is not None:
         check_safetensors_only(path)
-    model = SentenceTransformer(str(path or model_ref), device=device,
-                                model_kwargs={"use_safetensors": True})
-    if device.startswith("cuda"):
-        model = model.half()
-    model.eval()
-    return model
+    return SentenceTransformer(str(path or model_ref), device=device,
+                               model_kwargs={"use_safetensors": True})

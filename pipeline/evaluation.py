@@ -12,6 +12,7 @@ their mean and (population, as scikit-learn's grid search reports) standard devi
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -311,12 +312,34 @@ def evaluate_file(path: str | Path, test_start: str | date, scorer: str, output:
 def write_report(report: EvaluationReport, output: str | Path) -> Path:
     from pipeline.artifacts import atomic_write_bytes
 
-    text = json.dumps(report.to_dict(), indent=2, sort_keys=False, allow_nan=True)
+    # An undefined metric (AUC ROC or AP of a fold without fraud) is NaN in memory and null in
+    # the file: NaN is not JSON, and strict readers refuse the whole report.
+    text = json.dumps(_nan_to_none(report.to_dict()), indent=2, sort_keys=False,
+                      allow_nan=False)
     return atomic_write_bytes(output, (text + "\n").encode())
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def command_line(path: str | Path, start: date, scorer: str, output: str | Path,
                  config: ProtocolConfig) -> str:
-    parts = ["finsentinel evaluate", f"--data {path}", f"--test-start {start.isoformat()}",
-             f"--folds {config.folds}", f"--scorer {scorer}", f"--output {output}"]
+    """The ``finsentinel evaluate`` command that makes this report again, quoted for a
+    shell: every protocol option that differs from its default is named."""
+    from shlex import quote
+
+    parts = ["finsentinel evaluate", f"--data {quote(str(path))}",
+             f"--test-start {start.isoformat()}", f"--folds {config.folds}",
+             f"--scorer {quote(scorer)}", f"--output {quote(str(output))}"]
+    default = ProtocolConfig()
+    for name in ("train_days", "delay_days", "test_days", "top_k"):
+        if getattr(config, name) != getattr(default, name):
+            parts.append(f"--{name.replace('_', '-')} {getattr(config, name)}")
     return " ".join(parts)

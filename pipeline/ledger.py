@@ -918,13 +918,22 @@ class Ledger:
         if lo is not None:
             first_seq = conn.execute(sa.select(sa.func.min(table.c.seq))
                                      .where(table.c.created_at >= lo)).scalar()
-            if first_seq is None:
-                return None, 0, GENESIS_HASH
-        if hi is not None:
+            if first_seq is None:  # nothing from lo on: the range starts past the chain's end
+                # (or where its end was cut off): walk nothing, still check the end and head
+                first_seq = (conn.execute(sa.select(sa.func.max(table.c.seq))).scalar() or 0) + 1
+        # A range that reaches past the last record is checked to the chain's end and head.
+        if hi is not None and conn.execute(sa.select(table.c.seq).where(
+                table.c.created_at >= hi).limit(1)).first() is not None:
             last_wanted = conn.execute(sa.select(sa.func.max(table.c.seq))
                                        .where(table.c.created_at < hi)).scalar()
             if last_wanted is None or last_wanted < first_seq:
-                return None, 0, GENESIS_HASH
+                # An empty stretch inside the chain: nothing to walk, but a batch recorded in
+                # it must still hold its decisions.
+                problem = None
+                if chain.name == "decisions":
+                    problem = self._batch_count_problem(
+                        conn, (first_seq, first_seq - 1, lo, hi))
+                return problem, 0, GENESIS_HASH
         prev_hash = GENESIS_HASH
         if first_seq > 1:  # the link into the range
             before = conn.execute(sa.select(*columns).where(table.c.seq == first_seq - 1)

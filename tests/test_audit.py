@@ -171,6 +171,42 @@ def test_range_without_records_and_bad_bounds(db_url):
             ledger.verify(since="last tuesday")
 
 
+def test_a_range_emptied_by_deletion_does_not_verify(db_url, raw):
+    """A range whose records were all deleted is not an empty, clean range: deleted from the
+    end of the chain, the head says so; deleted in the middle, their batch's count does."""
+    with Ledger(db_url) as ledger:
+        stamps = three_batches(ledger)
+        clean = ledger.verify(since=stamps[2])
+        assert (clean.ok, clean.checked) == (True, 3)
+        future = ledger.verify(since="2999-01-01")
+        assert (future.ok, future.checked) == (True, 0)
+    with raw.begin() as conn:  # batch c (seq 8-10), the end of the chain
+        conn.execute(sa.text("DELETE FROM decisions WHERE seq >= 8"))
+    with Ledger(db_url) as ledger:
+        for since, until in ((stamps[2], None), ("2999-01-01", None),
+                             (stamps[2], "2999-01-01")):
+            report = ledger.verify(since=since, until=until)
+            assert (report.ok, report.first_bad_seq) == (False, 8), (since, until, report)
+            assert "records from seq 8 to 10 are missing" in report.reason
+    with raw.begin() as conn:  # also its batch row: the head still tells
+        conn.execute(sa.text("DELETE FROM batches WHERE batch_id = 'c'"))
+    with Ledger(db_url) as ledger:
+        report = ledger.verify(since=stamps[1], until="2999-01-01")
+        assert (report.ok, report.checked, report.first_bad_seq) == (False, 3, 8)
+
+
+def test_an_empty_stretch_left_by_deleting_a_batch_does_not_verify(db_url, raw):
+    with Ledger(db_url) as ledger:
+        stamps = three_batches(ledger)
+    with raw.begin() as conn:  # batch b (seq 5-7): records on both sides remain
+        conn.execute(sa.text("DELETE FROM decisions WHERE batch_id = 'b'"))
+    with Ledger(db_url) as ledger:
+        report = ledger.verify(since=stamps[1], until=stamps[2])
+        assert not report.ok
+        assert "batch 'b' (fraud) holds 0 decisions but was recorded with 3" in report.reason
+        assert not ledger.verify().ok
+
+
 def test_time_range_reads_both_ends_inclusively():
     since, until = audit.time_range("2024-05-01", "2024-05-31")
     assert (since, until) == (datetime(2024, 5, 1), datetime(2024, 6, 1))

@@ -51,3 +51,58 @@ def test_unknown_model_with_hub_off_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="neither the packaged default"):
         _ = TextEncoder("no-such-org/no-such-model", device="cpu").model
+
+
+def test_weights_hash_is_the_same_when_the_model_runs_in_fp16(encoder, monkeypatch, tmp_path):
+    """On CUDA the model runs in fp16; the weights are the same, so their hash (and the model
+    id an index and every decision record) must be too: an index built on a CPU loads on a
+    GPU machine, and a decision scored on a GPU replays on a CPU. Simulated on the CPU: a
+    "cuda" encoder whose model is loaded on the CPU and cast to fp16 as on CUDA."""
+    import sentence_transformers
+    import torch
+
+    real = sentence_transformers.SentenceTransformer
+
+    class LoadedOnCpu(real):
+        def __init__(self, *args, device=None, **kwargs):
+            super().__init__(*args, device="cpu", **kwargs)
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", LoadedOnCpu)
+    fp32 = TextEncoder(device="cpu", cache_dir=tmp_path)
+    fp16 = TextEncoder(device="cuda", cache_dir=tmp_path)
+    assert next(fp16.model.parameters()).dtype == torch.float16
+    assert fp16.weights_hash == fp32.weights_hash == encoder.weights_hash
+    assert fp16.model_id == encoder.model_id
+    # fp16 vectors differ slightly from fp32 ones: the cache keeps them apart.
+    texts = ["fuel station card payment", "online electronics store"]
+    v32 = fp32.encode(texts)
+    v16 = fp16.encode(texts)
+    assert fp16.encoded_count == 2
+    assert np.allclose(v16, v32, atol=5e-3) and not np.array_equal(v16, v32)
+    assert np.array_equal(TextEncoder(device="cpu", cache_dir=tmp_path).encode(texts), v32)
+
+
+def test_a_corrupted_cache_row_is_encoded_again_and_repaired(encoder, tmp_path):
+    """A cache row that is not a vector of the model's dimension (truncated, or NaN) must not
+    stop every later encode: the text is encoded again and the row replaced."""
+    import sqlite3
+
+    texts = ["fuel station card payment", "grocery at Northgate", "pharmacy at Elm"]
+    first = TextEncoder(cache_dir=tmp_path, device="cpu")
+    expected = first.encode(texts)
+    first.cache.close()
+    nan = np.full(384, np.nan, dtype=np.float32).tobytes()
+    with sqlite3.connect(tmp_path / "embeddings.sqlite") as conn:
+        conn.execute("UPDATE embeddings SET vector = substr(vector, 1, 100) WHERE text_sha = ?",
+                     (text_hash(texts[0]),))
+        conn.execute("UPDATE embeddings SET vector = ? WHERE text_sha = ?",
+                     (nan, text_hash(texts[2])))
+    second = TextEncoder(cache_dir=tmp_path, device="cpu")
+    second._model, second._weights_hash = encoder.model, encoder.weights_hash
+    got = second.encode(texts)
+    assert second.encoded_count == 2
+    assert np.allclose(got, expected, atol=1e-6)
+    third = TextEncoder(cache_dir=tmp_path, device="cpu")
+    third._model, third._weights_hash = encoder.model, encoder.weights_hash
+    assert np.allclose(third.encode(texts), expected, atol=1e-6)
+    assert third.encoded_count == 0  # the rows were repaired

@@ -187,3 +187,63 @@ def test_parse_day():
         parse_day(datetime(2018, 7, 25, 12))
     with pytest.raises(ValueError, match="expected a day"):
         parse_day("25/07/2018")
+
+
+def test_the_reports_command_line_reproduces_the_report(tmp_path):
+    """The JSON report's ``settings.command`` is how an auditor re-runs an evaluation: run as
+    written (a shell's word splitting), it gives the same protocol and the same numbers."""
+    import json
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.evaluation import evaluate_file
+    from pipeline.synthetic import SyntheticConfig, generate
+
+    work = tmp_path / "model risk"  # a space in the path
+    work.mkdir()
+    data = work / "tx.parquet"
+    generate(SyntheticConfig(n_customers=150, n_terminals=300, n_days=20, seed=2,
+                             start_date=date(2018, 1, 20))).write_parquet(data)
+    config = ProtocolConfig(train_days=3, delay_days=2, test_days=3, folds=2, top_k=5)
+    first = evaluate_file(data, "2018-02-05", "logreg", work / "first.json", config)
+    command = first.settings["command"]
+    argv = shlex.split(command)
+    assert argv[:2] == ["finsentinel", "evaluate"]
+    rerun = work / "first.json"  # the command names the first report's output
+    rerun.unlink()
+    result = CliRunner().invoke(app, argv[1:])
+    assert result.exit_code == 0, result.output
+    again = json.loads(rerun.read_text())
+    assert again["settings"]["protocol"] == first.settings["protocol"] == {
+        "train_days": 3, "delay_days": 2, "test_days": 3, "folds": 2, "top_k": 5}
+    assert [f["test_start"] for f in again["folds"]] == ["2018-02-05", "2018-02-02"]
+    assert again["summary"]["average_precision"] == first.summary["average_precision"]
+    assert again["settings"]["command"] == command
+
+
+def test_a_fold_without_fraud_is_reported_as_valid_json(tmp_path):
+    """A test period without fraud has no AUC ROC or AP (undefined, not 0.5 or 0): the report
+    says null, in JSON that strict parsers (jq, JavaScript, jsonb) read, not NaN."""
+    import json
+
+    from pipeline.evaluation import write_report
+
+    rows = [(c, JAN[d], int(c == "a" and d == 0)) for c in "abcd" for d in range(4)]
+    config = ProtocolConfig(train_days=2, delay_days=0, test_days=2, folds=1, top_k=2)
+    report = evaluate(_frame(rows), lambda: _Recorder(), JAN[2], config)
+    fold = report.folds[0]
+    assert (fold.test_frauds, fold.card_precision_at_k) == (0, 0.0)
+    assert np.isnan(fold.auc_roc) and np.isnan(fold.average_precision)
+
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+
+    written = json.loads(write_report(report, tmp_path / "r.json").read_text(),
+                         parse_constant=refuse)
+    assert written["folds"][0]["auc_roc"] is None
+    assert written["folds"][0]["average_precision"] is None
+    assert written["folds"][0]["card_precision_at_k"] == 0.0
+    assert written["summary"]["auc_roc"] == {"mean": None, "std": None}
+    assert written["summary"]["card_precision_at_k"] == {"mean": 0.0, "std": 0.0}
