@@ -55,6 +55,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from pipeline.settings import WORKDIR_ENV
+
 DEFAULT_DB_ENV = "FINSENTINEL_DB"
 DEFAULT_WORKDIR = Path("finsentinel-work")
 DEFAULT_DB_FILE = "ledger.sqlite"
@@ -477,12 +479,15 @@ class Anchor:
 # --- connection handling ------------------------------------------------------------------
 
 def resolve_db_url(url: str | None = None, *, workdir: Path | None = None) -> str:
-    """explicit url > $FINSENTINEL_DB > sqlite:///<workdir or ./finsentinel-work>/ledger.sqlite
-    (the directory is created). Plain ``postgresql://``/``postgres://`` URLs are rewritten to the
-    psycopg 3 driver."""
+    """explicit url > $FINSENTINEL_DB > sqlite:///<workdir, else $FINSENTINEL_WORKDIR, else
+    ./finsentinel-work>/ledger.sqlite (the directory is created): the scheduled jobs, which put
+    everything else under $FINSENTINEL_WORKDIR, and the dashboard then share one ledger
+    whatever folder each was started from. Plain ``postgresql://``/``postgres://`` URLs are
+    rewritten to the psycopg 3 driver."""
     chosen = url or os.environ.get(DEFAULT_DB_ENV) or None
     if chosen is None:
-        directory = Path(workdir) if workdir is not None else DEFAULT_WORKDIR
+        directory = (Path(workdir) if workdir is not None
+                     else Path(os.environ.get(WORKDIR_ENV) or DEFAULT_WORKDIR))
         directory.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{(directory / DEFAULT_DB_FILE).resolve()}"
     for scheme in ("postgresql://", "postgres://"):

@@ -516,12 +516,19 @@ def test_an_append_waits_for_a_concurrent_writer_instead_of_failing(db_url, raw)
 def test_resolve_db_url_precedence(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(DEFAULT_DB_ENV, raising=False)
+    monkeypatch.delenv("FINSENTINEL_WORKDIR", raising=False)
     default = resolve_db_url()
     assert default == f"sqlite:///{tmp_path.resolve() / 'finsentinel-work' / 'ledger.sqlite'}"
     assert (tmp_path / "finsentinel-work").is_dir()
     work = tmp_path / "nested" / "work"
     assert resolve_db_url(workdir=work) == f"sqlite:///{work.resolve() / 'ledger.sqlite'}"
     assert work.is_dir()
+    # The scheduled jobs' $FINSENTINEL_WORKDIR holds the default ledger too, whatever the
+    # folder a job or the dashboard starts in.
+    srv = tmp_path / "srv"
+    monkeypatch.setenv("FINSENTINEL_WORKDIR", str(srv))
+    assert resolve_db_url() == f"sqlite:///{srv.resolve() / 'ledger.sqlite'}"
+    assert resolve_db_url(workdir=work) == f"sqlite:///{work.resolve() / 'ledger.sqlite'}"
 
     monkeypatch.setenv(DEFAULT_DB_ENV, "sqlite:////from/env.sqlite")
     assert resolve_db_url() == "sqlite:////from/env.sqlite"
