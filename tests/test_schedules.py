@@ -281,3 +281,33 @@ def test_a_file_name_dropped_again_gets_its_own_scores_file(small_index, prefect
     assert len(written) == 3 and Path(hour1.quarantine).name in written
     assert sum(1 for name in written if "quarantine" in name) == 1
     assert len(list((inbox / "done").iterdir())) == 2
+
+
+def test_daily_index_build_reads_reviews_from_the_default_ledger(prefect_harness, tmp_path,
+                                                                 monkeypatch):
+    """No database configured: the scheduled jobs record to $FINSENTINEL_WORKDIR/ledger.sqlite,
+    so the daily build must take analysts' reviews from there; without that file it builds
+    without reviews and creates no ledger."""
+    from flows.build_index import build_index
+    from pipeline.ledger import Decision
+
+    data = generate(SyntheticConfig(n_customers=60, n_terminals=120, n_days=21, seed=5))
+    data.write_parquet(tmp_path / "history.parquet")
+    genuine = data.filter(pl.col(schema.IS_FRAUD) == 0)[schema.TRANSACTION_ID][0]
+    work = tmp_path / "work"
+    monkeypatch.delenv("FINSENTINEL_DB", raising=False)
+    monkeypatch.setenv("FINSENTINEL_WORKDIR", str(work))
+    kwargs = dict(input=str(tmp_path / "history.parquet"), name="daily", root=str(tmp_path),
+                  text_dim=0)
+
+    assert build_index(**kwargs).feedback_applied == 0
+    assert not (work / "ledger.sqlite").exists()
+
+    with Ledger(f"sqlite:///{work / 'ledger.sqlite'}") as ledger:
+        ledger.record_batch("b", "fraud", "in", 1, [Decision(
+            batch_id="b", kind="fraud", subject_id=str(genuine), score=0.1, threshold=0.5,
+            decision="pass", model_version="m", index_version="i@1", input_hash="h",
+            explanation={})])
+        ledger.record_feedback(ledger.decisions()[0]["decision_id"], "confirmed-fraud",
+                               "chargeback", "ana")
+    assert build_index(**kwargs).feedback_applied == 1
