@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import Flow
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,15 @@ def select(only: list[str] | None = None) -> list[ScheduledFlow]:
     return [s for s in SCHEDULES if s.name in only]
 
 
+# One run of a deployment at a time: a run that fires while the previous one is still going
+# (a large inbox file past the hour, say) is cancelled, not started beside it on the same files.
+ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1,
+                                       collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+
+
 def build_deployments(only: list[str] | None = None) -> list[Any]:
     """``RunnerDeployment`` objects for ``prefect.serve``, with the schedules above."""
     return [s.load_flow().to_deployment(name=s.name, cron=s.cron, parameters=s.parameters,
-                                        description=s.description, tags=["finsentinel"])
+                                        description=s.description, tags=["finsentinel"],
+                                        concurrency_limit=ONE_AT_A_TIME)
             for s in select(only)]

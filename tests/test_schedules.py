@@ -75,6 +75,10 @@ def test_prefect_yaml_and_serve_declare_the_same_deployments(prefect_yaml):
             assert [t.month for t in fires] == [1, 2, 3]
         else:
             assert {b - a for a, b in zip(fires, fires[1:], strict=False)} == {cadence}
+        # One run at a time, the next one cancelled while one is going: in both.
+        assert declared["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+        assert deployment.concurrency_limit == 1
+        assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
         # What serve builds is the same deployment.
         assert deployment.name == spec.name
         assert deployment.parameters == spec.parameters
@@ -133,6 +137,9 @@ def test_serve_registers_the_deployments_with_their_schedules(prefect_harness):
     assert found == expected, output[-3000:]
     assert registered["export-audit-monthly"].parameters == {"format": "jsonl"}
     assert all(d.schedules[0].active for d in registered.values())
+    assert {(d.global_concurrency_limit.limit, str(d.concurrency_options.collision_strategy
+                                                   .value))
+            for d in registered.values()} == {(1, "CANCEL_NEW")}
     assert "score-hourly" in output and "0 * * * *" in output  # the table it prints
 
 
