@@ -299,7 +299,41 @@ def test_training_reference_scores_come_from_the_index(seeded_sqlite):
         index_reference_scores(seeded_sqlite["indexes"], "dash@unsaved", k=20, smoothing=1.0)
 
 
+def test_failed_sign_ins_lock_a_name_for_the_window_whatever_the_session():
+    from pipeline.dashboard.auth import SignInThrottle
+
+    now = [1000.0]
+    throttle = SignInThrottle(max_failures=3, window_s=600, clock=lambda: now[0])
+    for _ in range(2):
+        throttle.failed(" alice ")
+        now[0] += 10
+    assert throttle.retry_after("alice") == 0  # two failures: still allowed
+    throttle.failed("alice")  # the third, at t = 1020
+    assert throttle.retry_after("alice") == pytest.approx(1000 + 600 - 1020)
+    assert throttle.retry_after("bob") == 0  # per name
+    now[0] = 1600.5  # the first failure has left the window: one more try
+    assert throttle.retry_after("alice") == 0
+    throttle.failed("alice")
+    assert throttle.retry_after("alice") == pytest.approx(1010 + 600 - 1600.5)
+    throttle.succeeded("alice")  # a good password clears the name
+    assert throttle.retry_after("alice") == 0
+    # Sprayed names do not grow memory past max_names.
+    small = SignInThrottle(max_failures=3, window_s=600, clock=lambda: now[0], max_names=10)
+    for i in range(50):
+        small.failed(f"user{i}")
+    assert len(small._failures) == 10
+
+
 # --- the pages through AppTest ---------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _fresh_sign_in_throttle():
+    """Failed sign-ins count per server process: each test starts with none."""
+    from pipeline.dashboard.pages import _throttle
+
+    _throttle.clear()
+    yield
+    _throttle.clear()
 
 @pytest.fixture
 def app_env(seeded_sqlite, monkeypatch, tmp_path):
@@ -356,6 +390,20 @@ def test_no_ledger_data_before_sign_in_on_any_page(app_env, page):
     assert [e.value for e in at.error] == ["Unknown user or wrong password."]
     _shows_no_data(at)
     assert "user" not in at.session_state
+
+
+def test_repeated_wrong_passwords_lock_the_name_across_sessions(app_env):
+    """Five wrong passwords for a name, each from a new browser session: the sixth attempt is
+    refused without a check, even with the right password, and shows no data."""
+    for _ in range(5):
+        at = _sign_in(_app(), password="wrong password!")
+        assert [e.value for e in at.error] == ["Unknown user or wrong password."]
+    at = _sign_in(_app())  # the right password, too late
+    assert "user" not in at.session_state
+    assert at.error[0].value.startswith("Too many failed sign-ins for this user: try again in")
+    _shows_no_data(at)
+    at = _sign_in(_app(), user="bob", password="wrong password!")  # other names are not locked
+    assert [e.value for e in at.error] == ["Unknown user or wrong password."]
 
 
 def test_without_users_the_dashboard_does_not_open(app_env, monkeypatch):

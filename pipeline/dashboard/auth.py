@@ -14,8 +14,11 @@ import hmac
 import os
 import re
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 USERS_ENV = "FINSENTINEL_DASHBOARD_USERS"
 SCHEME = "scrypt"
@@ -128,3 +131,57 @@ class Users:
 
 
 _DUMMY = PasswordHash(SCRYPT_N, SCRYPT_R, SCRYPT_P, b"\0" * SALT_BYTES, b"\0" * KEY_BYTES)
+
+
+@dataclass
+class SignInThrottle:
+    """Failed sign-ins per user name, kept for the whole server process (every browser session):
+    after ``max_failures`` within ``window_s`` the name is refused, without a password check,
+    until the oldest of those failures is ``window_s`` old. A password guesser gets
+    ``max_failures`` tries per window and name however many sessions it opens; names that do
+    not exist are counted the same, so a refusal does not reveal who exists."""
+
+    max_failures: int = 5
+    window_s: float = 15 * 60.0
+    clock: Callable[[], float] = time.monotonic
+    max_names: int = 10_000  # names tracked at most (sprayed names cannot grow memory)
+    _failures: dict[str, deque[float]] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def retry_after(self, name: str) -> float:
+        """Seconds before ``name`` may try again; 0 when it may now."""
+        with self._lock:
+            recent = self._recent(name.strip())
+            if len(recent) < self.max_failures:
+                return 0.0
+            return max(0.0, recent[0] + self.window_s - self.clock())
+
+    def failed(self, name: str) -> None:
+        with self._lock:
+            key = name.strip()
+            if key not in self._failures and len(self._failures) >= self.max_names:
+                for other in list(self._failures):  # forget names whose failures expired
+                    self._recent(other)
+                if len(self._failures) >= self.max_names:  # then the longest quiet one
+                    del self._failures[min(self._failures, key=lambda k: self._failures[k][-1])]
+            self._failures.setdefault(key, deque()).append(self.clock())
+            self._recent(key)
+
+    def succeeded(self, name: str) -> None:
+        with self._lock:
+            self._failures.pop(name.strip(), None)
+
+    def _recent(self, key: str) -> deque[float]:
+        """The name's failures within the window (older ones dropped; an empty entry too)."""
+        failures = self._failures.get(key)
+        if failures is None:
+            return deque()
+        cutoff = self.clock() - self.window_s
+        while failures and failures[0] <= cutoff:
+            failures.popleft()
+        while len(failures) > self.max_failures:
+            failures.popleft()
+        if not failures:
+            del self._failures[key]
+        return failures
+

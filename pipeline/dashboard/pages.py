@@ -4,6 +4,7 @@ analyst has signed in: :func:`main` stops at the sign-in form for every page and
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from pipeline.dashboard.auth import AuthConfigError, Users
+from pipeline.dashboard.auth import AuthConfigError, SignInThrottle, Users
 from pipeline.dashboard.queries import (
     AlertFilter,
     DashboardQueries,
@@ -79,6 +80,12 @@ def _users(text: str | None) -> Users:
     return Users.parse(text)
 
 
+@st.cache_resource(show_spinner=False)
+def _throttle() -> SignInThrottle:
+    """One for the server process: failed sign-ins count across every browser session."""
+    return SignInThrottle()
+
+
 # --- sign-in ---------------------------------------------------------------------------------
 
 def _sign_in(users: Users) -> str | None:
@@ -93,11 +100,19 @@ def _sign_in(users: Users) -> str | None:
         password = st.text_input("Password", type="password", key="login_password")
         submitted = st.form_submit_button("Sign in", type="primary")
     if submitted:
+        throttle = _throttle()
+        wait = throttle.retry_after(name or "")
+        if wait > 0:
+            st.error(f"Too many failed sign-ins for this user: try again in "
+                     f"{math.ceil(wait / 60)} minute(s).")
+            return None
         found = users.authenticate(name or "", password or "")
         if found:
+            throttle.succeeded(name or "")
             st.session_state["user"] = found
             st.session_state.pop("login_password", None)
             st.rerun()
+        throttle.failed(name or "")
         st.error("Unknown user or wrong password.")
     return None
 
