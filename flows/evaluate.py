@@ -44,7 +44,9 @@ def load(data: str, delay_days: int):
 @task(cache_policy=NO_CACHE)
 def run_fold(split: FoldSplit, history, scorer: str, config: ProtocolConfig, n_jobs: int
              ) -> FoldResult:
-    return evaluate_fold(split, make_scorer(scorer, n_jobs=n_jobs), config, history)
+    return evaluate_fold(split, make_scorer(scorer, n_jobs=n_jobs,
+                                            label_delay_days=config.delay_days),
+                         config, history)
 
 
 @flow(name="evaluate_fraud_scorer", log_prints=True)

@@ -139,7 +139,10 @@ def _check_coverage(frame: pl.DataFrame, train_start: date, test_end: date, fold
 def labelled_history(frame: pl.DataFrame, split: FoldSplit, config: ProtocolConfig
                      ) -> pl.DataFrame:
     """The rows whose label can be known at some moment of the fold's test period: transaction
-    time + delay before the end of the last test day. (No test row is among them.)"""
+    time + delay before the end of the last test day. When the test period is longer than the
+    delay, its first days are among them: a scorer uses a row's label only from its
+    transaction time + delay on (the index's and the terminal evidence's rule), so a test row
+    never sees its own label or a later one."""
     end = datetime.combine(split.test_end, datetime.min.time())
     return frame.filter(pl.col(schema.TX_TIME) < end - timedelta(days=config.delay_days))
 
@@ -303,7 +306,9 @@ def evaluate_file(path: str | Path, test_start: str | date, scorer: str, output:
     frame, record = load_featured(path, config.delay_days)
     settings = {**record, "scorer": scorer, "folds": config.folds, "n_jobs": n_jobs,
                 "command": command_line(path, start, scorer, output, config)}
-    report = evaluate(frame, lambda: make_scorer(scorer, n_jobs=n_jobs), start, config,
+    report = evaluate(frame, lambda: make_scorer(scorer, n_jobs=n_jobs,
+                                                 label_delay_days=config.delay_days),
+                      start, config,
                       settings=settings, on_fold=on_fold)
     write_report(report, output)
     return report

@@ -77,20 +77,23 @@ class HandbookBaseline:
         return self.estimator.predict_proba(x)[:, 1]
 
 
-def logistic_regression(n_jobs: int = 1, encoder: TextEncoder | None = None) -> HandbookBaseline:
+def logistic_regression(n_jobs: int = 1, encoder: TextEncoder | None = None,
+                        label_delay_days: int = 7) -> HandbookBaseline:
     from sklearn.linear_model import LogisticRegression
 
     return HandbookBaseline("logreg", lambda: LogisticRegression(C=0.1, random_state=0))
 
 
-def random_forest(n_jobs: int = 1, encoder: TextEncoder | None = None) -> HandbookBaseline:
+def random_forest(n_jobs: int = 1, encoder: TextEncoder | None = None,
+                  label_delay_days: int = 7) -> HandbookBaseline:
     from sklearn.ensemble import RandomForestClassifier
 
     return HandbookBaseline("random-forest", lambda: RandomForestClassifier(
         n_estimators=100, max_depth=20, random_state=0, n_jobs=n_jobs))
 
 
-def xgboost_baseline(n_jobs: int = 1, encoder: TextEncoder | None = None) -> HandbookBaseline:
+def xgboost_baseline(n_jobs: int = 1, encoder: TextEncoder | None = None,
+                     label_delay_days: int = 7) -> HandbookBaseline:
     from xgboost import XGBClassifier
 
     return HandbookBaseline("xgboost", lambda: XGBClassifier(
@@ -155,13 +158,21 @@ class KnnScorer:
                          smoothing=cfg.smoothing)
 
 
-def knn(n_jobs: int = 1, encoder: TextEncoder | None = None) -> KnnScorer:
-    return KnnScorer("knn")
+def _settings(text_dim: int, label_delay_days: int) -> KnnSettings:
+    """kNN settings whose index waits ``label_delay_days`` for a neighbour's label."""
+    return KnnSettings(vector=VectorConfig(text_dim=text_dim),
+                       index=IndexConfig(kind="flat", use_gpu=None,
+                                         label_delay_days=label_delay_days))
 
 
-def knn_text(n_jobs: int = 1, encoder: TextEncoder | None = None) -> KnnScorer:
-    return KnnScorer("knn-text", KnnSettings(vector=VectorConfig(text_dim=8)), encoder=encoder,
-                     use_text=True)
+def knn(n_jobs: int = 1, encoder: TextEncoder | None = None, label_delay_days: int = 7
+        ) -> KnnScorer:
+    return KnnScorer("knn", _settings(0, label_delay_days))
+
+
+def knn_text(n_jobs: int = 1, encoder: TextEncoder | None = None, label_delay_days: int = 7
+             ) -> KnnScorer:
+    return KnnScorer("knn-text", _settings(8, label_delay_days), encoder=encoder, use_text=True)
 
 
 class KnnWeighted(KnnScorer):
@@ -190,8 +201,9 @@ class KnnStacked(KnnWeighted):
     terminal's most recent known labels, and the features (see :mod:`pipeline.stacking`)."""
 
     def __init__(self, name: str = "knn-stacked", stacking: StackingConfig | None = None,
-                 encoder: TextEncoder | None = None, use_text: bool = True, n_jobs: int = 1):
-        super().__init__(name, None, encoder, use_text, n_jobs)
+                 encoder: TextEncoder | None = None, use_text: bool = True, n_jobs: int = 1,
+                 settings: KnnSettings | None = None):
+        super().__init__(name, settings, encoder, use_text, n_jobs)
         self.model = StackedModel(stacking)
 
     def fit(self, train: pl.DataFrame, history: pl.DataFrame | None = None) -> KnnStacked:
@@ -213,14 +225,20 @@ SCORERS: dict[str, Callable[..., object]] = {
     "xgboost": xgboost_baseline,
     "knn": knn,
     "knn-text": knn_text,
-    "knn-weighted": lambda n_jobs=1, encoder=None: KnnWeighted(encoder=encoder, n_jobs=n_jobs),
-    "knn-stacked": lambda n_jobs=1, encoder=None: KnnStacked(encoder=encoder, n_jobs=n_jobs),
+    "knn-weighted": lambda n_jobs=1, encoder=None, label_delay_days=7: KnnWeighted(
+        settings=_settings(8, label_delay_days), encoder=encoder, n_jobs=n_jobs),
+    "knn-stacked": lambda n_jobs=1, encoder=None, label_delay_days=7: KnnStacked(
+        stacking=StackingConfig(label_delay_days=label_delay_days),
+        settings=_settings(8, label_delay_days), encoder=encoder, n_jobs=n_jobs),
 }
 
 
-def make_scorer(name: str, n_jobs: int = 1, encoder: TextEncoder | None = None):
+def make_scorer(name: str, n_jobs: int = 1, encoder: TextEncoder | None = None,
+                label_delay_days: int = 7):
     """A fresh, unfitted scorer by name; ``encoder``: a text encoder to share (the scorers that
-    embed text load the default one, only when the data has text, otherwise)."""
+    embed text load the default one, only when the data has text, otherwise);
+    ``label_delay_days``: how long a label takes to be known (the evaluation protocol's delay:
+    neighbours and the stacked model's terminal evidence wait as long)."""
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; expected one of {', '.join(SCORERS)}")
-    return SCORERS[name](n_jobs=n_jobs, encoder=encoder)
+    return SCORERS[name](n_jobs=n_jobs, encoder=encoder, label_delay_days=label_delay_days)

@@ -107,18 +107,24 @@ def learned_weights(train: pl.DataFrame, features: tuple[str, ...] = VECTOR_FEAT
 def terminal_evidence(queries: pl.DataFrame, labelled: pl.DataFrame, delay_days: int = 7
                       ) -> pl.DataFrame:
     """For each query row (transaction_id, terminal_id, tx_time): what the terminal's labelled
-    transactions known at that time (transaction time + delay <= query time) say — the last
-    label, the fraud share of the last 3 and 10, days since the last known fraud, days since the
-    current run of frauds began (null-coded as 999 when the last label is genuine), days since
-    the last known label. Rows come back in query order."""
+    transactions known at that time (transaction time + delay <= query time; a ``label_time``
+    column, where not null, gives a reviewed label's time instead, as in
+    :meth:`FraudIndex.build`) say — the last label, the fraud share of the last 3 and 10, days
+    since the last known fraud, days since the current run of frauds began (null-coded as 999
+    when the last label is genuine), days since the last known label. A terminal's label counts
+    only once its earlier ones are known too (so "the last n" never skips an unknown one). Rows
+    come back in query order."""
     tx, delay = pl.col(schema.TX_TIME), timedelta(days=delay_days)
     fraud = pl.col(schema.IS_FRAUD)
+    label_time = (pl.coalesce(pl.col("label_time").cast(pl.Datetime("us")), tx + delay)
+                  if "label_time" in labelled.columns else tx + delay)
     known = (
         labelled.filter(fraud.is_not_null())
-        .select(pl.col(schema.TERMINAL_ID).cast(pl.String), tx, fraud.cast(pl.Int8))
+        .select(pl.col(schema.TERMINAL_ID).cast(pl.String), tx, fraud.cast(pl.Int8),
+                label_time.alias("_known"))
         .sort(schema.TERMINAL_ID, schema.TX_TIME)
         .with_columns(
-            (tx + delay).alias("_known"),
+            pl.col("_known").cum_max().over(schema.TERMINAL_ID).alias("_known"),
             fraud.cast(pl.Float64).alias("TERMINAL_LAST_LABEL"),
             fraud.cast(pl.Float64).rolling_mean(3, min_samples=1).over(schema.TERMINAL_ID)
             .alias("TERMINAL_FRAUD_SHARE_LAST_3"),
@@ -358,6 +364,12 @@ def build_stacked_index(history: pl.DataFrame, *, encoder=None, text_dim: int = 
     """A FraudIndex whose vectors use learned weights, carrying a StackedModel trained on the
     last ``train_days`` days of labelled rows (labels known by ``until``)."""
     config = config or IndexConfig()
+    # The terminal neighbours wait the index's label delay (the features were made with it).
+    if stacking is None:
+        stacking = StackingConfig(label_delay_days=config.label_delay_days)
+    elif stacking.label_delay_days != config.label_delay_days:
+        raise ValueError(f"stacking label delay ({stacking.label_delay_days} days) differs from "
+                         f"the index's ({config.label_delay_days} days)")
     history = with_derived_features(history)
     delay = timedelta(days=config.label_delay_days)
     labelled = history.filter(pl.col(schema.IS_FRAUD).is_not_null())

@@ -24,6 +24,8 @@ from pipeline.index import FraudIndex, IndexConfig
 from pipeline.models import SCORERS, make_scorer
 from pipeline.stacking import (
     NO_EVENT_DAYS,
+    TERMINAL_FEATURES,
+    StackingConfig,
     build_stacked_index,
     other_neighbours,
     terminal_evidence,
@@ -68,6 +70,39 @@ def test_terminal_evidence_by_hand():
     # A terminal with no labelled history (V's fraud is another terminal's).
     assert got[3]["TERMINAL_LAST_LABEL"] == 0.0
     assert got[3]["TERMINAL_DAYS_SINCE_LABEL"] == NO_EVENT_DAYS
+
+
+def test_terminal_evidence_waits_for_a_reviews_label_time():
+    """A label given by an analyst's review (label_time) is known from the review on, as the
+    index's neighbours use it, not from transaction time + delay; a terminal's later labels
+    count only once every earlier one is known, so "the last n labels" never skips one."""
+    labelled = pl.DataFrame({
+        schema.TRANSACTION_ID: ["h1", "h2"],
+        schema.TERMINAL_ID: ["T", "T"],
+        schema.TX_TIME: [T0 + timedelta(days=1), T0 + timedelta(days=2)],
+        schema.IS_FRAUD: [1, 0],
+        # h1 confirmed fraud by a review on day 20; h2 has the usual label (day 2 + 7).
+        "label_time": [T0 + timedelta(days=20), None],
+    })
+    queries = pl.DataFrame({
+        schema.TRANSACTION_ID: ["q10", "q21"],
+        schema.TERMINAL_ID: ["T", "T"],
+        schema.TX_TIME: [T0 + timedelta(days=10), T0 + timedelta(days=21)],
+    })
+    got = terminal_evidence(queries, labelled, delay_days=7).rows(named=True)
+    # Day 10: h1's label is not known yet (review on day 20), and h2 comes after it.
+    assert got[0]["TERMINAL_FRAUD_SHARE_LAST_3"] == 0.0
+    assert got[0]["TERMINAL_DAYS_SINCE_FRAUD"] == NO_EVENT_DAYS
+    assert got[0]["TERMINAL_DAYS_SINCE_LABEL"] == NO_EVENT_DAYS
+    # Day 21: both known; the last label is h2's genuine one, the fraud was 20 days before.
+    assert got[1] == pytest.approx({
+        schema.TRANSACTION_ID: "q21", "TERMINAL_LAST_LABEL": 0.0,
+        "TERMINAL_FRAUD_SHARE_LAST_3": 0.5, "TERMINAL_FRAUD_SHARE_LAST_10": 0.5,
+        "TERMINAL_DAYS_SINCE_FRAUD": 20.0, "TERMINAL_DAYS_IN_FRAUD_RUN": NO_EVENT_DAYS,
+        "TERMINAL_DAYS_SINCE_LABEL": 19.0}, abs=1e-9)
+    # Without label times the rule is transaction time + delay, as before.
+    plain = terminal_evidence(queries, labelled.drop("label_time"), delay_days=7)
+    assert plain["TERMINAL_FRAUD_SHARE_LAST_3"].to_list() == [0.5, 0.5]
 
 
 def test_other_neighbours_leave_out_same_card_terminal_and_unknown_labels():
@@ -137,6 +172,39 @@ def test_text_scorers_embed_the_merchant_text(synthetic, encoder):
     assert not make_scorer("knn").fit(train).index.vectorizer.use_text_
 
 
+def test_scorers_wait_the_protocols_label_delay(synthetic, tmp_path, monkeypatch):
+    """``evaluate --delay-days 14``: the kNN scorers' indexes and the stacked model's terminal
+    neighbours must wait 14 days for a label, as the protocol and the features do (with the
+    default 7 the stacked model used labels the protocol says are not known yet)."""
+    from pipeline import evaluation
+
+    for name in ("knn", "knn-text", "knn-weighted", "knn-stacked"):
+        assert make_scorer(name).settings.index.label_delay_days == 7
+        assert make_scorer(name, label_delay_days=14).settings.index.label_delay_days == 14
+    assert make_scorer("knn-stacked", label_delay_days=14).model.config.label_delay_days == 14
+    assert make_scorer("knn-stacked").model.config.label_delay_days == 7
+    for name in ("logreg", "random-forest", "xgboost"):  # their features carry the delay
+        assert make_scorer(name, label_delay_days=14).name == name
+
+    # `finsentinel evaluate` makes its scorers with the protocol's delay.
+    import pipeline.models
+
+    made = []
+
+    def recording(name, **kwargs):
+        made.append(kwargs.get("label_delay_days"))
+        return make_scorer(name, **kwargs)
+
+    raw, _ = synthetic
+    raw.write_parquet(tmp_path / "tx.parquet")
+    start = raw[schema.TX_TIME].max().date() - timedelta(days=2)
+    monkeypatch.setattr(pipeline.models, "make_scorer", recording)
+    evaluation.evaluate_file(tmp_path / "tx.parquet", start, "knn", tmp_path / "r.json",
+                             evaluation.ProtocolConfig(train_days=3, delay_days=4, test_days=2,
+                                                       folds=1))
+    assert made and set(made[1:]) == {4}  # the first call only checks the name
+
+
 def test_unknown_scorer_is_refused():
     with pytest.raises(ValueError, match="unknown scorer 'knn-magic'"):
         make_scorer("knn-magic")
@@ -152,6 +220,33 @@ def stacked_index(synthetic, tmp_path_factory):
     root = tmp_path_factory.mktemp("indexes")
     index.save("stacked", root)
     return index, root, batch
+
+
+def test_stacked_model_waits_the_index_label_delay(synthetic, tmp_path):
+    """An index built with a 14-day label delay: the stacked model's terminal neighbours use a
+    label from transaction time + 14 days on (in training and scoring), not the default 7."""
+    raw, _ = synthetic
+    cutoff = datetime.combine(raw[schema.TX_TIME].max().date(), datetime.min.time())
+    history = compute_features(raw.filter(pl.col(schema.TX_TIME) < cutoff), label_delay_days=14)
+    config = IndexConfig(kind="flat", use_gpu=False, label_delay_days=14)
+    index = build_stacked_index(history, encoder=None, config=config)
+    model = index.model
+    assert model.config.label_delay_days == 14
+    index.save("late", tmp_path)
+    assert FraudIndex.load("late", tmp_path).model.config.label_delay_days == 14
+    # The booster's training rows: terminal inputs with 14 days of delay.
+    names = list(model.input_names)
+    cols = [names.index(n) for n in TERMINAL_FEATURES]
+    train = history.filter(pl.col(schema.TX_TIME) > history[schema.TX_TIME].max()
+                           - timedelta(days=7))
+    x, _ = model.design(train, index, history, training=True)
+    want = terminal_evidence(train, history, delay_days=14).select(TERMINAL_FEATURES).to_numpy()
+    seven = terminal_evidence(train, history, delay_days=7).select(TERMINAL_FEATURES).to_numpy()
+    assert not np.allclose(want, seven)  # the delay matters on these rows
+    np.testing.assert_allclose(x[:, cols], want)
+    with pytest.raises(ValueError, match="label delay"):
+        build_stacked_index(history, encoder=None, config=config,
+                            stacking=StackingConfig(label_delay_days=7))
 
 
 def test_stacked_index_is_saved_as_json_and_hash_checked(stacked_index):
