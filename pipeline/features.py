@@ -58,14 +58,16 @@ def feature_expressions(
     """One named polars expression per feature, in `feature_names(windows_days)` order.
 
     They expect a frame sorted by time (ties in a fixed order), with a naive Datetime tx_time, a
-    Float64 amount and an integer is_fraud without nulls (unknown labels as 0). Windows are
+    Float64 amount and an integer is_fraud, null where the label is not known. Windows are
     counted by position in the group's time order, as pandas' rolling does: the customer's window
     for a row runs from the first row after t - n days up to this very row, so rows tied at t
-    that sort after it are left out."""
+    that sort after it are left out. A terminal's fraud share is over the window's transactions
+    whose label is known (all of them in the handbook's data); its count is over all of them."""
     _check_days(label_delay_days, windows_days)
     time = pl.col(TX_TIME)
     amount = pl.col(AMOUNT)
-    fraud = pl.col(IS_FRAUD).cast(pl.Int64)
+    fraud = pl.col(IS_FRAUD).cast(pl.Int64).fill_null(0)
+    labelled = pl.col(IS_FRAUD).is_not_null().cast(pl.Int64)
     position = pl.int_range(pl.len())  # the row's place in its group, from 0
 
     exprs = [
@@ -83,13 +85,16 @@ def feature_expressions(
 
     # Labels of the last `label_delay_days` are not known yet at scoring time, so the terminal's
     # window is (t - delay - n, t - delay]: rows up to t - delay less rows up to t - delay - n.
-    # Rows tied at t never fall in it, so their order does not matter here.
+    # Rows tied at t never fall in it, so their order does not matter here. A row whose label
+    # is still missing (history labelled up to an index's cutoff, an unlabelled batch) is not
+    # counted as genuine: the share is over the rows whose label is known.
     known = _rows_up_to(label_delay_days)
     for n in windows_days:
         start = _rows_up_to(label_delay_days + n)
         nb_tx = known - start
         nb_fraud = _sum_before(fraud, known) - _sum_before(fraud, start)
-        risk = pl.when(nb_tx > 0).then(nb_fraud / nb_tx).otherwise(0.0)
+        nb_labelled = _sum_before(labelled, known) - _sum_before(labelled, start)
+        risk = pl.when(nb_labelled > 0).then(nb_fraud / nb_labelled).otherwise(0.0)
         exprs += [
             nb_tx.cast(pl.Float64).over(TERMINAL_ID).alias(f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW"),
             risk.cast(pl.Float64).over(TERMINAL_ID).alias(f"TERMINAL_ID_RISK_{n}DAY_WINDOW"),
@@ -104,7 +109,8 @@ def compute_features(
     windows_days: Sequence[int] = WINDOWS_DAYS,
 ) -> pl.DataFrame:
     """All input columns plus the feature columns (Float64; weekend/night as 0.0/1.0), in the
-    input's row order. A missing or null is_fraud counts as not fraud (label not known yet)."""
+    input's row order. A missing or null is_fraud is a label not known yet: such rows count in
+    a terminal's transactions but not in its fraud share."""
     frame = transactions.collect() if isinstance(transactions, pl.LazyFrame) else transactions
     _check_days(label_delay_days, windows_days)
     _check_input(frame)
@@ -112,9 +118,9 @@ def compute_features(
     exprs = feature_expressions(label_delay_days=label_delay_days, windows_days=windows_days)
 
     fraud = (
-        pl.col(IS_FRAUD).cast(pl.Int64, strict=True).fill_null(0)
+        pl.col(IS_FRAUD).cast(pl.Int64, strict=True)
         if IS_FRAUD in frame.columns
-        else pl.lit(0, pl.Int64)
+        else pl.lit(None, pl.Int64)
     )
     features = (
         frame.lazy()

@@ -61,10 +61,12 @@ def pandas_reference(
     transactions: pl.DataFrame, delay: int = 7, windows: tuple[int, ...] = (1, 7, 30)
 ) -> pl.DataFrame:
     """The handbook's own feature code (pandas time-based rolling per customer and terminal),
-    with ties in time put in transaction id order. Ids in the tests are equally wide."""
+    with ties in time put in transaction id order. Ids in the tests are equally wide. A label
+    not known (null) counts among a terminal's transactions, not in its fraud share."""
     df = transactions.to_pandas()
     if IS_FRAUD not in df:
-        df[IS_FRAUD] = 0
+        df[IS_FRAUD] = np.nan
+    df["_labelled"] = df[IS_FRAUD].notna().astype("float64")
     df[IS_FRAUD] = df[IS_FRAUD].fillna(0).astype("int64")
     df = df.sort_values([TX_TIME, TRANSACTION_ID], kind="stable").reset_index(drop=True)
     out = pd.DataFrame({TRANSACTION_ID: df[TRANSACTION_ID]})
@@ -79,13 +81,17 @@ def pandas_reference(
             out.loc[group.index, f"CUSTOMER_ID_AVG_AMOUNT_{n}DAY_WINDOW"] = total / count
     for _, group in df.groupby(TERMINAL_ID):
         fraud = group.set_index(TX_TIME)[IS_FRAUD]
+        labelled = group.set_index(TX_TIME)["_labelled"]
         nb_fraud_delay = fraud.rolling(f"{delay}D").sum().to_numpy()
         nb_tx_delay = fraud.rolling(f"{delay}D").count().to_numpy()
+        nb_labelled_delay = labelled.rolling(f"{delay}D").sum().to_numpy()
         for n in windows:
             nb_fraud = fraud.rolling(f"{delay + n}D").sum().to_numpy() - nb_fraud_delay
             nb_tx = fraud.rolling(f"{delay + n}D").count().to_numpy() - nb_tx_delay
+            nb_labelled = (labelled.rolling(f"{delay + n}D").sum().to_numpy()
+                           - nb_labelled_delay)
             with np.errstate(invalid="ignore", divide="ignore"):
-                risk = np.nan_to_num(nb_fraud / nb_tx, nan=0.0)
+                risk = np.where(nb_labelled > 0, nb_fraud / nb_labelled, 0.0)
             out.loc[group.index, f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW"] = nb_tx
             out.loc[group.index, f"TERMINAL_ID_RISK_{n}DAY_WINDOW"] = risk
     return pl.from_pandas(out)
@@ -271,7 +277,28 @@ def test_lazy_input_and_zone_aware_times() -> None:
     assert compute_features(zoned).select(FEATURES).equals(eager.select(FEATURES))
 
 
-def test_unknown_labels_count_as_not_fraud() -> None:
+def test_unknown_labels_are_left_out_of_a_terminals_fraud_share() -> None:
+    """History labelled up to an index's cutoff, or an unlabelled batch: a row whose label is
+    not known counts among the terminal's transactions but not in its fraud share (counted as
+    genuine it would pull the share down: production features lower than the model's)."""
+    t0 = datetime(2024, 5, 1, 12)
+    rows = pl.DataFrame({
+        TRANSACTION_ID: ["a", "b", "c", "d", "q"],
+        TX_TIME: [t0, t0 + timedelta(hours=1), t0 + timedelta(hours=2),
+                  t0 + timedelta(hours=3), t0 + timedelta(days=8)],
+        CUSTOMER_ID: ["c1", "c2", "c3", "c4", "c5"],
+        TERMINAL_ID: ["T"] * 5,
+        AMOUNT: [10.0] * 5,
+        IS_FRAUD: [1, 0, None, None, None],
+    }, schema_overrides={IS_FRAUD: pl.Int8})
+    q = compute_features(rows).row(4, named=True)
+    assert q["TERMINAL_ID_NB_TX_7DAY_WINDOW"] == 4.0  # a-d are 8 days before q: in its window
+    assert q["TERMINAL_ID_RISK_7DAY_WINDOW"] == 0.5  # 1 fraud of the 2 known labels, not 1/4
+    unknown = compute_features(rows.with_columns(pl.lit(None, pl.Int8).alias(IS_FRAUD)))
+    assert unknown.row(4, named=True)["TERMINAL_ID_RISK_7DAY_WINDOW"] == 0.0  # none known
+
+
+def test_files_without_labels_have_no_terminal_fraud_share() -> None:
     transactions = synthetic(6)
     zeros = compute_features(transactions.with_columns(pl.lit(0, pl.Int8).alias(IS_FRAUD)))
     absent = compute_features(transactions.drop(IS_FRAUD))
@@ -364,7 +391,8 @@ def test_batch_without_context_is_the_batch_alone() -> None:
 
 
 def test_batch_context_with_other_dtypes_and_no_labels() -> None:
-    """Unlabelled history counts as not fraud; ns times and Float32 amounts are aligned."""
+    """Unlabelled history counts among the terminal's transactions but not in its fraud share;
+    ns times and Float32 amounts are aligned."""
     transactions = synthetic(11, n=400)
     context, batch = transactions.head(300), transactions.tail(100)
     loose = context.drop(IS_FRAUD).with_columns(
@@ -373,11 +401,14 @@ def test_batch_context_with_other_dtypes_and_no_labels() -> None:
     out = compute_batch_features(batch, loose)
 
     unlabelled = context.with_columns(
-        pl.lit(0, pl.Int8).alias(IS_FRAUD), pl.col(AMOUNT).cast(pl.Float32).cast(pl.Float64)
+        pl.lit(None, pl.Int8).alias(IS_FRAUD), pl.col(AMOUNT).cast(pl.Float32).cast(pl.Float64)
     )
     whole = pl.concat([unlabelled, batch])
     expected = pandas_reference(whole).filter(pl.col(TRANSACTION_ID).is_in(batch[TRANSACTION_ID]))
     assert_features_close(out, expected)
+    counted_as_genuine = pandas_reference(whole.with_columns(pl.col(IS_FRAUD).fill_null(0)))
+    assert not counted_as_genuine.filter(pl.col(TRANSACTION_ID).is_in(batch[TRANSACTION_ID]))[
+        "TERMINAL_ID_RISK_30DAY_WINDOW"].equals(expected["TERMINAL_ID_RISK_30DAY_WINDOW"])
     assert out["TERMINAL_ID_RISK_30DAY_WINDOW"].max() > 0  # the batch's own labels still count
 
 
