@@ -34,7 +34,8 @@ out = Console(soft_wrap=True)
 
 DbOption = Annotated[str | None, typer.Option(
     "--db", help="Ledger database URL (sqlite:///path or postgresql://…); default "
-                 "$FINSENTINEL_DB, else finsentinel-work/ledger.sqlite.")]
+                 "$FINSENTINEL_DB, else ledger.sqlite in $FINSENTINEL_WORKDIR "
+                 "(default finsentinel-work).")]
 RootOption = Annotated[Path | None, typer.Option(
     "--root", help="Directory of indexes (default $FINSENTINEL_INDEXES or ./indexes).")]
 

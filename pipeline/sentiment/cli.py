@@ -17,7 +17,8 @@ out = Console()
 
 DbOption = Annotated[str | None, typer.Option(
     "--db", help="Ledger database URL (sqlite:///path or postgresql://…); default "
-                 "$FINSENTINEL_DB, else finsentinel-work/ledger.sqlite.")]
+                 "$FINSENTINEL_DB, else ledger.sqlite in $FINSENTINEL_WORKDIR "
+                 "(default finsentinel-work).")]
 ModelsRoot = Annotated[Path | None, typer.Option(
     "--root", help="Directory of models for --model NAME (default $FINSENTINEL_MODELS or "
                    "./models).")]
