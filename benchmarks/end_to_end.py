@@ -278,13 +278,15 @@ WHY = (
     "at a time, the neighbour lists cut from one flat column, and each distinct merchant text "
     "is embedded and projected once per call. On PostgreSQL the decisions go in with COPY "
     "(psycopg 3): recording 100,000 scored rows took 13.7–14.7 s against 16.6–17.2 s with "
-    "multi-row INSERTs (two alternating runs each, this machine); most of what remains is "
+    "multi-row INSERTs (two alternating runs each, on the Intel Xeon); most of what remains is "
     "Python's per-row work and the server's (eight indexes, TOAST compression). 20,000 "
     "transactions/s is 50 µs a row on 2 cores for everything: the chained record alone "
     "(Decision, canonical JSON, sha256, insert, commit) costs about 80 µs a row, and the "
-    "search about 55–60 µs. Compare rows of one machine only: the previous table, on an AMD "
-    "EPYC, scored the same 1M rows in 181 s (5,515/s) with the code before this session's "
-    "changes; this Intel Xeon is slower at every stage.")
+    "search about 55–60 µs (these per-row costs were measured on an Intel Xeon whose whole "
+    "run took twice as long as this table's). Compare rows of one machine only: earlier "
+    "tables scored the same 1M rows in 225 s (4,445/s, an Intel Xeon, the code of 3136b6d) "
+    "and 181 s (5,515/s, another AMD EPYC, older code); the 2-core machines of this project "
+    "differ by up to 2x at every stage.")
 MEMORY = (
     "The explanations are not held: a batch's decisions are made and written 20,000 at a time "
     "inside its one ledger transaction (a `DecisionStream`), and FAISS is searched 100,000 "
