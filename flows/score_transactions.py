@@ -101,6 +101,7 @@ def score_inbox(inbox: str | None = None, index: str | None = None,
     (default ``$FINSENTINEL_WORKDIR/scores``), then move the file to ``inbox/done``. A file that
     is unusable goes to ``inbox/failed`` with the reason; any other failure leaves it in the
     inbox for the next run. The run fails if any file did, after trying all of them."""
+    flow_db_url(db)  # a plain-text password is refused here, before any file is tried
     settings = JobSettings.from_env()
     inbox_dir = Path(inbox or settings.inbox)
     out_dir = Path(output_dir or settings.scores)

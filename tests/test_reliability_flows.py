@@ -248,6 +248,19 @@ def test_a_ledger_password_never_reaches_prefect(feeds, prefect_harness, pg_url,
     with Ledger(pg_url) as ledger:
         assert len(ledger.batches()) == 1
 
+    # The hourly inbox job refuses it before trying a file: the file waits, not failed.
+    from flows.score_transactions import score_inbox
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    waiting = inbox / "y.parquet"
+    waiting.write_bytes(feeds["paths"]["Y"].read_bytes())
+    with pytest.raises(ValueError, match="SecretStr") as refused:
+        score_inbox(inbox=str(inbox), index="cards", root=str(feeds["root"]),
+                    output_dir=str(tmp_path / "scores"), db=with_password(pg_url, plain))
+    assert plain not in str(refused.value)
+    assert waiting.exists() and not (inbox / "failed").exists() and not (inbox / "done").exists()
+
 
 def test_flow_artifacts_and_logs_hold_pseudonyms_not_ids(feeds, prefect_harness, monkeypatch,
                                                          tmp_path):
