@@ -32,10 +32,101 @@ app.add_typer(dashboard_app, name="dashboard")
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
+DB_SCHEMES = ("sqlite", "sqlite+pysqlite", "postgresql", "postgres", "postgresql+psycopg")
+
+
+def check_db_url(value: str | None) -> str | None:
+    """--db (or $FINSENTINEL_DB when it is absent): a URL of a kind the ledger runs on. Only
+    the scheme of a rejected URL is shown, never the rest (it may hold a password)."""
+    from pipeline.ledger import DEFAULT_DB_ENV
+
+    given = value or os.environ.get(DEFAULT_DB_ENV) or None
+    if given is None:
+        return value
+    where = "--db" if value else f"${DEFAULT_DB_ENV}"
+    expected = "expected sqlite:///PATH or postgresql://USER@HOST/DB"
+    if "://" not in given:
+        hint = f" (for that file: sqlite:///{Path(given).resolve()})" if given.endswith(
+            (".sqlite", ".db", ".sqlite3")) else ""
+        _fail(f"{where}: {expected}, got {given!r}{hint}")
+    scheme = given.split("://", 1)[0].lower()
+    if scheme not in DB_SCHEMES:
+        _fail(f"{where}: {expected}, got a {scheme!r} URL")
+    return value
+
+
+def existing_ledger(db: str | None, what: str) -> str:
+    """The ledger URL for a command that reads an existing ledger: a SQLite file that is not
+    there is refused (opening it would create an empty ledger, and a typo would verify as an
+    intact empty chain)."""
+    missing = _missing_sqlite(db)
+    if missing is not None:
+        _fail(f"no ledger at {missing}: {what} needs an existing ledger database (check --db "
+              f"or $FINSENTINEL_DB; a ledger is created by `finsentinel score`)")
+    from pipeline.ledger import resolve_db_url
+
+    return resolve_db_url(db)
+
+
+def _missing_sqlite(db: str | None) -> Path | None:
+    """The file of a SQLite ledger URL (explicit, $FINSENTINEL_DB, or the default one in
+    $FINSENTINEL_WORKDIR) when it does not exist; None otherwise. Creates nothing."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from pipeline.ledger import DEFAULT_DB_ENV, DEFAULT_DB_FILE, DEFAULT_WORKDIR
+    from pipeline.settings import WORKDIR_ENV
+
+    chosen = db or os.environ.get(DEFAULT_DB_ENV) or None
+    if chosen is None:
+        path = Path(os.environ.get(WORKDIR_ENV) or DEFAULT_WORKDIR) / DEFAULT_DB_FILE
+    else:
+        try:
+            url = make_url(chosen)
+        except ArgumentError:
+            return None  # the ledger says what is wrong with it
+        if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+            return None
+        path = Path(url.database)
+    return None if path.exists() else path.resolve()
+
+
+def check_input(path: Path | None, option: str) -> None:
+    """A file to read: a directory is named as such (not as an unknown file type)."""
+    if path is not None and path.is_dir():
+        _fail(f"{option}: {path} is a directory; expected a file")
+
+
+def check_output(path: Path, option: str, suffixes: tuple[str, ...] | None = None,
+                 why: str = "") -> None:
+    """A file to write, checked before any work: not a directory, an expected suffix, a
+    folder that exists (created, as every command does) and can be written in."""
+    import tempfile
+
+    if path.is_dir():
+        _fail(f"{option}: {path} is a directory; expected a file to write"
+              + (f" ({' or '.join(suffixes)})" if suffixes else ""))
+    if suffixes and path.suffix.lower() not in suffixes:
+        _fail(f"{option}: {path}: expected a {' or '.join(suffixes)} file{why}, got "
+              f"{path.suffix or 'no suffix'!r}")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except FileExistsError:
+        _fail(f"{option}: cannot write in folder {folder}: it is not a folder")
+    except OSError as exc:
+        _fail(f"{option}: cannot write in folder {folder} ({exc.strerror or exc})")
+
+
+TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl")
+
 DbOption = Annotated[str | None, typer.Option(
-    "--db", help="Ledger database URL (sqlite:///path or postgresql://…); default "
-                 "$FINSENTINEL_DB, else ledger.sqlite in $FINSENTINEL_WORKDIR "
-                 "(default finsentinel-work).")]
+    "--db", callback=check_db_url,
+    help="Ledger database URL (sqlite:///path or postgresql://…); default "
+         "$FINSENTINEL_DB, else ledger.sqlite in $FINSENTINEL_WORKDIR "
+         "(default finsentinel-work).")]
 RootOption = Annotated[Path | None, typer.Option(
     "--root", help="Directory of indexes (default $FINSENTINEL_INDEXES or ./indexes).")]
 
@@ -82,8 +173,17 @@ def generate(
 
     from pipeline.synthetic import SyntheticConfig, write_parquet
 
+    for option, value in (("--customers", customers), ("--terminals", terminals),
+                          ("--days", days)):
+        if value < 1:
+            _fail(f"{option}: expected a whole number >= 1, got {value}")
+    try:
+        first_day = datetime.fromisoformat(start).date()
+    except ValueError:
+        _fail(f"--start: expected a day such as 2018-04-01, got {start!r}")
+    check_output(output, "--output", (".parquet",))
     config = SyntheticConfig(n_customers=customers, n_terminals=terminals, n_days=days,
-                             start_date=datetime.fromisoformat(start).date(), seed=seed)
+                             start_date=first_day, seed=seed)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("generating days", total=days)
         rows = write_parquet(config, output,
@@ -100,6 +200,8 @@ def features(
     """Compute the handbook's 14 features for every accepted transaction."""
     from pipeline.jobs import features_job
 
+    check_input(input, "--input")
+    check_output(output, "--output", TABLE_SUFFIXES)
     with console.status("computing features"):
         ingested, path = features_job(input, output, label_delay_days)
     _print_counts(ingested)
@@ -128,9 +230,10 @@ def index_build(
     kind: str = typer.Option("auto", help="auto | flat | hnsw | ivf"),
     label_delay_days: int = typer.Option(7, help="Days until a label is known."),
     db: Annotated[str | None, typer.Option(
-        "--db", help="Ledger whose analyst reviews relabel the history (confirmed-fraud -> 1, "
-                     "false-positive -> 0, known from the review time); default $FINSENTINEL_DB; "
-                     "neither: no reviews applied.")] = None,
+        "--db", callback=check_db_url,
+        help="Ledger whose analyst reviews relabel the history (confirmed-fraud -> 1, "
+             "false-positive -> 0, known from the review time); default $FINSENTINEL_DB; "
+             "neither: no reviews applied.")] = None,
     scorer: Annotated[str, typer.Option(
         "--scorer", help="knn: the similarity-weighted neighbour vote (default); knn-stacked: "
                          "learned vector weights plus an XGBoost model over neighbour evidence "
@@ -149,6 +252,10 @@ def index_build(
     from pipeline.vectors import VectorConfig
 
     cutoff = _parse_time(until, "--until")
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        _fail(f"--name: expected a plain index name (a directory directly under --root), got "
+              f"{name!r}")
+    check_input(input, "--input")
     with console.status("reading history"):
         ingested = read_transactions(input, require_labels=True)
     _print_counts(ingested)
@@ -157,8 +264,13 @@ def index_build(
         from pipeline.audit import feedback_labels
         from pipeline.ledger import Ledger
 
-        with Ledger(db) as ledger:
-            feedback = feedback_labels(ledger)
+        missing = _missing_sqlite(db)
+        if missing is not None:  # not created: a typo must not make an empty ledger
+            console.print(f"no ledger at {missing} yet: no analyst reviews applied",
+                          markup=False)
+        else:
+            with Ledger(db) as ledger:
+                feedback = feedback_labels(ledger)
     with console.status("features, embeddings and index"):
         report = jobs.build_index(
             ingested, name, root=root, encoder=TextEncoder(encoder) if text_dim else None,
@@ -183,7 +295,8 @@ def score(
     batch_id: Annotated[str | None, typer.Option(
         "--batch-id", help="Batch id in the ledger (default: derived from the input rows, "
                            "so re-scoring the same rows adds nothing).")] = None,
-    threshold: Annotated[float | None, typer.Option(help="Alert when score >= X.")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        help="Alert when score >= X (default 0.5).")] = None,
     alerts_per_day: Annotated[int | None, typer.Option(
         "--alerts-per-day", help="Alert on the N highest scores of each day.")] = None,
     k: int = typer.Option(20, help="Neighbours per transaction."),
@@ -194,7 +307,7 @@ def score(
     partitions: Annotated[int | None, typer.Option(
         "--partitions", help="Score a large Parquet file in N time partitions (each with the "
                              "history its feature windows need) on a Dask cluster; one ledger "
-                             "batch per partition.")] = None,
+                             "batch per day of the file.")] = None,
     dask_address: Annotated[str | None, typer.Option(
         "--dask-address", envvar="FINSENTINEL_DASK_ADDRESS",
         help="Dask scheduler for --partitions (tcp://host:8786); default: a local cluster.")
@@ -213,8 +326,13 @@ def score(
         _fail("give either --threshold or --alerts-per-day, not both")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         _fail(f"--threshold: expected a score in [0, 1], got {threshold}")
+    if alerts_per_day is not None and alerts_per_day < 1:
+        _fail(f"--alerts-per-day: expected a whole number >= 1, got {alerts_per_day}")
     if k < 1:
         _fail(f"--k: expected a whole number of neighbours >= 1, got {k}")
+    check_input(input, "--input")
+    check_input(history, "--history")
+    check_output(output, "--output", TABLE_SUFFIXES)
     config = ScoringConfig(k=k, threshold=0.5 if threshold is None else threshold,
                            alerts_per_day=alerts_per_day)
     if partitions is not None:
@@ -250,6 +368,10 @@ def _score_partitioned(input: Path, index: str, output: Path, partitions: int,
     from pipeline.partitions import plan_partitions
 
     plan_partitions(input, partitions)  # a bad input fails here, before a cluster starts
+    from pipeline import artifacts
+    from pipeline.index import default_root
+
+    artifacts.current_version(root or default_root(), index)  # and an unknown index
     report = score_dataset_on_dask(
         address=dask_address, workers=dask_workers, input=str(input), index=index,
         output=str(output), partitions=partitions, db=SecretStr(db) if db else None,
@@ -302,8 +424,22 @@ def evaluate(
 ) -> None:
     """The fraud handbook's prequential evaluation: per fold train, wait out the label delay,
     test (known-compromised cards removed); AUC ROC, Average Precision, Card Precision@k."""
+    from datetime import date
+
     from pipeline.evaluation import ProtocolConfig, evaluate_file
 
+    try:
+        date.fromisoformat(test_start)
+    except ValueError:
+        _fail(f"--test-start: expected a day such as 2018-07-25, got {test_start!r}")
+    for option, value in (("--folds", folds), ("--top-k", top_k), ("--train-days", train_days),
+                          ("--test-days", test_days)):
+        if value < 1:
+            _fail(f"{option}: expected a whole number >= 1, got {value}")
+    if delay_days < 0:
+        _fail(f"--delay-days: expected a whole number of days >= 0, got {delay_days}")
+    check_input(data, "--data")
+    check_output(output, "--output", (".json",), " (the JSON report)")
     config = ProtocolConfig(train_days=train_days, delay_days=delay_days, test_days=test_days,
                             folds=folds, top_k=top_k)
 
@@ -334,12 +470,13 @@ def audit_verify(
     record if broken. A range is checked together with the link into it."""
     from rich.markup import escape
 
-    from pipeline.audit import read_anchors, time_range
+    from pipeline.audit import time_range
     from pipeline.ledger import Ledger
 
     since, until = time_range(from_, to)
-    expected = [a for path in anchors or [] for a in read_anchors(path)]
-    with Ledger(db) as ledger:
+    expected = [a for path in anchors or [] for a in _read_anchor_file(path)]
+    url = existing_ledger(db, "audit verify")
+    with Ledger(url) as ledger:
         report = ledger.verify(since, until, anchors=expected)
     if report.ok:
         extra = f", {report.feedback_checked:,} reviews" if report.feedback_checked else ""
@@ -351,6 +488,19 @@ def audit_verify(
               f"seq={report.first_bad_seq} ({what} {escape(str(report.first_bad_decision_id))}): "
               f"{escape(report.reason)}")
     raise typer.Exit(1)
+
+
+def _read_anchor_file(path: Path) -> list:
+    from pipeline.audit import read_anchors
+
+    check_input(path, "--anchors")
+    if not path.exists():
+        _fail(f"--anchors: {path}: no such file")
+    try:
+        return read_anchors(path)
+    except UnicodeDecodeError:
+        _fail(f"--anchors: {path}: not an anchor file (expected the JSON written by "
+              "`audit anchor` or `audit export`)")
 
 
 @audit_app.command("anchor")
@@ -366,7 +516,8 @@ def audit_anchor(
     from pipeline.ledger import Ledger
 
     since, until = time_range(from_, to)
-    with Ledger(db) as ledger:
+    check_output(output, "--out")
+    with Ledger(existing_ledger(db, "audit anchor")) as ledger:
         found = ledger.anchors(since, until)
     path = write_anchors(output, found)
     out.print(f"{len(found):,} day anchors written to {path}", markup=False)
@@ -387,7 +538,8 @@ def audit_replay(
     from pipeline.audit import replay
     from pipeline.ledger import Ledger
 
-    with console.status("replaying"), Ledger(db) as ledger:
+    url = existing_ledger(db, "audit replay")
+    with console.status("replaying"), Ledger(url) as ledger:
         result = replay(ledger, decision_id, root=root)
     if as_json:
         out.print_json(json.dumps(asdict(result), default=str))
@@ -406,6 +558,10 @@ def audit_replay(
         out.print(f"{status}: {escape(result.reason)}")
     if not result.ok:
         raise typer.Exit(1)
+
+
+EXPORT_SUFFIXES = {"csv": (".csv",), "jsonl": (".jsonl",), "parquet": (".parquet",),
+                   "html": (".html", ".htm")}
 
 
 @audit_app.command("export")
@@ -430,7 +586,10 @@ def audit_export(
     from pipeline.ledger import Ledger
 
     since, until = time_range(from_, to)
-    with console.status("exporting"), Ledger(db) as ledger:
+    suffixes = EXPORT_SUFFIXES.get(format.lower())
+    check_output(output, "--out", suffixes, f" for --format {format.lower()}")
+    url = existing_ledger(db, "audit export")
+    with console.status("exporting"), Ledger(url) as ledger:
         report = export(ledger, output, format.lower(), since, until, reveal=reveal,
                         batch_id=batch, decision_ids=decision or None, alerts_only=alerts_only)
     if not report.verified:
@@ -463,7 +622,7 @@ def audit_review(
         reviewer = reviewer.strip()
         if not reviewer:
             _fail("--reviewer: expected the reviewer's name, got a blank one")
-    with Ledger(db) as ledger:
+    with Ledger(existing_ledger(db, "audit review")) as ledger:
         receipt = ledger.record_feedback(decision_id, label, comment,
                                          reviewer or default_reviewer())
     out.print(f"review #{receipt.seq} recorded: {receipt.label} by {receipt.reviewer} for "

@@ -12,13 +12,22 @@ from rich.table import Table
 
 sentiment_app = typer.Typer(help="News sentiment: train, classify (to the ledger and the "
                                  "per-ticker daily table), evaluate.", no_args_is_help=True)
-console = Console(stderr=True)
-out = Console()
+# soft_wrap: messages stay on one line whatever the terminal width, as in pipeline.cli.
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+def _check_db_url(value: str | None) -> str | None:
+    from pipeline.cli import check_db_url
+
+    return check_db_url(value)
+
 
 DbOption = Annotated[str | None, typer.Option(
-    "--db", help="Ledger database URL (sqlite:///path or postgresql://…); default "
-                 "$FINSENTINEL_DB, else ledger.sqlite in $FINSENTINEL_WORKDIR "
-                 "(default finsentinel-work).")]
+    "--db", callback=_check_db_url,
+    help="Ledger database URL (sqlite:///path or postgresql://…); default "
+         "$FINSENTINEL_DB, else ledger.sqlite in $FINSENTINEL_WORKDIR "
+         "(default finsentinel-work).")]
 ModelsRoot = Annotated[Path | None, typer.Option(
     "--root", help="Directory of models for --model NAME (default $FINSENTINEL_MODELS or "
                    "./models).")]
@@ -73,9 +82,12 @@ def train(
     threads: int = typer.Option(2, help="CPU threads for torch."),
 ) -> None:
     """Fine-tune the packaged MiniLM encoder as a 3-way classifier and publish it."""
+    from pipeline.cli import check_input
     from pipeline.sentiment.data import load_labelled
     from pipeline.sentiment.train import TrainConfig, evaluate_trained, train_classifier
 
+    check_input(data, "--data")
+    check_input(eval_data, "--eval-data")
     labelled = load_labelled(data, format=format, label_map=label_map, lines=lines)
     console.print(f"{len(labelled):,} labelled texts from {data}: {labelled.counts()}",
                   markup=False)
@@ -120,11 +132,14 @@ def classify(
     """Label news items; every classification to the ledger, per-ticker days to the database."""
     from rich.markup import escape
 
+    from pipeline.cli import TABLE_SUFFIXES, check_input, check_output
     from pipeline.ledger import Ledger
     from pipeline.news_store import NewsStore
     from pipeline.sentiment.jobs import classify_file
     from pipeline.tickers import TickerExtractor
 
+    check_input(input, "--input")
+    check_output(output, "--output", TABLE_SUFFIXES)
     extractor = TickerExtractor.from_file(companies)
     with console.status(f"loading {escape(backend)} model {escape(model)}"):
         classifier = _load(backend, model, root, endpoint, label_map, quantize)
@@ -163,10 +178,13 @@ def evaluate(
 ) -> None:
     """Accuracy, macro and weighted F1 and the confusion matrix on labelled data. Numeric
     labels are read with --label-map, else with the map the model was trained with."""
+    from pipeline.cli import check_input, check_output
     from pipeline.sentiment.data import load_labelled
     from pipeline.sentiment.jobs import evaluate as run_evaluation
     from pipeline.sentiment.jobs import write_json
 
+    check_input(data, "--data")
+    check_output(output, "--output", (".json",), " (the metrics report)")
     classifier = _load(backend, model, root, endpoint, None if backend != "hf" else label_map,
                        quantize)
     trained_map = (getattr(classifier, "manifest", None) or {}).get("data", {}).get("label_map")
