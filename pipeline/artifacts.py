@@ -90,11 +90,22 @@ def new_version() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
+def check_name(value: str, what: str = "artifact name") -> str:
+    """A name or version is one folder directly under its parent: never empty, ``.``, ``..``
+    or a path (``../x`` from an environment variable or a ledger record would reach outside
+    the root)."""
+    if (not isinstance(value, str) or value.strip() in ("", ".", "..") or "/" in value
+            or "\\" in value or "\x00" in value):
+        raise ArtifactError(f"{what} {value!r}: expected a plain name (one folder under the "
+                            "root, no '/', '\\' or '..')")
+    return value
+
+
 @contextmanager
 def publish(root: str | Path, name: str, manifest: dict[str, Any]) -> Iterator[Path]:
     """Write a new version of artifact ``name``: the caller fills the yielded directory; on
     success the files are hashed into the manifest, fsynced, and CURRENT is switched to it."""
-    base = Path(root) / name
+    base = Path(root) / check_name(name)
     base.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(base)
     version = new_version()
@@ -185,10 +196,10 @@ def _prune(base: Path, keep: int) -> None:
 
 
 def current_version(root: str | Path, name: str) -> str:
-    pointer = Path(root) / name / CURRENT
+    pointer = Path(root) / check_name(name) / CURRENT
     if not pointer.exists():
         raise ArtifactError(f"no artifact named {name!r} under {Path(root)} (missing {pointer})")
-    return pointer.read_text().strip()
+    return check_name(pointer.read_text().strip(), f"{CURRENT} of {name!r} names version")
 
 
 def resolve(root: str | Path, name: str, version: str | None = None, *, verify: bool = True,
@@ -196,8 +207,8 @@ def resolve(root: str | Path, name: str, version: str | None = None, *, verify: 
     """Locate a version (default: CURRENT) and return its directory and manifest, after checking
     every file against the manifest's sha256 (no file is trusted before that). ``require``
     names the files the caller will load: each must be listed, so none is loaded unchecked."""
-    version = version or current_version(root, name)
-    directory = Path(root) / name / version
+    version = check_name(version, "version") if version else current_version(root, name)
+    directory = Path(root) / check_name(name) / version
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
         raise ArtifactError(f"artifact {name!r} version {version} is missing its manifest "

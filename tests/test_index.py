@@ -207,3 +207,25 @@ def test_build_report_names_where_the_index_was_saved_under_the_env_root(history
                               encoder=None, vector_config=VectorConfig(text_dim=0))
     assert report.path == str(tmp_path / "shared-indexes" / "cards" / report.version)
     assert (tmp_path / "shared-indexes" / "cards" / report.version / "index.faiss").is_file()
+
+
+def test_index_names_and_versions_cannot_leave_the_root(tmp_path):
+    """A name or version from an environment variable (FINSENTINEL_INDEX_NAME) or a ledger
+    record (`index_version`) is one folder under the root: `../x` is refused before any file
+    outside it is written or read."""
+    from pipeline import artifacts
+
+    root = tmp_path / "indexes"
+    for bad in ("../outside", "a/b", "..", "", "a\\b"):
+        with (pytest.raises(artifacts.ArtifactError, match="expected a plain name"),
+              artifacts.publish(root, bad, {})):
+            pass
+        with pytest.raises(artifacts.ArtifactError, match="expected a plain name"):
+            artifacts.resolve(root, bad)
+    with artifacts.publish(root, "fraud", {"kind": "test"}) as staging:
+        (staging / "x.txt").write_text("x")
+    directory, _ = artifacts.resolve(root, "fraud", require=("x.txt",))
+    assert directory.parent == root / "fraud"
+    with pytest.raises(artifacts.ArtifactError, match="expected a plain name"):
+        artifacts.resolve(root, "fraud", "../../elsewhere")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["indexes"]
