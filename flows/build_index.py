@@ -11,14 +11,13 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 from pydantic import SecretStr
-from sqlalchemy.engine import make_url
 
 from pipeline import jobs
 from pipeline.audit import FeedbackLabels, feedback_labels
 from pipeline.encoder import TextEncoder
 from pipeline.index import IndexConfig
 from pipeline.ingest import IngestResult, read_transactions
-from pipeline.ledger import DEFAULT_DB_ENV, Ledger, resolve_db_url
+from pipeline.ledger import DEFAULT_DB_ENV, Ledger, missing_sqlite_ledger
 from pipeline.privacy import flow_db_url
 from pipeline.settings import JobSettings
 from pipeline.vectors import VectorConfig
@@ -33,13 +32,6 @@ def ingest_history(path: str) -> IngestResult:
 def read_feedback(db: str | None) -> FeedbackLabels:
     with Ledger(db) as ledger:
         return feedback_labels(ledger)
-
-
-def _default_ledger_exists() -> bool:
-    """Whether the default ledger (``$FINSENTINEL_WORKDIR/ledger.sqlite``), which the scheduled
-    jobs record to when no database is configured, is there to read (never created here)."""
-    database = make_url(resolve_db_url()).database
-    return bool(database) and Path(database).exists()
 
 
 @task(cache_policy=NO_CACHE)
@@ -69,7 +61,8 @@ def build_index(input: str | None = None, name: str | None = None, root: str | N
     input = input or str(settings.history)
     name = name or settings.index_name
     ingested = ingest_history(str(Path(input)))
-    reviews = db or os.environ.get(DEFAULT_DB_ENV) or _default_ledger_exists()
+    # Without a configured database: the default ledger, only when it exists (not created).
+    reviews = db or os.environ.get(DEFAULT_DB_ENV) or missing_sqlite_ledger() is None
     feedback = read_feedback(db) if reviews else None
     report = build_and_save(quote(ingested), name, root, encoder, until, text_dim, kind,
                             quote(feedback), scorer)

@@ -59,36 +59,13 @@ def existing_ledger(db: str | None, what: str) -> str:
     """The ledger URL for a command that reads an existing ledger: a SQLite file that is not
     there is refused (opening it would create an empty ledger, and a typo would verify as an
     intact empty chain)."""
-    missing = _missing_sqlite(db)
+    from pipeline.ledger import missing_sqlite_ledger, resolve_db_url
+
+    missing = missing_sqlite_ledger(db)
     if missing is not None:
         _fail(f"no ledger at {missing}: {what} needs an existing ledger database (check --db "
               f"or $FINSENTINEL_DB; a ledger is created by `finsentinel score`)")
-    from pipeline.ledger import resolve_db_url
-
     return resolve_db_url(db)
-
-
-def _missing_sqlite(db: str | None) -> Path | None:
-    """The file of a SQLite ledger URL (explicit, $FINSENTINEL_DB, or the default one in
-    $FINSENTINEL_WORKDIR) when it does not exist; None otherwise. Creates nothing."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    from pipeline.ledger import DEFAULT_DB_ENV, DEFAULT_DB_FILE, DEFAULT_WORKDIR
-    from pipeline.settings import WORKDIR_ENV
-
-    chosen = db or os.environ.get(DEFAULT_DB_ENV) or None
-    if chosen is None:
-        path = Path(os.environ.get(WORKDIR_ENV) or DEFAULT_WORKDIR) / DEFAULT_DB_FILE
-    else:
-        try:
-            url = make_url(chosen)
-        except ArgumentError:
-            return None  # the ledger says what is wrong with it
-        if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
-            return None
-        path = Path(url.database)
-    return None if path.exists() else path.resolve()
 
 
 def check_input(path: Path | None, option: str) -> None:
@@ -262,9 +239,9 @@ def index_build(
     feedback = None
     if db or os.environ.get("FINSENTINEL_DB"):
         from pipeline.audit import feedback_labels
-        from pipeline.ledger import Ledger
+        from pipeline.ledger import Ledger, missing_sqlite_ledger
 
-        missing = _missing_sqlite(db)
+        missing = missing_sqlite_ledger(db)
         if missing is not None:  # not created: a typo must not make an empty ledger
             console.print(f"no ledger at {missing} yet: no analyst reviews applied",
                           markup=False)

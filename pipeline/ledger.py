@@ -53,7 +53,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 from pipeline.settings import WORKDIR_ENV
 
@@ -486,14 +486,39 @@ def resolve_db_url(url: str | None = None, *, workdir: Path | None = None) -> st
     rewritten to the psycopg 3 driver."""
     chosen = url or os.environ.get(DEFAULT_DB_ENV) or None
     if chosen is None:
-        directory = (Path(workdir) if workdir is not None
-                     else Path(os.environ.get(WORKDIR_ENV) or DEFAULT_WORKDIR))
-        directory.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{(directory / DEFAULT_DB_FILE).resolve()}"
+        path = _default_db_file(workdir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path.resolve()}"
     for scheme in ("postgresql://", "postgres://"):
         if chosen.startswith(scheme):
             return "postgresql+psycopg://" + chosen[len(scheme):]
     return chosen
+
+
+def missing_sqlite_ledger(url: str | None = None) -> Path | None:
+    """The file of the SQLite ledger ``url`` names (resolved as :func:`resolve_db_url` does:
+    explicit, $FINSENTINEL_DB, or the default one in $FINSENTINEL_WORKDIR) when it does not
+    exist yet; None when it exists or the ledger is not a SQLite file. Creates nothing, so a
+    command that reads a ledger can refuse a mistyped path instead of opening an empty one."""
+    chosen = url or os.environ.get(DEFAULT_DB_ENV) or None
+    if chosen is None:
+        path = _default_db_file()
+    else:
+        try:
+            parsed = make_url(chosen)
+        except ArgumentError:
+            return None  # opening the ledger says what is wrong with it
+        if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "",
+                                                                             ":memory:"):
+            return None
+        path = Path(parsed.database)
+    return None if path.exists() else path.resolve()
+
+
+def _default_db_file(workdir: Path | None = None) -> Path:
+    directory = Path(workdir) if workdir is not None else Path(
+        os.environ.get(WORKDIR_ENV) or DEFAULT_WORKDIR)
+    return directory / DEFAULT_DB_FILE
 
 
 def is_transient(exc: BaseException) -> bool:
