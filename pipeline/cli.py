@@ -223,15 +223,17 @@ def index_build(
 ) -> None:
     """Build a FAISS index of labelled history and save it with a manifest."""
     from pipeline import jobs
+    from pipeline.artifacts import ArtifactError, check_name
     from pipeline.encoder import TextEncoder
     from pipeline.index import IndexConfig
     from pipeline.ingest import read_transactions
     from pipeline.vectors import VectorConfig
 
     cutoff = _parse_time(until, "--until")
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        _fail(f"--name: expected a plain index name (a directory directly under --root), got "
-              f"{name!r}")
+    try:
+        check_name(name, "--name")  # an index is one folder directly under --root
+    except ArtifactError as exc:
+        _fail(str(exc))
     check_input(input, "--input")
     with console.status("reading history"):
         ingested = read_transactions(input, require_labels=True)
