@@ -131,6 +131,12 @@ class IngestResult:
             "quarantined": self.quarantined.height,
         }
 
+    def quarantine_hashes(self) -> list[str]:
+        """What each quarantined row adds to its batch's input hash (``q:ROW:RAW``): a batch
+        is keyed by the rows it set aside as well as by those it scored."""
+        return [f"q:{r['row_number']}:{r['raw']}"
+                for r in self.quarantined.iter_rows(named=True)]
+
 
 @dataclass(frozen=True)
 class _Read:

@@ -171,9 +171,7 @@ def record(ledger: Ledger, ingested: IngestResult, scored: ScoredBatch, index: F
 
 def batch_input_hash(ingested: IngestResult, scored: ScoredBatch) -> str:
     """The hash the ledger records for a batch: its scored rows and its quarantined rows."""
-    return batch_hash(scored.scores["input_hash"].to_list()
-                      + [f"q:{r['row_number']}:{r['raw']}"
-                         for r in ingested.quarantined.iter_rows(named=True)])
+    return batch_hash(scored.scores["input_hash"].to_list() + ingested.quarantine_hashes())
 
 
 def top_alerts(scored: ScoredBatch, n: int = 10) -> list[dict[str, Any]]:

@@ -108,13 +108,9 @@ def resolve_batch_id(input_path: str | Path, classified: ClassifiedNews,
         return batch_id
     hashes = classified.results["input_hash"].to_list()
     if not hashes and ingested is not None and ingested.quarantined.height:
-        hashes = _quarantine_hashes(ingested)
+        hashes = ingested.quarantine_hashes()
     digest = batch_hash([*hashes, f"model:{classified.audit['model_id']}"])
     return f"{Path(input_path).stem}-{digest[:12]}"
-
-
-def _quarantine_hashes(ingested: IngestResult) -> list[str]:
-    return [f"q:{r['row_number']}:{r['raw']}" for r in ingested.quarantined.iter_rows(named=True)]
 
 
 def decisions_for(classified: ClassifiedNews, batch_id: str) -> list[Decision]:
@@ -152,7 +148,7 @@ def record(ledger: Ledger, ingested: IngestResult, classified: ClassifiedNews,
                                   reason=str(r["reason"]), raw=str(r["raw"]))
                    for r in ingested.quarantined.iter_rows(named=True)]
     input_hash = batch_hash(classified.results["input_hash"].to_list()
-                            + [f"q:{q.row_number}:{q.raw}" for q in quarantined])
+                            + ingested.quarantine_hashes())
     return ledger.record_batch(batch_id, KIND, input_hash, ingested.rows_in,
                                decisions_for(classified, batch_id), quarantined)
 
