@@ -44,6 +44,7 @@ import polars as pl
 
 from pipeline import schema
 from pipeline.artifacts import atomic_write_bytes
+from pipeline.ledger import QuarantinedRow
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,12 @@ class IngestResult:
         """What each quarantined row adds to its batch's input hash (``q:ROW:RAW``): a batch
         is keyed by the rows it set aside as well as by those it scored."""
         return [f"q:{r['row_number']}:{r['raw']}"
+                for r in self.quarantined.iter_rows(named=True)]
+
+    def ledger_rows(self) -> list[QuarantinedRow]:
+        """The quarantined rows as the ledger records them beside the batch's decisions."""
+        return [QuarantinedRow(row_number=int(r["row_number"]), field=str(r["field"]),
+                               reason=str(r["reason"]), raw=str(r["raw"]))
                 for r in self.quarantined.iter_rows(named=True)]
 
 

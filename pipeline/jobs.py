@@ -18,7 +18,7 @@ from pipeline.encoder import TextEncoder
 from pipeline.features import compute_features
 from pipeline.index import FraudIndex, IndexConfig, default_root
 from pipeline.ingest import IngestResult, read_transactions, write_quarantine
-from pipeline.ledger import BatchReceipt, Decision, DecisionStream, Ledger, QuarantinedRow
+from pipeline.ledger import BatchReceipt, Decision, DecisionStream, Ledger
 from pipeline.scoring import FraudScorer, Progress, ScoredBatch, ScoringConfig, batch_hash
 from pipeline.vectors import VectorConfig
 
@@ -154,19 +154,13 @@ def decisions_for(scored: ScoredBatch, batch_id: str, index: FraudIndex,
     return DecisionStream(scored.scores.height, chunks)
 
 
-def quarantined_rows(ingested: IngestResult) -> list[QuarantinedRow]:
-    return [QuarantinedRow(row_number=int(r["row_number"]), field=str(r["field"]),
-                           reason=str(r["reason"]), raw=str(r["raw"]))
-            for r in ingested.quarantined.iter_rows(named=True)]
-
-
 def record(ledger: Ledger, ingested: IngestResult, scored: ScoredBatch, index: FraudIndex,
            batch_id: str, progress: Progress | None = None) -> BatchReceipt:
     """Write the batch's decisions and quarantined rows to the ledger in one transaction."""
     decisions = decisions_for(scored, batch_id, index, progress=progress)
     input_hash = batch_input_hash(ingested, scored)
     return ledger.record_batch(batch_id, "fraud", input_hash, ingested.rows_in, decisions,
-                               quarantined_rows(ingested))
+                               ingested.ledger_rows())
 
 
 def batch_input_hash(ingested: IngestResult, scored: ScoredBatch) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.ingest import IngestResult, write_quarantine
-from pipeline.ledger import BatchReceipt, Decision, Ledger, QuarantinedRow, canonical_json
+from pipeline.ledger import BatchReceipt, Decision, Ledger, canonical_json
 from pipeline.news import BODY, HEADLINE, NEWS_ID, PUBLISHED_AT, SOURCE, TICKERS, read_news
 from pipeline.news_store import ArticleSentiment, NewsStore
 from pipeline.scoring import batch_hash
@@ -144,13 +144,11 @@ def record(ledger: Ledger, ingested: IngestResult, classified: ClassifiedNews,
            batch_id: str) -> BatchReceipt:
     """Every classification (failures included) and every quarantined row, in one
     transaction."""
-    quarantined = [QuarantinedRow(row_number=int(r["row_number"]), field=str(r["field"]),
-                                  reason=str(r["reason"]), raw=str(r["raw"]))
-                   for r in ingested.quarantined.iter_rows(named=True)]
     input_hash = batch_hash(classified.results["input_hash"].to_list()
                             + ingested.quarantine_hashes())
     return ledger.record_batch(batch_id, KIND, input_hash, ingested.rows_in,
-                               decisions_for(classified, batch_id), quarantined)
+                               decisions_for(classified, batch_id),
+                               ingested.ledger_rows())
 
 
 def article_rows(classified: ClassifiedNews, batch_id: str) -> list[ArticleSentiment]:
