@@ -14,7 +14,7 @@ from prefect.utilities.annotations import quote
 from pydantic import SecretStr
 
 from flows.score_transactions import transient_db_error
-from pipeline.inbox import drain, output_for, pending
+from pipeline.inbox import drain, output_for, pending, settle_interval
 from pipeline.ingest import IngestResult, InputError
 from pipeline.ledger import BatchReceipt, Ledger
 from pipeline.news import read_news
@@ -116,14 +116,17 @@ def classify_news(input: str, model: str, output: str, backend: str = "encoder",
 def classify_inbox(inbox: str | None = None, model: str | None = None,
                    output_dir: str | None = None, backend: str = "encoder",
                    endpoint: str | None = None, db: str | SecretStr | None = None,
-                   root: str | None = None, companies: str | None = None
-                   ) -> list[SentimentReport]:
+                   root: str | None = None, companies: str | None = None,
+                   settle_seconds: float | None = None) -> list[SentimentReport]:
     """The 15-minute job: classify every news file waiting in the inbox (default
     ``$FINSENTINEL_NEWS_INBOX``) with ``model`` (default ``$FINSENTINEL_SENTIMENT_MODEL``),
     results to ``output_dir`` (default ``$FINSENTINEL_WORKDIR/news``), then move the file to
-    ``inbox/done`` (``inbox/failed`` with the reason when the file is unusable)."""
+    ``inbox/done`` (``inbox/failed`` with the reason when the file is unusable). A file modified
+    less than ``settle_seconds`` ago (default ``$FINSENTINEL_INBOX_SETTLE_SECONDS``, else 60;
+    0: no wait) may still be being copied in: it is left for a later run."""
     settings = JobSettings.from_env()
     flow_db_url(db)  # a plain-text password is refused here, before any file is tried
+    settle = settle_interval(settle_seconds)  # a bad setting too
     model = model or settings.sentiment_model
     if not model:
         raise ValueError(f"no sentiment model: pass model or set ${SENTIMENT_MODEL_ENV}")
@@ -131,13 +134,13 @@ def classify_inbox(inbox: str | None = None, model: str | None = None,
     out_dir = Path(output_dir or settings.news_results)
     out_dir.mkdir(parents=True, exist_ok=True)
     return drain(
-        pending(inbox_dir),
+        pending(inbox_dir, settle_seconds=settle),
         lambda path: classify_news(
             str(path), model, str(output_for(path, out_dir, ".sentiment.parquet")),
             # db as given: a SecretStr stays one, masked in the subflow's parameters too.
             backend=backend, endpoint=endpoint, db=db, root=root, companies=companies,
             return_state=True),
-        what="news", inbox=inbox_dir, unusable=InputError)
+        what="news", inbox=inbox_dir, unusable=InputError, settle_seconds=settle)
 
 
 def main() -> None:

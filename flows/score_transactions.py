@@ -12,7 +12,7 @@ from prefect.utilities.annotations import quote
 from pydantic import SecretStr
 
 from pipeline import jobs
-from pipeline.inbox import drain, output_for, pending
+from pipeline.inbox import drain, output_for, pending, settle_interval
 from pipeline.index import FraudIndex
 from pipeline.ingest import IngestResult, InputError, read_transactions
 from pipeline.ledger import BatchReceipt, Ledger, is_transient
@@ -95,21 +95,25 @@ def score_transactions(input: str, index: str, output: str, batch_id: str | None
 def score_inbox(inbox: str | None = None, index: str | None = None,
                 output_dir: str | None = None, db: str | SecretStr | None = None,
                 root: str | None = None, threshold: float = 0.5,
-                alerts_per_day: int | None = None, k: int = 20) -> list[jobs.ScoreReport]:
+                alerts_per_day: int | None = None, k: int = 20,
+                settle_seconds: float | None = None) -> list[jobs.ScoreReport]:
     """The hourly job: score every file waiting in the inbox (default ``$FINSENTINEL_INBOX``)
     against index ``index`` (default ``$FINSENTINEL_INDEX_NAME``), scores to ``output_dir``
     (default ``$FINSENTINEL_WORKDIR/scores``), then move the file to ``inbox/done``. A file that
     is unusable goes to ``inbox/failed`` with the reason; any other failure leaves it in the
-    inbox for the next run. The run fails if any file did, after trying all of them."""
+    inbox for the next run. The run fails if any file did, after trying all of them. A file
+    modified less than ``settle_seconds`` ago (default ``$FINSENTINEL_INBOX_SETTLE_SECONDS``,
+    else 60; 0: no wait) may still be being copied in: it is left for a later run."""
     flow_db_url(db)  # a plain-text password is refused here, before any file is tried
+    settle = settle_interval(settle_seconds)  # a bad setting too
     settings = JobSettings.from_env()
     inbox_dir = Path(inbox or settings.inbox)
     out_dir = Path(output_dir or settings.scores)
     out_dir.mkdir(parents=True, exist_ok=True)
     return drain(
-        pending(inbox_dir),
+        pending(inbox_dir, settle_seconds=settle),
         lambda path: score_transactions(
             str(path), index or settings.index_name,
             str(output_for(path, out_dir, ".scores.parquet")), db=db, root=root,
             threshold=threshold, alerts_per_day=alerts_per_day, k=k, return_state=True),
-        what="transactions", inbox=inbox_dir, unusable=InputError)
+        what="transactions", inbox=inbox_dir, unusable=InputError, settle_seconds=settle)

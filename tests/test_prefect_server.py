@@ -97,6 +97,8 @@ def test_a_worker_runs_the_scoring_deployment_from_a_prefect_server_on_postgresq
                      "export-audit-monthly", "evaluate-weekly"):
             assert name in deployed
         feed.write_parquet(work / "inbox" / "feed.parquet")
+        arrived = time.time() - 3600  # past the inbox's settle interval
+        os.utime(work / "inbox" / "feed.parquet", (arrived, arrived))
         run("prefect", "deployment", "run", "score_inbox/score-hourly")
         worker = run("prefect", "worker", "start", "--pool", "finsentinel", "--run-once",
                      timeout=400)

@@ -307,6 +307,8 @@ def test_news_inbox_with_a_secret_ledger_url_classifies_and_keeps_the_password(
          "headline": "$AAPL beats estimates, shares jump", "tickers": ["AAPL"]},
         {"id": "n2", "published": "2024-05-01T11:00:00", "source": "wire",
          "headline": "$MSFT misses on probe", "tickers": ["MSFT"]})) + "\n")
+    arrived = time.time() - 3600  # past the inbox's settle interval
+    os.utime(inbox / "wire.jsonl", (arrived, arrived))
     canary = "s3cret-News-Canary-4Lp"
     state = news_flow.classify_inbox(inbox=str(inbox), model="lexicon",
                                      output_dir=str(tmp_path / "news"),

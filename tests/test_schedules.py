@@ -40,6 +40,13 @@ def prefect_yaml() -> dict:
     return {d["name"]: d for d in document["deployments"]}
 
 
+def _settled(*paths: Path, age: float = 3600) -> None:
+    """Files that arrived ``age`` seconds ago: past the inbox's settle interval."""
+    when = time.time() - age
+    for path in paths:
+        os.utime(path, (when, when))
+
+
 def _fire_times(cron: str, n: int = 3) -> list[datetime]:
     from cronsim import CronSim
 
@@ -167,6 +174,7 @@ def test_hourly_inbox_job_scores_new_files_once(small_index, prefect_harness, tm
     second.write_csv(inbox / "tuesday.csv")
     (inbox / "broken.jsonl").write_text("")  # unusable: empty
     (inbox / ".partial.parquet").write_bytes(b"still being copied")
+    _settled(*inbox.iterdir())
     db = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
     monkeypatch.setenv("FINSENTINEL_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("FINSENTINEL_INBOX", str(inbox))
@@ -192,11 +200,60 @@ def test_hourly_inbox_job_scores_new_files_once(small_index, prefect_harness, tm
     # Nothing new: nothing done. The same rows dropped again add nothing to the ledger.
     assert score_inbox() == []
     first.write_parquet(inbox / "monday.parquet")
+    _settled(inbox / "monday.parquet")
     [report] = score_inbox()
     assert (report.ledger_added, report.ledger_already_present) == (0, first.height)
     assert len(list((inbox / "done").glob("monday*.parquet"))) == 2
     with Ledger(db) as ledger:
         assert ledger.count() == feed.height
+
+
+def test_hourly_inbox_job_leaves_files_still_being_copied_in(small_index, prefect_harness,
+                                                            tmp_path, monkeypatch):
+    """A producer copying straight into the inbox (scp, cp, an SFTP drop): a scheduled run that
+    fires mid-copy leaves the half-written CSV and Parquet where they are (not a part of the
+    rows scored and archived, not moved to failed/), and a later run, once they are complete
+    and quiet for the settle interval ($FINSENTINEL_INBOX_SETTLE_SECONDS, default 60 s), scores
+    every row."""
+    from flows.score_transactions import score_inbox
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    feed = small_index["feed"]
+    settled, csv_rows, parquet_rows = feed.head(30), feed.slice(30, 50), feed.slice(80, 50)
+    settled.write_csv(inbox / "settled.csv")
+    _settled(inbox / "settled.csv")
+    csv_text = csv_rows.write_csv()
+    parquet_rows.write_parquet(tmp_path / "full.parquet")
+    parquet_bytes = (tmp_path / "full.parquet").read_bytes()
+    (inbox / "copying.csv").write_text(csv_text[:len(csv_text) // 2])  # mid-copy: fresh mtime
+    (inbox / "copying.parquet").write_bytes(parquet_bytes[:len(parquet_bytes) // 2])
+    db = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    monkeypatch.delenv("FINSENTINEL_INBOX_SETTLE_SECONDS", raising=False)  # the default
+    monkeypatch.setenv("FINSENTINEL_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setenv("FINSENTINEL_INDEXES", str(small_index["root"]))
+    monkeypatch.setenv("FINSENTINEL_DB", db)
+
+    [report] = score_inbox(inbox=str(inbox))
+    assert report.rows_scored == settled.height
+    assert [p.name for p in (inbox / "done").iterdir()] == ["settled.csv"]
+    assert not (inbox / "failed").exists()
+    assert (inbox / "copying.csv").read_text() == csv_text[:len(csv_text) // 2]
+    assert (inbox / "copying.parquet").read_bytes() == parquet_bytes[:len(parquet_bytes) // 2]
+    with Ledger(db) as ledger:
+        assert ledger.count() == settled.height
+
+    # The copies complete and go quiet: the next run takes both, whole.
+    (inbox / "copying.csv").write_text(csv_text)
+    (inbox / "copying.parquet").write_bytes(parquet_bytes)
+    _settled(inbox / "copying.csv", inbox / "copying.parquet", age=120)
+    reports = score_inbox(inbox=str(inbox))
+    assert sorted(r.rows_scored for r in reports) == [csv_rows.height, parquet_rows.height]
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == [
+        "copying.csv", "copying.parquet", "settled.csv"]
+    with Ledger(db) as ledger:
+        assert ledger.count() == settled.height + csv_rows.height + parquet_rows.height
+        assert ledger.verify().ok
 
 
 def test_weekly_evaluation_tests_the_latest_week():
@@ -274,8 +331,10 @@ def test_a_file_name_dropped_again_gets_its_own_scores_file(small_index, prefect
     monkeypatch.setenv("FINSENTINEL_DB", f"sqlite:///{tmp_path / 'ledger.sqlite'}")
 
     pl.concat([first, bad]).write_csv(inbox / "feed.csv")
+    _settled(inbox / "feed.csv", age=7200)
     [hour1] = score_inbox(inbox=str(inbox))
     second.write_csv(inbox / "feed.csv")
+    _settled(inbox / "feed.csv")
     [hour2] = score_inbox(inbox=str(inbox))
     assert (hour1.rows_scored, hour1.rows_quarantined) == (40, 1)
     assert (hour2.rows_scored, hour2.rows_quarantined) == (60, 0)
