@@ -7,6 +7,10 @@ index file against the manifest, rebuilds the query vector from the recorded inp
 it with the recorded vector, then searches the recorded vectors of the decision's scoring call
 again (FAISS's float32 distances depend on which queries are searched together, so the same call
 is replayed as one) and recomputes the score with the recorded k, smoothing and prior.
+
+A decision whose text embedding was made in fp16 (the encoder on CUDA) is replayed on any machine:
+the rebuilt vector's text part is checked against the fp16 tolerance (FP16_EMBEDDING_TOLERANCE)
+instead of the fp32 one, and the search (a stacked model's included) uses the recorded vectors.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -36,6 +41,14 @@ SCORE_TOLERANCE = 1e-9
 PARTIAL_CALL_TOLERANCE = 1e-6
 # Rebuilt vs recorded query vector: text embeddings vary ~1e-7 with the texts batched with them.
 VECTOR_TOLERANCE = 1e-4
+# The text part of a vector whose embedding was made (or is rebuilt) in fp16 may differ by up to
+# FP16_EMBEDDING_TOLERANCE x the vectorizer's text scale: fp16 arithmetic moved unit-length MiniLM
+# embeddings of 1,075 synthetic merchant texts by an L2 distance of 0.0016 at most (fp16 against
+# fp32 on the CPU), and a projected coordinate moves by at most text scale x that distance (the
+# PCA components are unit rows). Measured projected differences: up to 1.2e-3, 12x
+# VECTOR_TOLERANCE; the tolerance is ~6x the measured worst case and far below the distance to
+# another merchant's text (median nearest 0.1-0.4). The numeric part keeps VECTOR_TOLERANCE.
+FP16_EMBEDDING_TOLERANCE = 0.01
 ID_FIELDS = (schema.CUSTOMER_ID, schema.TERMINAL_ID)  # card and merchant ids: pseudonymised
 MIN_KEY_CHARS = 16
 FEEDBACK_LABELS = {"confirmed-fraud": 1, "false-positive": 0}
@@ -235,6 +248,12 @@ class ReplayResult:
     neighbours_match: bool | None = None
     rows_searched: int = 0
     neighbours: list[dict[str, Any]] = field(default_factory=list)
+    # The text encoder's precision when the decision was scored (None: not on record — an older
+    # record, or an index without a text part) and in this replay; the tolerance the rebuilt
+    # vector's text part was checked against.
+    recorded_precision: str | None = None
+    replay_precision: str | None = None
+    vector_tolerance: float | None = None
 
 
 def replay(ledger: Ledger, decision_id: str, *, root: str | Path | None = None,
@@ -244,12 +263,14 @@ def replay(ledger: Ledger, decision_id: str, *, root: str | Path | None = None,
     if record is None:
         raise LedgerError(f"no decision {decision_id!r} in the ledger")
 
+    found: dict[str, Any] = {}  # what every later result carries (the precisions)
+
     def result(ok: bool, reason: str, **kw: Any) -> ReplayResult:
         return ReplayResult(decision_id, ok, reason, float(record["score"]),
                             recorded_threshold=float(record["threshold"]),
                             recorded_decision=record["decision"],
                             index_version=record["index_version"],
-                            model_version=record["model_version"], **kw)
+                            model_version=record["model_version"], **found, **kw)
 
     if record["kind"] != "fraud":
         return result(False, f"a {record['kind']!r} decision: replay recomputes fraud scores only")
@@ -281,13 +302,16 @@ def replay(ledger: Ledger, decision_id: str, *, root: str | Path | None = None,
                              f"index {record['index_version']} makes "
                              f"{index.vectorizer.dimension}: not the index that scored")
     rebuilt = index.vectorizer.transform(frame[target:target + 1])
-    vector_diff = float(np.max(np.abs(rebuilt[0].astype(np.float64)
-                                      - recorded[target].astype(np.float64))))
-    if not vector_diff <= VECTOR_TOLERANCE:
+    check = _check_vector(index.vectorizer, rebuilt[0], recorded[target], inputs,
+                          inputs["search"].get("device", "cpu"))
+    vector_diff = check.max_difference
+    found.update(recorded_precision=check.recorded_precision,
+                 replay_precision=check.replay_precision, vector_tolerance=check.text_tolerance)
+    if not check.ok:
         return result(False, f"the vector rebuilt from the recorded inputs differs from the "
-                             f"recorded query vector by up to {vector_diff:.3g} (tolerance "
-                             f"{VECTOR_TOLERANCE:g}): the vectorizer or encoder differs from the "
-                             "one that scored", vector_max_difference=vector_diff)
+                             f"recorded query vector: {check.detail}; the vectorizer or encoder "
+                             "differs from the one that scored",
+                      vector_max_difference=vector_diff)
 
     settings = inputs["scoring"]
     prior = float(settings["prior"])
@@ -306,7 +330,11 @@ def replay(ledger: Ledger, decision_id: str, *, root: str | Path | None = None,
     scores = knn_score(sims, labels, prior=prior, smoothing=float(settings["smoothing"]))
     knn_replayed = float(scores[target])
     if index.model is not None:  # a --scorer knn-stacked index: its booster gave the score
-        scores = index.model.predict(frame, index, index.meta, contributions=False).scores
+        if check.fp16:  # its neighbours from the recorded fp16 vectors, not fp32 rebuilt ones
+            with _recorded_vectors(index, frame, recorded):
+                scores = index.model.predict(frame, index, index.meta, contributions=False).scores
+        else:
+            scores = index.model.predict(frame, index, index.meta, contributions=False).scores
     replayed = float(scores[target])
 
     threshold = float(settings["threshold"])
@@ -361,6 +389,7 @@ def replay(ledger: Ledger, decision_id: str, *, root: str | Path | None = None,
                  "approximate")
     if device.startswith("gpu") and not index.gpu:
         note += "; scored on a GPU, replayed on the CPU"
+    note += f"; {check.detail}"
     detail = dict(replayed_score=replayed, score_difference=difference,
                   replayed_threshold=threshold, replayed_decision=decision,
                   vector_max_difference=vector_diff, neighbours_match=same_neighbours,
@@ -371,6 +400,101 @@ def replay(ledger: Ledger, decision_id: str, *, root: str | Path | None = None,
                         f"{record['index_version']} and encoder {record['model_version']}; "
                         f"{len(recorded_neighbours)} recorded neighbours identical{note}",
                   **detail)
+
+
+@dataclass(frozen=True)
+class VectorCheck:
+    """The rebuilt query vector against the recorded one, in the encoder precisions of both."""
+
+    ok: bool
+    max_difference: float
+    recorded_precision: str | None  # None: not on record (or no text part)
+    replay_precision: str | None
+    text_tolerance: float
+    fp16: bool  # either side ran the encoder in fp16: the fp16 tolerance applies
+    detail: str  # which precisions, what differs by how much, against which tolerance
+
+
+def _check_vector(vectorizer: Any, rebuilt: np.ndarray, recorded: np.ndarray,
+                  inputs: Mapping[str, Any], search_device: str) -> VectorCheck:
+    """Numeric part within VECTOR_TOLERANCE; text part within VECTOR_TOLERANCE when both sides
+    ran the encoder in fp32, within FP16_EMBEDDING_TOLERANCE x text scale when either ran it
+    in fp16 (a record without its precision counts as fp32, as it was checked before)."""
+    diff = np.abs(rebuilt.astype(np.float64) - recorded.astype(np.float64))
+    numeric = len(vectorizer.config.numeric_features)
+    numeric_diff = float(np.max(diff[:numeric], initial=0.0))
+    text_diff = float(np.max(diff[numeric:], initial=0.0))
+    max_diff = max(numeric_diff, text_diff) if np.isfinite(diff).all() else math.inf
+    if not (vectorizer.use_text_ and vectorizer.encoder is not None):
+        ok = max_diff <= VECTOR_TOLERANCE
+        return VectorCheck(ok, max_diff, None, None, VECTOR_TOLERANCE, False,
+                           f"numeric vector within {max_diff:.3g} (tolerance "
+                           f"{VECTOR_TOLERANCE:g})" if ok else f"numeric vector differs by up "
+                           f"to {max_diff:.3g} (tolerance {VECTOR_TOLERANCE:g})")
+    on_record = inputs.get("encoder") or {}
+    recorded_precision = on_record.get("precision")
+    encoder = vectorizer.encoder
+    replay_precision = str(getattr(encoder, "precision", "fp32"))
+    fp16 = "fp16" in (recorded_precision, replay_precision)
+    fp16_tolerance = FP16_EMBEDDING_TOLERANCE * float(vectorizer.text_scale_)
+    text_tolerance = fp16_tolerance if fp16 else VECTOR_TOLERANCE
+    ok = max_diff <= VECTOR_TOLERANCE or (numeric_diff <= VECTOR_TOLERANCE
+                                          and text_diff <= text_tolerance)
+    scored_as = (f"recorded in {recorded_precision} ({on_record.get('device', '?')})"
+                 if recorded_precision else "precision not recorded (an older record: checked "
+                                            "as fp32)")
+    parts = [f"text embedding {scored_as}, rebuilt in {replay_precision} "
+             f"({getattr(encoder, 'device', '?')})"]
+    within = "within" if text_diff <= text_tolerance else "beyond"
+    if fp16:
+        parts.append(f"text part of the vector differs by up to {text_diff:.3g}, {within} the "
+                     f"fp16 tolerance {text_tolerance:.3g} (FP16_EMBEDDING_TOLERANCE "
+                     f"{FP16_EMBEDDING_TOLERANCE:g} x text scale {vectorizer.text_scale_:.3g}: "
+                     "fp16 arithmetic moves a MiniLM embedding by <= 0.0016, measured)")
+        parts.append("the search used the recorded query vectors")
+    else:
+        parts.append(f"text part differs by up to {text_diff:.3g}, {within} the fp32 tolerance "
+                     f"{VECTOR_TOLERANCE:g}")
+    parts.append(f"numeric part by up to {numeric_diff:.3g} (tolerance {VECTOR_TOLERANCE:g})")
+    if not ok and recorded_precision is None and numeric_diff <= VECTOR_TOLERANCE \
+            and text_diff <= fp16_tolerance:
+        on_gpu = " and it was searched on a GPU" if search_device.startswith("gpu") else ""
+        parts.append("the record does not record the encoder's precision" + on_gpu + ": a "
+                     "difference of this size is what an encoder run in fp16 (on CUDA) gives, "
+                     f"within the fp16 tolerance {fp16_tolerance:.3g}, but an fp32 decision "
+                     "cannot be told from it, so it is not accepted")
+    return VectorCheck(ok, max_diff, recorded_precision, replay_precision, text_tolerance, fp16,
+                       "; ".join(parts))
+
+
+class _RecordedVectorizer:
+    """An index's vectorizer whose ``transform`` of the replayed call's rows gives their
+    recorded query vectors (matched by transaction id); everything else is the vectorizer's."""
+
+    def __init__(self, vectorizer: Any, frame: pl.DataFrame, vectors: np.ndarray):
+        self._vectorizer = vectorizer
+        self._vectors = vectors
+        self._rows = {tx: i for i, tx in enumerate(frame[schema.TRANSACTION_ID].to_list())}
+
+    def transform(self, frame: pl.DataFrame) -> np.ndarray:
+        rows = [self._rows[tx] for tx in frame[schema.TRANSACTION_ID].to_list()]
+        return np.ascontiguousarray(self._vectors[rows], dtype=np.float32)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._vectorizer, name)
+
+
+@contextmanager
+def _recorded_vectors(index: Any, frame: pl.DataFrame, vectors: np.ndarray) -> Iterator[None]:
+    """While inside, ``index`` (loaded for this replay only) vectorises the rows of ``frame``
+    to their recorded ``vectors``: a stacked model's neighbours are then searched from what
+    was searched at scoring time."""
+    vectorizer = index.vectorizer
+    index.vectorizer = _RecordedVectorizer(vectorizer, frame, vectors)
+    try:
+        yield
+    finally:
+        index.vectorizer = vectorizer
 
 
 def load_recorded_index(index_version: str, model_version: str, root: str | Path | None,

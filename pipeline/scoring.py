@@ -373,8 +373,10 @@ class FraudScorer:
 
     def input_texts(self, evidence: Evidence, rows: np.ndarray) -> list[str]:
         """Each row's replay inputs as JSON: the scored fields, the features at full
-        precision, the exact query vector, the row's place in its search call, and the
-        scoring settings. FAISS's float32 distances (and the text embeddings) depend on which
+        precision, the exact query vector, the row's place in its search call, the scoring
+        settings, and (an index with a text part) the device and precision the text encoder
+        ran in: fp16 vectors differ from fp32 ones by more than replay's fp32 tolerance.
+        FAISS's float32 distances (and the text embeddings) depend on which
         rows are computed together, so a replay searches the recorded vectors of the same
         call together again."""
         from pipeline.ledger import canonical_json
@@ -389,6 +391,10 @@ class FraudScorer:
             "explain_neighbours": cfg.explain_neighbours,
             "label_delay_days": self.index.config.label_delay_days})
         device = self.index.search_device
+        vectorizer = self.index.vectorizer
+        encoder = (canonical_json({"device": vectorizer.encoder.device,
+                                   "precision": vectorizer.encoder.precision})
+                   if vectorizer.use_text_ and vectorizer.encoder is not None else None)
         calls = evidence.call_of(rows)
         ends = np.append(evidence.call_starts[1:], evidence.featured.height)
         little = np.ascontiguousarray(evidence.vectors[rows], dtype="<f4")
@@ -403,7 +409,8 @@ class FraudScorer:
             pl.struct(canonical_fields(featured)).struct.json_encode().alias("_transaction"),
         ).hstack(search)
         text = pl.concat_str(
-            pl.lit('{"features":'), pl.col("_features"),
+            pl.lit(f'{{"encoder":{encoder},"features":' if encoder else '{"features":'),
+            pl.col("_features"),
             pl.lit(f',"scoring":{settings},"search":{{"call":"'), pl.col("_call"),
             pl.lit(f'","calls":{len(evidence.call_ids)},"device":"{device}","row":'),
             pl.col("_row").cast(pl.String), pl.lit(',"rows":'), pl.col("_rows").cast(pl.String),

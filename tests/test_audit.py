@@ -678,6 +678,89 @@ def test_replay_with_text_names_each_missing_or_changed_artefact(text_world, tmp
             audit.replay(ledger, "nope", root=root)
 
 
+def _drop_recorded_precision(path: Path) -> None:
+    """Rewrite every decision's inputs without the ``encoder`` entry: a record made before the
+    encoder's precision was recorded (behind the ledger's back, as an older version wrote)."""
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT decision_id, inputs FROM decisions").fetchall()
+        for decision_id, text in rows:
+            inputs = json.loads(text)
+            inputs.pop("encoder", None)
+            conn.execute("UPDATE decisions SET inputs = ? WHERE decision_id = ?",
+                         (ledger_mod.canonical_json(inputs), decision_id))
+
+
+@pytest.mark.parametrize("scorer", ["knn", "knn-stacked"])
+def test_a_decision_scored_in_fp16_replays_on_a_cpu_in_fp32(world, text_world, tmp_path,
+                                                             scorer):
+    """A GPU scores with the encoder in fp16; an auditor replays on a CPU in fp32. Simulated
+    honestly on the CPU: the scoring encoder is forced to fp16 (the same weights, the vectors
+    of fp16 arithmetic), the replaying one is the normal fp32 CPU encoder."""
+    from pipeline.encoder import TextEncoder
+
+    root = tmp_path / "idx"
+    if scorer == "knn":
+        shutil.copytree(text_world["work"] / "idx", root)
+    else:
+        jobs.build_index(read_transactions(world["work"] / "history.parquet",
+                                           require_labels=True), "cards", root=root,
+                         encoder=text_world["encoder"], vector_config=VectorConfig(text_dim=4),
+                         scorer="knn-stacked")
+    fp16 = TextEncoder(device="cpu", precision="fp16", cache_dir=text_world["work"] / "cache")
+    fp32 = text_world["encoder"]
+    scale = FraudIndex.load("cards", root, encoder=fp32).vectorizer.text_scale_
+    db = tmp_path / "l.sqlite"
+    with Ledger(f"sqlite:///{db}") as ledger:
+        for batch_id, encoder in (("gpu", fp16), ("cpu", fp32)):
+            jobs.score_file(text_world["work"] / "small.parquet",
+                            FraudIndex.load("cards", root, encoder=encoder),
+                            tmp_path / f"{batch_id}.parquet", ledger=ledger, batch_id=batch_id)
+        gpu = ledger.decisions(batch_id="gpu")
+        cpu = ledger.decisions(batch_id="cpu")
+        # The precision that made the vector is on record, beside the device it ran on.
+        assert [d["inputs"]["encoder"] for d in gpu] == [
+            {"device": "cpu", "precision": "fp16"}] * len(gpu)
+        assert {d["inputs"]["encoder"]["precision"] for d in cpu} == {"fp32"}
+        assert ledger.verify().ok  # the new entry is hashed as canonical JSON, like the rest
+        assert gpu[0]["model_version"] == cpu[0]["model_version"]  # the same weights
+        picks = [gpu[0], gpu[7], max(gpu, key=lambda d: d["score"])]
+        replays = [audit.replay(ledger, d["decision_id"], root=root, encoder=fp32)
+                   for d in picks]
+        same_on_cpu = audit.replay(ledger, cpu[7]["decision_id"], root=root, encoder=fp32)
+
+    for d, r in zip(picks, replays, strict=True):
+        assert r.ok, r.reason
+        assert (r.recorded_precision, r.replay_precision) == ("fp16", "fp32")
+        # fp16 moved the text part of the vector beyond the fp32 tolerance: really simulated.
+        assert audit.VECTOR_TOLERANCE < r.vector_max_difference <= r.vector_tolerance
+        assert r.vector_tolerance == pytest.approx(audit.FP16_EMBEDDING_TOLERANCE * scale)
+        assert abs(r.replayed_score - d["score"]) <= audit.SCORE_TOLERANCE
+        assert r.replayed_decision == d["decision"] and r.neighbours_match
+        assert "recorded in fp16" in r.reason and "rebuilt in fp32" in r.reason
+        assert "recorded query vectors" in r.reason
+    # fp32 decisions keep the tight tolerance.
+    assert same_on_cpu.ok, same_on_cpu.reason
+    assert (same_on_cpu.recorded_precision, same_on_cpu.replay_precision) == ("fp32", "fp32")
+    assert same_on_cpu.vector_tolerance == audit.VECTOR_TOLERANCE
+    assert same_on_cpu.vector_max_difference <= audit.VECTOR_TOLERANCE
+
+    # Records made before the precision was recorded are taken as fp32, as before: an fp32 one
+    # still replays; an fp16 one is not reproduced, and the reason says what may explain it.
+    _drop_recorded_precision(db)
+    with Ledger(f"sqlite:///{db}") as ledger:
+        old_cpu = audit.replay(ledger, cpu[7]["decision_id"], root=root, encoder=fp32)
+        old_gpu = audit.replay(ledger, gpu[7]["decision_id"], root=root, encoder=fp32)
+    assert old_cpu.ok, old_cpu.reason
+    assert old_cpu.recorded_precision is None
+    assert old_cpu.vector_tolerance == audit.VECTOR_TOLERANCE
+    assert "not recorded" in old_cpu.reason
+    assert not old_gpu.ok and old_gpu.vector_max_difference > audit.VECTOR_TOLERANCE
+    assert "does not record the encoder's precision" in old_gpu.reason
+    assert "fp16" in old_gpu.reason
+
+
 def test_old_records_without_inputs_say_why_they_cannot_be_replayed(db_url, raw, world):
     write_v1_ledger(raw, n=1)
     with Ledger(db_url) as ledger:

@@ -106,3 +106,25 @@ def test_a_corrupted_cache_row_is_encoded_again_and_repaired(encoder, tmp_path):
     third._model, third._weights_hash = encoder.model, encoder.weights_hash
     assert np.allclose(third.encode(texts), expected, atol=1e-6)
     assert third.encoded_count == 0  # the rows were repaired
+
+
+def test_fp16_can_be_forced_on_the_cpu(encoder, tmp_path):
+    """``precision="fp16"`` runs the model in half precision on any device (on CUDA it is the
+    default): how a GPU-scored decision is simulated on a CPU. Same weights hash, its own cache
+    key, vectors within fp16 rounding of the fp32 ones but not equal to them."""
+    import torch
+
+    assert encoder.precision == "fp32"
+    fp16 = TextEncoder(device="cpu", precision="fp16", cache_dir=tmp_path)
+    assert fp16.device == "cpu" and fp16.precision == "fp16"
+    assert next(fp16.model.parameters()).dtype == torch.float16
+    assert fp16.weights_hash == encoder.weights_hash and fp16.model_id == encoder.model_id
+    texts = ["fuel station card payment", "online electronics store"]
+    v16, v32 = fp16.encode(texts), encoder.encode(texts)
+    assert v16.dtype == np.float32 and not np.array_equal(v16, v32)
+    assert np.linalg.norm(v16 - v32, axis=1).max() < 0.01
+    fp32 = TextEncoder(device="cpu", cache_dir=tmp_path)
+    # The fp16 rows were not served to fp32 (batching moves fp32 vectors by ~1e-7 only).
+    assert np.allclose(fp32.encode(texts), v32, atol=1e-6) and fp32.encoded_count == 2
+    with pytest.raises(ValueError, match="precision"):
+        TextEncoder(device="cpu", precision="bf16")

@@ -133,3 +133,52 @@ def test_a_search_deeper_than_the_gpu_allows_runs_on_the_cpu_copy(history):
     d_gpu, p_gpu = gpu.search(queries, GPU_MAX_K + 100)
     np.testing.assert_array_equal(p_gpu, p_cpu)
     np.testing.assert_array_equal(d_gpu, d_cpu)
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs torch with CUDA")
+def test_a_decision_scored_on_cuda_replays_on_the_cpu(tmp_path):
+    """Scored with the encoder on CUDA (fp16); replayed with the encoder on the CPU (fp32), as
+    an auditor's machine does: reproduced, with both precisions on record. FAISS searches on
+    the GPU both times: a GPU-searched decision replayed by a CPU search is another question
+    (float32 distances differ by ~1e-6, see test_scores_on_a_gpu_index_equal_the_cpu_scores)."""
+    from datetime import date, datetime
+
+    import polars as pl
+
+    from pipeline import audit, jobs, schema
+    from pipeline.encoder import TextEncoder
+    from pipeline.ingest import read_transactions
+    from pipeline.ledger import Ledger
+
+    start = datetime.combine(date.today() - timedelta(days=21), datetime.min.time())
+    data = generate(SyntheticConfig(n_customers=120, n_terminals=240, n_days=21, seed=5,
+                                    start_date=start.date()))
+    tx = pl.col(schema.TX_TIME)
+    data.filter(tx < start + timedelta(days=14)).write_parquet(tmp_path / "history.parquet")
+    data.filter(tx >= start + timedelta(days=14)).drop(schema.IS_FRAUD, schema.FRAUD_SCENARIO
+                                                        ).head(500).write_parquet(
+        tmp_path / "batch.parquet")
+    root = tmp_path / "idx"
+    jobs.build_index(read_transactions(tmp_path / "history.parquet", require_labels=True),
+                     "cards", root=root, encoder=TextEncoder(device="cpu"),
+                     vector_config=VectorConfig(text_dim=8))
+    cuda = TextEncoder(device="cuda")
+    assert cuda.precision == "fp16"
+    with Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}") as ledger:
+        scored_on = FraudIndex.load("cards", root, encoder=cuda)
+        assert scored_on.gpu
+        jobs.score_file(tmp_path / "batch.parquet", scored_on, tmp_path / "scores.parquet",
+                        ledger=ledger, batch_id="gpu")
+        decisions = ledger.decisions()
+        assert {d["inputs"]["encoder"]["precision"] for d in decisions} == {"fp16"}
+        assert {d["inputs"]["encoder"]["device"] for d in decisions} == {"cuda"}
+        picks = [decisions[0], decisions[len(decisions) // 2],
+                 max(decisions, key=lambda d: d["score"])]
+        results = [audit.replay(ledger, d["decision_id"], root=root,
+                                encoder=TextEncoder(device="cpu")) for d in picks]
+    for d, r in zip(picks, results, strict=True):
+        assert r.ok, r.reason
+        assert (r.recorded_precision, r.replay_precision) == ("fp16", "fp32")
+        assert r.vector_max_difference <= r.vector_tolerance
+        assert abs(r.replayed_score - d["score"]) <= audit.SCORE_TOLERANCE
+        assert "recorded in fp16 (cuda)" in r.reason
