@@ -68,6 +68,9 @@ class TrainConfig:
     # the weights: at epoch 3 every variant was within a point (noise) of the plain weights.
     # Nor one model on PhraseBank and Twitter training lines together (same validation lines
     # as the single-dataset runs): PhraseBank 0.835 against 0.848, Twitter 0.847 against 0.853.
+    # Nor a longer schedule: 5 epochs (same lr, decay stretched) peaked at PhraseBank 0.837
+    # (epoch 4-5) and Twitter 0.852 (epoch 2; 0.837 at 5, validation loss rising) against
+    # 0.848 / 0.853 at the end of 3.
     base_model: str | None = None  # local directory; default: the packaged all-MiniLM-L6-v2
 
     def __post_init__(self) -> None:
