@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
@@ -20,13 +20,15 @@ from pipeline.ledger import BatchReceipt, Ledger
 from pipeline.news import read_news
 from pipeline.news_store import NewsStore
 from pipeline.privacy import flow_db_url
+from pipeline.reconcile import Reconciliation
 from pipeline.sentiment.backends import load_classifier
 from pipeline.sentiment.jobs import (
     ClassifiedNews,
     SentimentReport,
     article_rows,
     classified_ids,
-    record,
+    ledger_warning,
+    record_and_reconcile,
     report_for,
     resolve_batch_id,
     write_results,
@@ -62,9 +64,12 @@ def write_outputs(classified: ClassifiedNews, ingested: IngestResult, batch_id: 
 @task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=transient_db_error,
       cache_policy=NO_CACHE)
 def record_decisions(db: str | None, ingested: IngestResult, classified: ClassifiedNews,
-                     batch_id: str) -> BatchReceipt:
+                     batch_id: str
+                     ) -> tuple[BatchReceipt, ClassifiedNews, Reconciliation | None]:
+    """The batch into the ledger; a batch it already held comes back as recorded (the
+    output file and the daily table get those labels; see pipeline.reconcile)."""
     with Ledger(db) as ledger:
-        return record(ledger, ingested, classified, batch_id)
+        return record_and_reconcile(ledger, ingested, classified, batch_id)
 
 
 @task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=transient_db_error,
@@ -91,11 +96,14 @@ def classify_news(input: str, model: str, output: str, backend: str = "encoder",
     classifier = load_model(backend, model, root, endpoint)
     classified = classify(quote(ingested), quote(classifier), companies)
     batch_id = resolve_batch_id(input, classified, batch_id, ingested)
+    # The ledger first: a batch it already held keeps its recorded labels, and the output
+    # file and the daily table get those, not this run's (pipeline.reconcile).
+    receipt, classified, check = record_decisions(db, quote(ingested), quote(classified),
+                                                  batch_id)
     out, qpath = write_outputs(quote(classified), quote(ingested), batch_id, output)
-    receipt = record_decisions(db, quote(ingested), quote(classified), batch_id)
     daily = update_daily(db, quote(classified), batch_id)
     report = report_for(batch_id, ingested, classified, receipt, daily, out, qpath,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, check)
     create_table_artifact(
         key="news-sentiment-batch",
         table=[{"batch_id": batch_id, "rows_in": report.rows_in,
@@ -109,6 +117,9 @@ def classify_news(input: str, model: str, output: str, backend: str = "encoder",
     print(f"batch {batch_id}: {report.rows_classified} classified {report.labels}, "
           f"{report.rows_quarantined} quarantined, {report.failures} failures, "
           f"{report.ledger_added} new ledger records, {daily} ticker-days updated")
+    warning = ledger_warning(report, retry="the flow's batch_id parameter")
+    if warning:
+        get_run_logger().warning(warning)
     return report
 
 

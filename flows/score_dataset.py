@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 from pydantic import SecretStr
@@ -64,6 +64,11 @@ def score_dataset(input: str, index: str, output: str, partitions: int = 8,
     print(f"{report.rows_in} rows in {len(plan)} partitions: {report.rows_scored} scored, "
           f"{report.rows_quarantined} quarantined, {report.alerts} alerts, "
           f"{report.ledger_added} new ledger records")
+    from pipeline.jobs import ledger_warning
+
+    warning = ledger_warning(report, retry="the flow's batch_id parameter")
+    if warning:
+        get_run_logger().warning(warning)
     return report
 
 

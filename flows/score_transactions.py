@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
@@ -15,7 +15,7 @@ from pipeline import jobs
 from pipeline.inbox import drain, output_for, pending, settle_interval
 from pipeline.index import FraudIndex
 from pipeline.ingest import IngestResult, InputError, read_transactions
-from pipeline.ledger import BatchReceipt, Ledger, is_transient
+from pipeline.ledger import Ledger, is_transient
 from pipeline.privacy import flow_db_url, pseudonymise_records
 from pipeline.scoring import FraudScorer, ScoredBatch, ScoringConfig
 from pipeline.settings import JobSettings
@@ -51,9 +51,11 @@ def transient_db_error(_task: object, _run: object, state: State) -> bool:
 @task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=transient_db_error,
       cache_policy=NO_CACHE)
 def record_decisions(db: str | None, ingested: IngestResult, scored: ScoredBatch,
-                     index: FraudIndex, batch_id: str) -> BatchReceipt:
+                     index: FraudIndex, batch_id: str) -> jobs.Recorded:
+    """The batch into the ledger; a batch it already held comes back as recorded (the
+    output file gets those decisions; see pipeline.reconcile)."""
     with Ledger(db) as ledger:
-        return jobs.record(ledger, ingested, scored, index, batch_id)
+        return jobs.record_and_reconcile(ledger, ingested, scored, index, batch_id)
 
 
 @flow(name="score_transactions", log_prints=True)
@@ -71,14 +73,19 @@ def score_transactions(input: str, index: str, output: str, batch_id: str | None
     # quote(): large results pass through as they are; Prefect need not walk them for futures.
     scored = score(quote(ingested), quote(fraud_index), config)
     batch_id = jobs.resolve_batch_id(input, scored, batch_id, ingested)
-    out, qpath = write_outputs(quote(scored), quote(ingested), batch_id, output)
-    receipt = record_decisions(db, quote(ingested), quote(scored), quote(fraud_index), batch_id)
-    report = jobs.report_for(batch_id, ingested, scored, receipt, out, qpath, fraud_index)
+    # The ledger first, then the output: a batch it already held keeps its recorded decisions,
+    # and the output file gets those, not this run's (pipeline.reconcile).
+    recorded = record_decisions(db, quote(ingested), quote(scored), quote(fraud_index),
+                                batch_id)
+    out, qpath = write_outputs(quote(recorded.scored), quote(ingested), batch_id, output)
+    report = jobs.report_for(batch_id, ingested, recorded.scored, recorded.receipt, out, qpath,
+                             fraud_index, recorded.check)
     create_table_artifact(
         key="fraud-batch-counts",
         table=[{"batch_id": batch_id, "rows_in": report.rows_in, "scored": report.rows_scored,
                 "quarantined": report.rows_quarantined, "alerts": report.alerts,
-                "ledger_added": report.ledger_added}],
+                "ledger_added": report.ledger_added,
+                "ledger_differing": report.ledger_differing}],
         description=f"Batch {batch_id} against {report.index_version}",
     )
     if report.top_alerts:
@@ -88,6 +95,9 @@ def score_transactions(input: str, index: str, output: str, batch_id: str | None
                               description=f"Top alerts of batch {batch_id}")
     print(f"batch {batch_id}: {report.rows_scored} scored, {report.rows_quarantined} "
           f"quarantined, {report.alerts} alerts, {report.ledger_added} new ledger records")
+    warning = jobs.ledger_warning(report, retry="the flow's batch_id parameter")
+    if warning:
+        get_run_logger().warning(warning)
     return report
 
 

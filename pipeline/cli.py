@@ -330,6 +330,7 @@ def score(
             history=extra, progress=lambda stage, done, total: bar.update(
                 task, description=stage, completed=done, total=total))
     _print_score_report(report)
+    _ledger_kept(jobs.ledger_warning(report), report.ledger_differing)
 
 
 def _score_partitioned(input: Path, index: str, output: Path, partitions: int,
@@ -347,7 +348,7 @@ def _score_partitioned(input: Path, index: str, output: Path, partitions: int,
     from pipeline.partitions import plan_partitions
 
     plan_partitions(input, partitions)  # a bad input fails here, before a cluster starts
-    from pipeline import artifacts
+    from pipeline import artifacts, jobs
     from pipeline.index import default_root
 
     artifacts.current_version(root or default_root(), index)  # and an unknown index
@@ -365,6 +366,20 @@ def _score_partitioned(input: Path, index: str, output: Path, partitions: int,
               f"scores in {report.output}", markup=False)
     if report.quarantine:
         out.print(f"quarantined rows in {report.quarantine}", markup=False)
+    _ledger_kept(jobs.ledger_warning(report), report.ledger_differing)
+
+
+def _ledger_kept(warning: str | None, differing: int) -> None:
+    """Warn that the ledger already held the batch with other decisions (which the output
+    file then holds too; see pipeline.reconcile): exit 1, a failed check, when decisions
+    differ, so that a script cannot take the file for this run's decisions."""
+    if warning is None:
+        return
+    from rich.markup import escape
+
+    console.print(f"[bold yellow]warning:[/] {escape(warning)}")
+    if differing:
+        raise typer.Exit(1)
 
 
 def _print_score_report(report) -> None:
@@ -532,6 +547,9 @@ def audit_replay(
         table.add_row("decision", str(result.recorded_decision), str(result.replayed_decision))
         table.add_row("index", escape(result.index_version), "")
         table.add_row("model", escape(result.model_version), "")
+        if result.replay_precision is not None:  # an index with a text part
+            table.add_row("encoder precision", str(result.recorded_precision or "not recorded"),
+                          result.replay_precision)
         out.print(table)
         status = "[green]REPRODUCED[/]" if result.ok else "[bold red]NOT REPRODUCED[/]"
         out.print(f"{status}: {escape(result.reason)}")

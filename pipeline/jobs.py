@@ -3,11 +3,12 @@ step by step as tasks. Each returns a typed report."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -19,8 +20,13 @@ from pipeline.features import compute_features
 from pipeline.index import FraudIndex, IndexConfig, default_root
 from pipeline.ingest import IngestResult, read_transactions, write_quarantine
 from pipeline.ledger import BatchReceipt, Decision, DecisionStream, Ledger
+from pipeline.reconcile import Reconciliation, compare, recorded_decisions
+from pipeline.reconcile import warning as reconcile_warning
 from pipeline.scoring import FraudScorer, Progress, ScoredBatch, ScoringConfig, batch_hash
 from pipeline.vectors import VectorConfig
+
+if TYPE_CHECKING:
+    from pipeline.partitions import DatasetReport
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,13 @@ class ScoreReport:
     quarantine: str | None
     index_version: str
     top_alerts: list[dict[str, Any]] = field(default_factory=list)
+    # When the batch was already in the ledger (see pipeline.reconcile): this run's decisions
+    # that differ from the recorded ones (label, score, threshold), those with another label,
+    # and the index version the recorded ones name (None: this run recorded the batch). The
+    # output file and the counts above are the recorded decisions.
+    ledger_differing: int = 0
+    ledger_differing_labels: int = 0
+    ledger_index_version: str | None = None
 
 
 def write_frame(frame: pl.DataFrame | pl.LazyFrame, path: str | Path) -> Path:
@@ -163,6 +176,67 @@ def record(ledger: Ledger, ingested: IngestResult, scored: ScoredBatch, index: F
                                ingested.ledger_rows())
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """A batch as the ledger holds it after :func:`record_and_reconcile`: ``scored`` carries
+    the recorded score, threshold and decision of each row (this run's, when it recorded the
+    batch); ``check`` compares this run with a batch the ledger already held (else None)."""
+
+    receipt: BatchReceipt
+    scored: ScoredBatch
+    check: Reconciliation | None = None
+
+
+def record_and_reconcile(ledger: Ledger, ingested: IngestResult, scored: ScoredBatch,
+                         index: FraudIndex, batch_id: str, progress: Progress | None = None
+                         ) -> Recorded:
+    """:func:`record` the batch; when the ledger already held it (a re-run), compare this
+    run's decisions with the recorded ones and take the recorded ones for the output."""
+    receipt = record(ledger, ingested, scored, index, batch_id, progress=progress)
+    if not receipt.already_present:
+        return Recorded(receipt, scored)
+    as_recorded, check = reconcile(ledger, scored, batch_id, index)
+    return Recorded(receipt, as_recorded, check)
+
+
+def reconcile(ledger: Ledger, scored: ScoredBatch, batch_id: str, index: FraudIndex
+              ) -> tuple[ScoredBatch, Reconciliation]:
+    """This run's scores with the recorded score, threshold and decision of each row of a
+    batch the ledger already holds, and how this run's differ from them."""
+    recorded = recorded_decisions(ledger, batch_id, "fraud")
+    fresh = scored.scores.select(pl.col(schema.TRANSACTION_ID).alias("subject_id"),
+                                 "decision", "score", "threshold")
+    check = compare(fresh, recorded, version_column="index_version",
+                    run_version=index.version)
+    return dataclasses.replace(scored, scores=as_recorded(scored.scores, recorded)), check
+
+
+def as_recorded(scores: pl.DataFrame, recorded: pl.DataFrame) -> pl.DataFrame:
+    """``scores`` (in its order) with the score, threshold and decision the ledger records
+    for each transaction."""
+    values = recorded.select(pl.col("subject_id").alias(schema.TRANSACTION_ID), "score",
+                             "threshold", "decision")
+    return scores.update(values, on=schema.TRANSACTION_ID)
+
+
+def ledger_warning(report: ScoreReport | DatasetReport, retry: str = "`--batch-id NEW`"
+                   ) -> str | None:
+    """What to tell the user when the ledger already held the batch with other decisions
+    (or another index version), else None; ``retry`` says how to give a new batch id."""
+    if report.ledger_index_version is None:
+        return None
+    check = Reconciliation(report.rows_scored, report.ledger_differing,
+                           report.ledger_differing_labels,
+                           tuple(report.ledger_index_version.split(", ")), report.index_version)
+    if not check.disagrees:
+        return None
+    batch = (f"batch {report.batch_id}" if hasattr(report, "batch_id")
+             else f"each daily batch of {report.input}")
+    return reconcile_warning(what="decisions", batch=batch, check=check,
+                             total=report.rows_scored, output=report.output,
+                             label_words="alert/clear", version_word="index", retry=retry)
+
+
 def batch_input_hash(ingested: IngestResult, scored: ScoredBatch) -> str:
     """The hash the ledger records for a batch: its scored rows and its quarantined rows."""
     return batch_hash(scored.scores["input_hash"].to_list() + ingested.quarantine_hashes())
@@ -207,17 +281,23 @@ def score_file(input_path: str | Path, index: FraudIndex, output_path: str | Pat
                history: pl.DataFrame | None = None, progress: Progress | None = None
                ) -> ScoreReport:
     """Score a file and record it as one ledger batch; ``progress(stage, done, total)`` is
-    told as the search and the ledger write advance."""
+    told as the search and the ledger write advance. A batch the ledger already holds keeps
+    its recorded decisions, and the output file gets those (see pipeline.reconcile); the
+    report counts how many of this run's differ."""
     ingested = read_transactions(input_path)
     scored = FraudScorer(index, config).score(ingested.accepted, history, progress=progress)
     batch_id = resolve_batch_id(input_path, scored, batch_id, ingested)
-    out, qpath = write_outputs(scored, ingested, batch_id, output_path)
-    receipt = record(ledger, ingested, scored, index, batch_id, progress=progress)
-    return report_for(batch_id, ingested, scored, receipt, out, qpath, index)
+    recorded = record_and_reconcile(ledger, ingested, scored, index, batch_id,
+                                    progress=progress)
+    out, qpath = write_outputs(recorded.scored, ingested, batch_id, output_path)
+    return report_for(batch_id, ingested, recorded.scored, recorded.receipt, out, qpath, index,
+                      recorded.check)
 
 
 def report_for(batch_id: str, ingested: IngestResult, scored: ScoredBatch, receipt: BatchReceipt,
-               out: Path, qpath: Path | None, index: FraudIndex) -> ScoreReport:
+               out: Path, qpath: Path | None, index: FraudIndex,
+               check: Reconciliation | None = None) -> ScoreReport:
+    """The job's report; ``scored`` as recorded (what the output file holds)."""
     return ScoreReport(
         batch_id=batch_id, rows_in=ingested.rows_in, rows_scored=scored.scores.height,
         rows_quarantined=ingested.quarantined.height,
@@ -225,4 +305,7 @@ def report_for(batch_id: str, ingested: IngestResult, scored: ScoredBatch, recei
         ledger_added=receipt.added, ledger_already_present=receipt.already_present,
         output=str(out), quarantine=str(qpath) if qpath else None,
         index_version=index.version, top_alerts=top_alerts(scored),
+        ledger_differing=check.differing if check else 0,
+        ledger_differing_labels=check.labels_differing if check else 0,
+        ledger_index_version=(check.recorded_version or None) if check else None,
     )

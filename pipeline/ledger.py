@@ -80,6 +80,9 @@ FEEDBACK_HASHED_FIELDS = ("comment", "created_at", "decision_hash", "decision_id
 REVIEW_LABELS = {"fraud": ("confirmed-fraud", "false-positive")}
 REVIEW_LABELS_OTHER = ("confirmed", "incorrect")
 MAX_COMMENT_CHARS = 10_000
+# What Ledger.batch_outcomes reads of each decision: enough to tell a re-run's decisions apart.
+OUTCOME_FIELDS = ("subject_id", "decision", "score", "threshold", "index_version",
+                  "model_version")
 
 T = TypeVar("T")
 
@@ -551,10 +554,80 @@ def retry_transient(fn: Callable[[], T], *, attempts: int = 5, base_delay: float
 _WRITE_OPTION = "finsentinel_write"
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names; None for another database, in-memory or URI names."""
+    parsed = make_url(url)
+    database = parsed.database
+    if (parsed.get_backend_name() != "sqlite" or not database or database == ":memory:"
+            or database.startswith("file:")):
+        return None
+    return Path(database)
+
+
+def _not_a_folder(folder: Path) -> Path | None:
+    """The nearest of ``folder`` and its parents that exists as something other than a folder
+    (a regular file in the way), if any."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def sqlite_write_problem(path: Path) -> str | None:
+    """Why SQLite cannot write the ledger file ``path``, found by trying (so it also holds for
+    root, whom file modes do not stop): a regular file where a folder of the path should be,
+    a folder that cannot be written in (SQLite creates the database and its -wal/-shm files
+    beside it), or a read-only database file. None when nothing is found."""
+    import tempfile
+
+    folder = path.parent
+    blocker = _not_a_folder(folder)
+    if blocker is not None:
+        return f"{blocker} is a file, not a folder"
+    if path.is_dir():
+        return "it is a folder, not a database file"
+    if path.exists():
+        try:
+            with open(path, "r+b"):  # opened for writing, nothing written
+                pass
+        except OSError as exc:
+            return f"the file is read-only ({exc.strerror or exc})"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return (f"its folder {folder} is not writable ({exc.strerror or exc}); SQLite "
+                "creates the database and its -wal and -shm files in that folder")
+    return None
+
+
+def _sqlite_error(path: Path, exc: BaseException) -> LedgerError | None:
+    """A LedgerError naming ``path`` and what is wrong with it, for an error SQLite gave
+    without naming the file ("unable to open database file", "attempt to write a readonly
+    database"); None when the error is of another kind."""
+    message = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    if not any(text in message.lower() for text in ("unable to open database file",
+                                                    "readonly database")):
+        return None
+    problem = sqlite_write_problem(path)
+    return LedgerError(f"cannot {'write' if problem else 'open'} the SQLite ledger {path}: "
+                       f"{problem or message}"
+                       + (f" (SQLite: {message})" if problem else "")
+                       + "; give a writable place with --db sqlite:///PATH or "
+                       f"${DEFAULT_DB_ENV}")
+
+
 def _sqlite_engine(url: str) -> Engine:
-    database = make_url(url).database
-    if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    path = _sqlite_file(url)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            blocker = _not_a_folder(path.parent)
+            why = (f"{blocker} is a file, not a folder" if blocker is not None
+                   else exc.strerror or str(exc))
+            raise LedgerError(f"cannot create the folder {path.parent} of the SQLite ledger "
+                              f"{path}: {why}") from exc
     engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
 
     # SQLAlchemy's pysqlite recipe: stop the driver emitting its own (deferred) BEGIN, so that
@@ -642,7 +715,12 @@ class Ledger:
         self.url = resolve_db_url(url)
         self._engine = engine_for(self.url)
         self._dialect = self._engine.dialect.name
-        retry_transient(self._init_schema)
+        self._file = _sqlite_file(self.url)
+        try:
+            self._named(lambda: retry_transient(self._init_schema))
+        except BaseException:
+            self._engine.dispose()
+            raise
 
     def __enter__(self) -> Ledger:
         return self
@@ -655,6 +733,17 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"Ledger({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+    def _named(self, fn: Callable[[], T]) -> T:
+        """Call ``fn``; a SQLite error that does not say which file or why (a folder or file
+        that cannot be written) is raised as a LedgerError naming the file and the cause."""
+        try:
+            return fn()
+        except OperationalError as exc:
+            error = _sqlite_error(self._file, exc) if self._file is not None else None
+            if error is None:
+                raise
+            raise error from exc
 
     def _write(self) -> AbstractContextManager[Connection]:
         """One serialised write transaction: no other writer runs until it commits."""
@@ -755,8 +844,8 @@ class Ledger:
                 "every input row must be either scored or quarantined")
         self._validate_quarantine(batch_id, quarantined)
         try:
-            return retry_transient(lambda: self._append(batch_id, kind, input_hash, rows_in,
-                                                        stream, quarantined))
+            return self._named(lambda: retry_transient(lambda: self._append(
+                batch_id, kind, input_hash, rows_in, stream, quarantined)))
         except IntegrityError as exc:
             raise LedgerError(f"batch {batch_id!r} ({kind}) conflicts with records already in "
                               f"the ledger; nothing was written: {exc.orig}") from exc
@@ -870,8 +959,8 @@ class Ledger:
                 raise LedgerError(f"review: comment has {len(comment):,} characters; at most "
                                   f"{MAX_COMMENT_CHARS:,} are kept")
             comment = comment if comment.strip() else None
-        return retry_transient(lambda: self._append_feedback(decision_id, label, comment,
-                                                             reviewer))
+        return self._named(lambda: retry_transient(lambda: self._append_feedback(
+            decision_id, label, comment, reviewer)))
 
     def _append_feedback(self, decision_id: str, label: str, comment: str | None,
                          reviewer: str) -> FeedbackReceipt:
@@ -1168,6 +1257,22 @@ class Ledger:
             row["explanation"] = json.loads(row["explanation"])
             row["inputs"] = None if row["inputs"] is None else json.loads(row["inputs"])
         return rows
+
+    def batch_outcomes(self, batch_id: str, kind: str, *, explanation: bool = False,
+                       chunk_rows: int = 50_000) -> Iterator[list[tuple[Any, ...]]]:
+        """The recorded outcome of every decision of one batch, as tuples of
+        :data:`OUTCOME_FIELDS` (plus the explanation's JSON text with ``explanation``),
+        ``chunk_rows`` at a time, from one indexed query in one snapshot: what a re-run of the
+        batch is compared with, without reading every record whole."""
+        columns = [DECISIONS.c[name] for name in OUTCOME_FIELDS]
+        if explanation:
+            columns.append(DECISIONS.c.explanation)
+        query = sa.select(*columns).where(DECISIONS.c.kind == kind,
+                                          DECISIONS.c.batch_id == batch_id)
+        with self._read() as conn:
+            result = conn.execution_options(yield_per=chunk_rows).execute(query)
+            for rows in result.partitions():
+                yield [tuple(row) for row in rows]
 
     def decision(self, decision_id: str) -> dict[str, Any] | None:
         found = self.decisions(decision_ids=[decision_id])

@@ -8,7 +8,8 @@ memory), computes features with the margin as history, scores its own rows again
 index, and drops the margin. Scores equal those of scoring the whole file at once. In the
 ledger each day of the file is one batch (named by the day and its rows), written under the
 ledger's own lock: partitions may finish in any order, and a re-run with another partition
-count lands on the same batches, so it adds nothing.
+count lands on the same batches, so it adds nothing (and one with other settings keeps, and
+writes, the recorded decisions: see pipeline.reconcile).
 
 Limits: the input must be Parquet with ``tx_time`` stored as a timestamp (so that partitions can
 be cut by time without parsing). A ``transaction_id`` repeated anywhere in the file is caught as
@@ -37,8 +38,9 @@ from pipeline.ingest import (
     validate_transactions,
     write_quarantine,
 )
-from pipeline.jobs import quarantine_path, record, write_frame
+from pipeline.jobs import as_recorded, quarantine_path, record_and_reconcile, write_frame
 from pipeline.ledger import Ledger
+from pipeline.reconcile import Reconciliation, combine
 from pipeline.scoring import FraudScorer, ScoredBatch, ScoringConfig, batch_hash
 
 _FILE_ROW = "__file_row"
@@ -76,6 +78,9 @@ class PartitionReport:
     ledger_already_present: int
     output: str | None
     quarantine: str | None
+    # Its day batches the ledger already held, compared with this run (pipeline.reconcile);
+    # None when it recorded every one. Its scores are the recorded ones.
+    ledger_check: Reconciliation | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,10 @@ class DatasetReport:
     quarantine: str | None
     index_version: str
     partitions: list[PartitionReport] = field(default_factory=list)
+    # As in jobs.ScoreReport: over the day batches the ledger already held.
+    ledger_differing: int = 0
+    ledger_differing_labels: int = 0
+    ledger_index_version: str | None = None
 
 
 def _time_column(path: Path) -> tuple[pl.LazyFrame, pl.Expr]:
@@ -254,14 +263,23 @@ def score_partition(path: str | Path, partition: Partition, index: FraudIndex,
     ingested, history = read_partition(path, partition, history_margin(
         index.config.label_delay_days))
     scored = FraudScorer(index, config).score(ingested.accepted, history)
-    batches, added, present = [], 0, 0
+    batches, added, present, checks, recorded = [], 0, 0, [], []
     with Ledger(db) as ledger:
         for day, part, held in _day_batches(scored, ingested):
             batch = day_batch_id(path, day, part.scores["input_hash"].to_list()
                                  + held.quarantined["raw"].to_list(), batch_id)
-            receipt = record(ledger, held, part, index, batch)
+            result = record_and_reconcile(ledger, held, part, index, batch)
+            if result.check is not None:  # already in the ledger: its recorded decisions
+                checks.append(result.check)
+                recorded.append(result.scored.scores.select(
+                    pl.col(schema.TRANSACTION_ID).alias("subject_id"), "score", "threshold",
+                    "decision"))
             batches.append((day, batch))
-            added, present = added + receipt.added, present + receipt.already_present
+            added = added + result.receipt.added
+            present = present + result.receipt.already_present
+    if recorded:
+        scored = ScoredBatch(as_recorded(scored.scores, pl.concat(recorded)), scored.evidence,
+                             scored.rows)
     by_day = {day: batch for day, batch in batches if day is not None}
     scores = scored.scores.with_columns(
         pl.col(schema.TX_TIME).dt.truncate("1d").replace_strict(by_day, return_dtype=pl.String)
@@ -275,7 +293,8 @@ def score_partition(path: str | Path, partition: Partition, index: FraudIndex,
         rows_in=ingested.rows_in, rows_scored=scored.scores.height,
         rows_quarantined=ingested.quarantined.height, margin_rows=history.height,
         alerts=int((scored.scores["decision"] == "alert").sum()), ledger_added=added,
-        ledger_already_present=present, output=str(out), quarantine=str(qpath) if qpath else None)
+        ledger_already_present=present, output=str(out), quarantine=str(qpath) if qpath else None,
+        ledger_check=combine(checks))
 
 
 def merge_parts(input: str | Path, reports: list[PartitionReport], output: str | Path,
@@ -304,6 +323,7 @@ def merge_parts(input: str | Path, reports: list[PartitionReport], output: str |
         Path(p).unlink(missing_ok=True)
     if directory.is_dir() and not any(directory.iterdir()):
         directory.rmdir()
+    check = combine([r.ledger_check for r in reports if r.ledger_check is not None])
     return DatasetReport(
         input=str(input), rows_in=rows_in, rows_scored=sum(r.rows_scored for r in reports),
         rows_quarantined=sum(r.rows_quarantined for r in reports),
@@ -311,7 +331,10 @@ def merge_parts(input: str | Path, reports: list[PartitionReport], output: str |
         ledger_added=sum(r.ledger_added for r in reports),
         ledger_already_present=sum(r.ledger_already_present for r in reports),
         output=str(output), quarantine=str(qpath) if qpath else None,
-        index_version=index_version, partitions=reports)
+        index_version=index_version, partitions=reports,
+        ledger_differing=check.differing if check else 0,
+        ledger_differing_labels=check.labels_differing if check else 0,
+        ledger_index_version=(check.recorded_version or None) if check else None)
 
 
 def score_dataset(path: str | Path, index_name: str, output: str | Path, *, partitions: int,

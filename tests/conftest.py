@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -65,6 +67,33 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.sqlite'}"
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def read_only():
+    """Make a file or folder unwritable for one test, undone after it: chmod for a user; for
+    root, whom modes do not stop, the immutable attribute (chattr +i), where the file system
+    and the process's capabilities allow it (else the test is skipped)."""
+    undo = []
+
+    def make(path: Path) -> Path:
+        if os.geteuid() != 0:
+            mode = path.stat().st_mode
+            path.chmod(0o555 if path.is_dir() else 0o444)
+            undo.append(lambda: path.chmod(mode))
+            return path
+        chattr = shutil.which("chattr")
+        done = chattr and subprocess.run([chattr, "+i", str(path)], capture_output=True,
+                                         text=True)
+        if not done or done.returncode != 0:
+            pytest.skip(f"running as root, where chmod does not stop writes, and chattr +i "
+                        f"failed here ({done.stderr.strip() if done else 'no chattr'})")
+        undo.append(lambda: subprocess.run([chattr, "-i", str(path)], check=True))
+        return path
+
+    yield make
+    for step in reversed(undo):
+        step()
 
 
 @pytest.fixture(scope="session")

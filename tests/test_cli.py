@@ -194,6 +194,45 @@ def test_index_build_with_a_ledger_that_does_not_exist_creates_none(tmp_path, tx
     assert not missing.exists() and not missing.parent.exists()
 
 
+def test_a_sqlite_ledger_that_cannot_be_written_is_named(tmp_path, tx, read_only):
+    """Not SQLite's bare "unable to open database file": the file, and what is wrong with
+    it. As root (chmod does not stop root) the folder and file are made immutable instead
+    (chattr +i; skipped where that is not allowed); a path under a regular file needs
+    neither."""
+    from pipeline import jobs
+    from pipeline.ingest import read_transactions
+    from pipeline.vectors import VectorConfig
+
+    jobs.build_index(read_transactions(tx, require_labels=True), "fraud",
+                     root=tmp_path / "indexes", encoder=None,
+                     vector_config=VectorConfig(text_dim=0))
+    score = ["score", "--input", str(tx), "--index", "fraud", "--output",
+             str(tmp_path / "s.parquet"), "--db"]
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    refused(*run_cli(*score, f"sqlite:///{blocker / 'ledger.sqlite'}"),
+            str(blocker / "ledger.sqlite"), f"{blocker} is a file, not a folder")
+
+    existing = tmp_path / "kept" / "ledger.sqlite"
+    with Ledger(f"sqlite:///{existing}") as ledger:
+        ledger.record_batch("a", "fraud", "in-a", 3, small_decisions("a", 3))
+        decision_id = ledger.decisions()[0]["decision_id"]
+    read_only(existing)
+    for args in (score + [f"sqlite:///{existing}"],
+                 ["audit", "review", decision_id, "--label", "false-positive", "--db",
+                  f"sqlite:///{existing}"]):
+        refused(*run_cli(*args), str(existing), "the file is read-only")
+    code, out, err = run_cli("audit", "verify", "--db", f"sqlite:///{existing}")
+    assert code == 0, err  # reading a read-only ledger still works
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    read_only(folder)
+    refused(*run_cli(*score, f"sqlite:///{folder / 'ledger.sqlite'}"),
+            str(folder / "ledger.sqlite"), f"folder {folder} is not writable")
+    assert not (tmp_path / "s.parquet").exists()
+
+
 @pytest.mark.parametrize("where", ["option", "environment"])
 def test_a_database_url_of_another_kind_is_refused_without_a_traceback(tmp_path, tx, where):
     url = "mysql://fs:Canary-pw-71@db/fs"

@@ -571,6 +571,58 @@ def test_an_existing_ledger_keeps_its_page_size(tmp_path):
         assert conn.execute("SELECT count(*) FROM decisions").fetchone()[0] == 2
 
 
+def test_a_new_sqlite_ledger_in_a_read_only_folder_is_named(tmp_path, read_only):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    read_only(folder)
+    path = folder / "ledger.sqlite"
+    with pytest.raises(LedgerError) as caught:
+        Ledger(f"sqlite:///{path}")
+    message = str(caught.value)
+    assert str(path) in message and f"folder {folder} is not writable" in message, message
+    assert not path.exists()
+
+
+def test_an_existing_sqlite_ledger_in_a_folder_made_read_only_is_named(tmp_path, read_only):
+    path = tmp_path / "ro" / "ledger.sqlite"
+    with Ledger(f"sqlite:///{path}") as ledger:
+        ledger.record_batch("b1", "fraud", "in", 2, make_decisions("b1", 2))
+    read_only(path.parent)
+    with pytest.raises(LedgerError) as caught:
+        Ledger(f"sqlite:///{path}")
+    message = str(caught.value)
+    assert str(path) in message and f"folder {path.parent} is not writable" in message, message
+
+
+def test_a_read_only_sqlite_ledger_file_reads_but_refuses_writes_naming_it(tmp_path, read_only):
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(f"sqlite:///{path}") as ledger:
+        ledger.record_batch("b1", "fraud", "in", 2, make_decisions("b1", 2))
+    read_only(path)
+    with Ledger(f"sqlite:///{path}") as ledger:
+        assert ledger.count() == 2 and ledger.verify().ok  # an auditor's read-only copy
+        with pytest.raises(LedgerError) as caught:
+            ledger.record_batch("b2", "fraud", "in2", 1, make_decisions("b2", 1))
+        message = str(caught.value)
+        assert str(path) in message and "the file is read-only" in message, message
+        with pytest.raises(LedgerError, match="the file is read-only"):
+            ledger.record_feedback(ledger.decisions()[0]["decision_id"], "false-positive",
+                                   None, "alice")
+        assert ledger.count() == 2
+
+
+def test_a_sqlite_ledger_under_a_regular_file_is_named(tmp_path):
+    """Works as root too: no permission involved, the path itself is impossible."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    for path in (blocker / "ledger.sqlite", blocker / "deeper" / "ledger.sqlite"):
+        with pytest.raises(LedgerError) as caught:
+            Ledger(f"sqlite:///{path}")
+        message = str(caught.value)
+        assert str(path) in message and f"{blocker} is a file, not a folder" in message, message
+    assert blocker.read_text() == "not a folder"
+
+
 def test_schema_version_mismatch_is_refused(db_url, raw):
     Ledger(db_url).close()
     with raw.begin() as conn:

@@ -124,7 +124,10 @@ def classify(
     label_map: LabelMap = None,
     companies: Annotated[Path | None, typer.Option(
         help="JSON map of company names to tickers, added to the built-in one.")] = None,
-    batch_id: Annotated[str | None, typer.Option("--batch-id")] = None,
+    batch_id: Annotated[str | None, typer.Option(
+        "--batch-id", help="Batch id in the ledger (default: derived from the input rows and "
+                           "the model, so re-classifying the same rows adds nothing).")
+    ] = None,
     quantize: bool = typer.Option(False, help="encoder: int8 dynamic quantisation on CPU."),
     root: ModelsRoot = None,
     db: DbOption = None,
@@ -135,7 +138,7 @@ def classify(
     from pipeline.cli import TABLE_SUFFIXES, check_input, check_output
     from pipeline.ledger import Ledger
     from pipeline.news_store import NewsStore
-    from pipeline.sentiment.jobs import classify_file
+    from pipeline.sentiment.jobs import classify_file, ledger_warning
     from pipeline.tickers import TickerExtractor
 
     check_input(input, "--input")
@@ -161,6 +164,9 @@ def classify(
         for row in report.per_ticker:
             table.add_row(*(escape(str(v)) for v in row.values()))
         out.print(table)
+    from pipeline.cli import _ledger_kept
+
+    _ledger_kept(ledger_warning(report), report.ledger_differing)
 
 
 @sentiment_app.command("evaluate")

@@ -18,8 +18,10 @@ from pipeline.ingest import IngestResult, write_quarantine
 from pipeline.ledger import BatchReceipt, Decision, Ledger, canonical_json
 from pipeline.news import BODY, HEADLINE, NEWS_ID, PUBLISHED_AT, SOURCE, TICKERS, read_news
 from pipeline.news_store import ArticleSentiment, NewsStore
+from pipeline.reconcile import Reconciliation, compare, recorded_decisions
+from pipeline.reconcile import warning as reconcile_warning
 from pipeline.scoring import batch_hash
-from pipeline.sentiment import LABEL_INDEX, LABELS, Classifier, Prediction
+from pipeline.sentiment import LABEL_INDEX, LABELS, Classifier, Prediction, signed_score
 from pipeline.sentiment.articles import classify_articles
 from pipeline.sentiment.data import LabelledTexts
 from pipeline.sentiment.metrics import classification_report
@@ -55,6 +57,13 @@ class SentimentReport:
     model_id: str
     seconds: float
     per_ticker: list[dict[str, Any]] = field(default_factory=list)
+    # When the batch was already in the ledger (see pipeline.reconcile): this run's
+    # classifications that differ from the recorded ones (label, confidence), those with
+    # another label, and the model the recorded ones name (None: this run recorded the
+    # batch). The output file, the daily table and the counts above are the recorded ones.
+    ledger_differing: int = 0
+    ledger_differing_labels: int = 0
+    ledger_model_version: str | None = None
 
 
 def article_hash(row: dict[str, Any]) -> str:
@@ -151,6 +160,62 @@ def record(ledger: Ledger, ingested: IngestResult, classified: ClassifiedNews,
                                ingested.ledger_rows())
 
 
+def reconcile(ledger: Ledger, classified: ClassifiedNews, batch_id: str
+              ) -> tuple[ClassifiedNews, Reconciliation]:
+    """For a batch the ledger already holds: how this run's classifications differ from the
+    recorded ones, and this run's results with each article's recorded label, confidence,
+    probabilities, signed score, tickers and model (what the output file and the daily table
+    then get). News batches are small: the recorded explanations are read whole."""
+    recorded = recorded_decisions(ledger, batch_id, KIND, explanation=True)
+    results = classified.results
+    fresh = results.select(
+        pl.col(NEWS_ID).alias("subject_id"), pl.col("label").alias("decision"),
+        pl.col("confidence").alias("score"), pl.lit(0.0).alias("threshold"))
+    check = compare(fresh, recorded, version_column="model_version",
+                    run_version=classified.audit["model_id"])
+    by_id = {row["subject_id"]: row for row in recorded.iter_rows(named=True)}
+    columns: dict[str, list[Any]] = {name: [] for name in (
+        "label", "score", "confidence", *(f"p_{label}" for label in LABELS), "units",
+        "failure", "model_id", TICKERS)}
+    for row in results.iter_rows(named=True):
+        held = by_id.get(row[NEWS_ID])
+        if held is None:  # not recorded (cannot happen for one input hash): left as it is
+            for name in columns:
+                columns[name].append(row[name])
+            continue
+        explanation = json.loads(held["explanation"])
+        probabilities = explanation.get("probabilities") or {}
+        columns["label"].append(held["decision"])
+        columns["score"].append(signed_score(probabilities))
+        columns["confidence"].append(held["score"])  # a failure's is 0.0, as recorded
+        for label in LABELS:
+            columns[f"p_{label}"].append(probabilities.get(label))
+        columns["units"].append(explanation.get("units", row["units"]))
+        columns["failure"].append(explanation.get("failure"))
+        columns["model_id"].append(held["model_version"])
+        columns[TICKERS].append(explanation.get("tickers", row[TICKERS]))
+    as_recorded = results.with_columns(
+        pl.Series(name, values, dtype=results.schema[name]) for name, values in columns.items())
+    return ClassifiedNews(as_recorded, classified.predictions, classified.audit,
+                          classified.inputs), check
+
+
+def ledger_warning(report: SentimentReport, retry: str = "`--batch-id NEW`") -> str | None:
+    """What to tell the user when the ledger already held the batch with other labels (or
+    from another model), else None."""
+    if report.ledger_model_version is None:
+        return None
+    check = Reconciliation(report.rows_classified, report.ledger_differing,
+                           report.ledger_differing_labels,
+                           tuple(report.ledger_model_version.split(", ")), report.model_id)
+    if not check.disagrees:
+        return None
+    return reconcile_warning(what="classifications", batch=f"batch {report.batch_id}",
+                             check=check, total=report.rows_classified, output=report.output,
+                             label_words="with another label", version_word="model",
+                             retry=retry)
+
+
 def article_rows(classified: ClassifiedNews, batch_id: str) -> list[ArticleSentiment]:
     """One row per (article, ticker) for the daily table; failed articles are left out."""
     out = []
@@ -189,17 +254,30 @@ def classify_file(input_path: str | Path, classifier: Classifier, output: str | 
     ingested = read_news(input_path)
     classified = classify_news(ingested, classifier, extractor=extractor)
     batch_id = resolve_batch_id(input_path, classified, batch_id, ingested)
+    receipt, classified, check = record_and_reconcile(ledger, ingested, classified, batch_id)
     out, qpath = write_results(classified, ingested, batch_id, output)
-    receipt = record(ledger, ingested, classified, batch_id)
     daily = (store.record(article_rows(classified, batch_id), classified_ids(classified))
              if store is not None else 0)
     return report_for(batch_id, ingested, classified, receipt, daily, out, qpath,
-                      time.perf_counter() - started)
+                      time.perf_counter() - started, check)
+
+
+def record_and_reconcile(ledger: Ledger, ingested: IngestResult, classified: ClassifiedNews,
+                         batch_id: str
+                         ) -> tuple[BatchReceipt, ClassifiedNews, Reconciliation | None]:
+    """:func:`record` the batch; for one the ledger already held, the results as recorded
+    and how this run's differ (see :func:`reconcile`); else this run's and None."""
+    receipt = record(ledger, ingested, classified, batch_id)
+    if not receipt.already_present:
+        return receipt, classified, None
+    as_recorded, check = reconcile(ledger, classified, batch_id)
+    return receipt, as_recorded, check
 
 
 def report_for(batch_id: str, ingested: IngestResult, classified: ClassifiedNews,
                receipt: BatchReceipt, daily_rows: int, out: Path, qpath: Path | None,
-               seconds: float) -> SentimentReport:
+               seconds: float, check: Reconciliation | None = None) -> SentimentReport:
+    """The job's report; ``classified`` as recorded (what the output file holds)."""
     results = classified.results
     counts = {label: int((results["label"] == label).sum()) for label in (*LABELS, FAILED)}
     per_ticker = (results.filter(pl.col("label") != FAILED).explode(TICKERS)
@@ -214,7 +292,10 @@ def report_for(batch_id: str, ingested: IngestResult, classified: ClassifiedNews
         ledger_already_present=receipt.already_present, daily_rows=daily_rows,
         output=str(out), quarantine=str(qpath) if qpath else None,
         model_id=classified.audit["model_id"], seconds=round(seconds, 2),
-        per_ticker=per_ticker.rename({TICKERS: "ticker"}).to_dicts())
+        per_ticker=per_ticker.rename({TICKERS: "ticker"}).to_dicts(),
+        ledger_differing=check.differing if check else 0,
+        ledger_differing_labels=check.labels_differing if check else 0,
+        ledger_model_version=(check.recorded_version or None) if check else None)
 
 
 def evaluate(classifier: Classifier, data: LabelledTexts, *, batch_size: int = 256
