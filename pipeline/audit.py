@@ -442,7 +442,8 @@ def _check_vector(vectorizer: Any, rebuilt: np.ndarray, recorded: np.ndarray,
                                           and text_diff <= text_tolerance)
     scored_as = (f"recorded in {recorded_precision} ({on_record.get('device', '?')})"
                  if recorded_precision else "precision not recorded (an older record: checked "
-                                            "as fp32)")
+                                            + ("with the fp16 tolerance, as this replay runs in "
+                                               "fp16)" if fp16 else "as fp32)"))
     parts = [f"text embedding {scored_as}, rebuilt in {replay_precision} "
              f"({getattr(encoder, 'device', '?')})"]
     within = "within" if text_diff <= text_tolerance else "beyond"

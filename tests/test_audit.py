@@ -761,6 +761,31 @@ def test_a_decision_scored_in_fp16_replays_on_a_cpu_in_fp32(world, text_world, t
     assert "fp16" in old_gpu.reason
 
 
+def test_an_old_record_replayed_in_fp16_does_not_claim_an_fp32_check(text_world, tmp_path):
+    """A record without its encoder precision (an older version wrote it), replayed by an
+    encoder in fp16 (a GPU's default): the fp16 tolerance applies, as the docs say for either
+    side in fp16, and the reason must not say it was checked as fp32."""
+    from pipeline.encoder import TextEncoder
+
+    root = tmp_path / "idx"
+    shutil.copytree(text_world["work"] / "idx", root)
+    db = tmp_path / "l.sqlite"
+    with Ledger(f"sqlite:///{db}") as ledger:
+        jobs.score_file(text_world["work"] / "small.parquet",
+                        FraudIndex.load("cards", root, encoder=text_world["encoder"]),
+                        tmp_path / "s.parquet", ledger=ledger, batch_id="cpu")
+        target = ledger.decisions(batch_id="cpu")[7]
+    _drop_recorded_precision(db)
+    fp16 = TextEncoder(device="cpu", precision="fp16", cache_dir=text_world["work"] / "cache")
+    with Ledger(f"sqlite:///{db}") as ledger:
+        result = audit.replay(ledger, target["decision_id"], root=root, encoder=fp16)
+    assert result.ok, result.reason
+    assert (result.recorded_precision, result.replay_precision) == (None, "fp16")
+    assert result.vector_tolerance > audit.VECTOR_TOLERANCE  # the fp16 tolerance applied
+    assert "checked as fp32" not in result.reason, result.reason
+    assert "not recorded" in result.reason
+
+
 def test_old_records_without_inputs_say_why_they_cannot_be_replayed(db_url, raw, world):
     write_v1_ledger(raw, n=1)
     with Ledger(db_url) as ledger:
