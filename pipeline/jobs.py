@@ -234,7 +234,8 @@ def ledger_warning(report: ScoreReport | DatasetReport, retry: str = "`--batch-i
              else f"each daily batch of {report.input}")
     return reconcile_warning(what="decisions", batch=batch, check=check,
                              total=report.rows_scored, output=report.output,
-                             label_words="alert/clear", version_word="index", retry=retry)
+                             label_words="flipped between alert and pass", version_word="index",
+                             retry=retry)
 
 
 def batch_input_hash(ingested: IngestResult, scored: ScoredBatch) -> str:

@@ -41,7 +41,7 @@ class Reconciliation:
 
     decisions: int  # recorded decisions of the batch
     differing: int  # this run's decisions that differ in label, score or threshold
-    labels_differing: int  # of those, the ones with another label (alert/clear, a sentiment)
+    labels_differing: int  # of those, the ones with another label (alert or pass, a sentiment)
     recorded_versions: tuple[str, ...]  # the index (fraud) or model (news) versions recorded
     run_version: str  # the version this run used
 

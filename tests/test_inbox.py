@@ -143,3 +143,36 @@ def test_a_file_replaced_while_it_is_read_stays_in_the_inbox(inbox, capsys):
     assert (inbox / "wire.csv").read_text() == "id\n4\n"
     out = capsys.readouterr().out
     assert "feed.csv" in out and "wire.csv" in out and "changed while" in out
+
+
+def test_inbox_files_taken_by_an_overlapping_run_are_skipped_not_crashed_on(tmp_path):
+    """Two runs of an inbox job overlap (a slow hourly run, the next one starts): a file the
+    other run has already moved, or moves while this one works on it, is not an error, and
+    every other file is still done."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("a.csv", "b.csv", "c.csv", "d.csv"):
+        (inbox / name).write_text("x\n")
+        time.sleep(0.01)  # distinct mtimes: pending() is oldest first
+    files = pending(inbox)
+    other = tmp_path / "other-run-done"
+    other.mkdir()
+    (inbox / "a.csv").rename(other / "a.csv")  # taken before this run reaches it
+    seen = []
+
+    def run(path: Path) -> _State:
+        seen.append(path.name)
+        if path.name == "b.csv":  # the other run finishes it while this one scores it
+            path.rename(other / path.name)
+            return _State("b")
+        if path.name == "c.csv":
+            path.rename(other / path.name)
+            return _State(InputError("c.csv: no such file"), ok=False)
+        return _State(path.name)
+
+    assert drain(files, run, what="transactions", inbox=inbox, unusable=InputError) \
+        == ["b", "d.csv"]
+    assert seen == ["b.csv", "c.csv", "d.csv"]  # a.csv was gone: not even tried
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["d.csv"]
+    assert not (inbox / "failed").exists()
+    assert sorted(p.name for p in other.iterdir()) == ["a.csv", "b.csv", "c.csv"]

@@ -96,8 +96,8 @@ def test_rescoring_with_another_threshold_keeps_and_writes_the_recorded_decision
     assert lower.ledger_index_version == index.version
     warning = jobs.ledger_warning(lower)
     assert warning is not None
-    for piece in (lower.batch_id, f"{would_flip:,} alert/clear", "ledger keeps the recorded",
-                  "--batch-id", lower.output):
+    for piece in (lower.batch_id, f"{would_flip:,} flipped between alert and pass",
+                  "ledger keeps the recorded", "--batch-id", lower.output):
         assert piece in warning, (piece, warning)
 
     # The output file holds what the ledger holds, not this run's decisions.
@@ -147,7 +147,7 @@ def test_score_command_warns_and_exits_1_when_the_ledger_keeps_other_decisions(
     assert code == 1, out + err
     assert "Traceback" not in text
     for piece in ("warning:", "already in the ledger", "ledger keeps the recorded decisions",
-                  "alert/clear", "--batch-id", str(tmp_path / "b.csv")):
+                  "flipped between alert and pass", "--batch-id", str(tmp_path / "b.csv")):
         assert piece in text, (piece, text)
     written = pl.read_csv(tmp_path / "b.csv")
     first = pl.read_csv(tmp_path / "a.csv")

@@ -264,55 +264,6 @@ def test_weekly_evaluation_tests_the_latest_week():
     assert latest_test_start(frame, ProtocolConfig()).isoformat() == "2024-03-22"
 
 
-class _State:
-    """Just enough of a Prefect state for pipeline.inbox.drain."""
-
-    def __init__(self, value: object, ok: bool = True):
-        self.value, self.ok = value, ok
-
-    def is_completed(self) -> bool:
-        return self.ok
-
-    def result(self, raise_on_failure: bool = True) -> object:
-        return self.value
-
-
-def test_inbox_files_taken_by_an_overlapping_run_are_skipped_not_crashed_on(tmp_path):
-    """Two runs of an inbox job overlap (a slow hourly run, the next one starts): a file the
-    other run has already moved, or moves while this one works on it, is not an error, and
-    every other file is still done."""
-    from pipeline.inbox import drain, pending
-    from pipeline.ingest import InputError
-
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    for name in ("a.csv", "b.csv", "c.csv", "d.csv"):
-        (inbox / name).write_text("x\n")
-        time.sleep(0.01)  # distinct mtimes: pending() is oldest first
-    files = pending(inbox)
-    other = tmp_path / "other-run-done"
-    other.mkdir()
-    (inbox / "a.csv").rename(other / "a.csv")  # taken before this run reaches it
-    seen = []
-
-    def run(path: Path) -> _State:
-        seen.append(path.name)
-        if path.name == "b.csv":  # the other run finishes it while this one scores it
-            path.rename(other / path.name)
-            return _State("b")
-        if path.name == "c.csv":
-            path.rename(other / path.name)
-            return _State(InputError("c.csv: no such file"), ok=False)
-        return _State(path.name)
-
-    assert drain(files, run, what="transactions", inbox=inbox, unusable=InputError) \
-        == ["b", "d.csv"]
-    assert seen == ["b.csv", "c.csv", "d.csv"]  # a.csv was gone: not even tried
-    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["d.csv"]
-    assert not (inbox / "failed").exists()
-    assert sorted(p.name for p in other.iterdir()) == ["a.csv", "b.csv", "c.csv"]
-
-
 def test_a_file_name_dropped_again_gets_its_own_scores_file(small_index, prefect_harness,
                                                             tmp_path, monkeypatch):
     """A feed that always arrives as `feed.csv`: each hour's drop keeps its own scores (and
