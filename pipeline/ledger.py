@@ -628,6 +628,7 @@ def _sqlite_engine(url: str) -> Engine:
                    else exc.strerror or str(exc))
             raise LedgerError(f"cannot create the folder {path.parent} of the SQLite ledger "
                               f"{path}: {why}") from exc
+        _check_sqlite_header(path)
     engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
 
     # SQLAlchemy's pysqlite recipe: stop the driver emitting its own (deferred) BEGIN, so that
@@ -654,6 +655,24 @@ def _sqlite_engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN")
 
     return engine
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_sqlite_header(path: Path) -> None:
+    """Refuse a file at the ledger path that is not a SQLite database (a wrong path at a notes
+    file, a truncated copy): SQLite would turn a tiny one into an empty ledger, which then
+    verifies as an intact chain, and fail on a larger one without naming it. An empty file is
+    a database SQLite has not written yet."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return  # not there yet (created), or a problem reported where it is met
+    if head and head != SQLITE_HEADER:
+        raise LedgerError(f"{path} is not a SQLite database (it does not start with SQLite's "
+                          f"header; first bytes {head[:8]!r}): is the ledger path right?")
 
 
 def _use_wal(cursor: Any) -> None:

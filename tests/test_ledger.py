@@ -623,6 +623,20 @@ def test_a_sqlite_ledger_under_a_regular_file_is_named(tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("content", [b"x", b"id,amount\n1,2\n" * 40])
+def test_a_file_that_is_not_a_sqlite_database_is_named_and_left_alone(tmp_path, content):
+    """A wrong --db path at a notes file or a truncated copy: SQLite silently makes a tiny
+    file into an empty database (which then verifies as an intact, empty chain) and fails on
+    a larger one without naming it."""
+    path = tmp_path / "ledger.sqlite"
+    path.write_bytes(content)
+    with pytest.raises(LedgerError) as caught:
+        Ledger(f"sqlite:///{path}")
+    message = str(caught.value)
+    assert str(path) in message and "not a SQLite database" in message, message
+    assert path.read_bytes() == content
+
+
 def test_schema_version_mismatch_is_refused(db_url, raw):
     Ledger(db_url).close()
     with raw.begin() as conn:
