@@ -15,7 +15,13 @@ from datetime import UTC, date, datetime
 
 import sqlalchemy as sa
 
-from pipeline.ledger import engine_for, resolve_db_url, retry_transient, write_transaction
+from pipeline.ledger import (
+    BATCHES,
+    engine_for,
+    resolve_db_url,
+    retry_transient,
+    write_transaction,
+)
 
 METADATA = sa.MetaData()
 # Writers of the daily table are serialised (one PostgreSQL advisory lock, SQLite's write lock):
@@ -102,23 +108,32 @@ class NewsStore:
         return stmt.on_conflict_do_update(index_elements=list(keys), set_=updates)
 
     def record(self, articles: Iterable[ArticleSentiment],
-               classified: Iterable[str] = ()) -> int:
+               classified: Iterable[str] = (), *, rerun_of: str | None = None) -> int:
         """Upsert article rows and recompute the touched daily rows; returns daily rows
         written. ``classified``: the news ids this run classified (with or without tickers);
         their earlier rows for tickers they no longer have are removed (a changed company map,
-        a corrected text), so a ticker's day counts each article under its current tickers."""
+        a corrected text), so a ticker's day counts each article under its current tickers.
+        ``rerun_of``: the ledger batch these rows were recorded as, when the ledger already
+        held it (a re-run): an article a later ledger batch has classified since keeps that
+        batch's rows (the table holds each article's latest classification)."""
         rows = [{"news_id": a.news_id, "ticker": a.ticker, "day": a.published_at.date(),
                  "published_at": a.published_at, "label": a.label, "score": float(a.score),
                  "model_version": a.model_version, "batch_id": a.batch_id} for a in articles]
         ids = frozenset(classified)
         if not rows and not ids:
             return 0
-        return retry_transient(lambda: self._record(rows, ids))
+        return retry_transient(lambda: self._record(rows, ids, rerun_of))
 
-    def _record(self, rows: list[dict], classified: frozenset[str] = frozenset()) -> int:
-        touched = {(r["ticker"], r["day"]) for r in rows}
+    def _record(self, rows: list[dict], classified: frozenset[str] = frozenset(),
+                rerun_of: str | None = None) -> int:
         now = datetime.now(UTC).isoformat(timespec="seconds")
         with write_transaction(self._engine, lock_key=PG_LOCK_KEY) as conn:
+            if rerun_of is not None:
+                later = _classified_since(conn, rerun_of,
+                                          {r["news_id"] for r in rows} | classified)
+                rows = [r for r in rows if r["news_id"] not in later]
+                classified = classified - later
+            touched = {(r["ticker"], r["day"]) for r in rows}
             # An article already stored on another day (its time was corrected) leaves that
             # day, and a ticker it no longer has loses it: those days are recomputed too.
             keys = {(r["news_id"], r["ticker"]) for r in rows}
@@ -189,3 +204,26 @@ class NewsStore:
             query = query.where(ARTICLES.c.ticker == ticker)
         with self._engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def _classified_since(conn: sa.Connection, batch_id: str, news_ids: set[str]) -> set[str]:
+    """The articles among ``news_ids`` whose stored rows come from a ledger batch recorded
+    after ``batch_id`` (by the batches' creation times)."""
+    ids = sorted(news_ids)
+    owners: dict[str, set[str]] = {}
+    for start in range(0, len(ids), PAIRS_PER_QUERY):
+        for news_id, owner in conn.execute(
+                sa.select(ARTICLES.c.news_id, ARTICLES.c.batch_id).distinct().where(
+                    ARTICLES.c.news_id.in_(ids[start:start + PAIRS_PER_QUERY]))):
+            if owner != batch_id:
+                owners.setdefault(news_id, set()).add(owner)
+    if not owners:
+        return set()
+    batches = sorted({b for found in owners.values() for b in found} | {batch_id})
+    created = dict(conn.execute(
+        sa.select(BATCHES.c.batch_id, BATCHES.c.created_at).where(
+            BATCHES.c.kind == "sentiment",  # pipeline.sentiment.jobs.KIND
+            BATCHES.c.batch_id.in_(batches))).all())
+    mine = created.get(batch_id, "")
+    return {news_id for news_id, found in owners.items()
+            if any(created.get(b, "") > mine for b in found)}

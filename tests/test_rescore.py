@@ -283,3 +283,31 @@ def test_classify_command_warns_and_exits_1_when_the_ledger_keeps_other_labels(
     for piece in ("warning:", "ledger keeps the recorded", "3 of 3", "--batch-id"):
         assert piece in text, (piece, text)
     assert pl.read_csv(tmp_path / "b.csv")["label"].to_list() == ["neutral"] * 3
+
+
+def test_rerunning_an_older_news_batch_leaves_a_later_batchs_labels_in_the_daily_table(
+        news, db_url, tmp_path):
+    """The articles were classified again since, under another batch (a new model): re-running
+    the older file keeps its recorded labels in its own output, but the daily table keeps the
+    later classification. A re-run whose table write never happened (a crash after the
+    ledger write) still fills it in."""
+    from pipeline.sentiment.jobs import classify_file
+
+    with Ledger(db_url) as ledger, NewsStore(db_url) as store:
+        classify_file(news, _Fixed("neutral"), tmp_path / "a.parquet", ledger=ledger,
+                      store=store)
+        classify_file(news, _Fixed("positive", "new@2"), tmp_path / "b.parquet",
+                      ledger=ledger, store=store, batch_id="news-new-model")
+        assert all(d["positive"] == d["articles"] for d in store.daily())
+        again = classify_file(news, _Fixed("neutral"), tmp_path / "c.parquet", ledger=ledger,
+                              store=store)
+        assert again.ledger_added == 0
+        assert pl.read_parquet(again.output)["label"].to_list() == ["neutral"] * 3
+        assert all(d["positive"] == d["articles"] for d in store.daily())
+
+        # Only the ledger write happened for this batch (the table write was lost).
+        classify_file(news, _Fixed("negative", "newest@3"), tmp_path / "d.parquet",
+                      ledger=ledger, store=None, batch_id="news-newest")
+        classify_file(news, _Fixed("negative", "newest@3"), tmp_path / "e.parquet",
+                      ledger=ledger, store=store, batch_id="news-newest")
+        assert all(d["negative"] == d["articles"] for d in store.daily())
