@@ -313,8 +313,11 @@ def features_section(r: dict[str, Any]) -> str:
     if ratio < 20:
         lines += ["", "Why not 20× against the vectorised pandas: its `groupby().rolling()` runs "
                   "each window in compiled code too (one pass per group and window, on one "
-                  "core); polars computes the same windows as prefix sums and sorted searches "
-                  "over two cores, so the gap on this 2-core machine is a few times, not 20. "
+                  "core); polars computes the same windows as prefix sums and one binary search "
+                  "per window over the whole column (key: group, then time rank; one sort per "
+                  "id, both ids on the two cores at once), about 0.05 s a step on 1.17M rows, "
+                  "so the gap on this 2-core machine is several times, not 20 "
+                  "(it was 5.4× when polars evaluated each window group by group). "
                   "The 20× holds against the handbook's own per-group pandas code, which is "
                   "what the pipeline replaced."]
     return "\n".join(lines)
