@@ -70,7 +70,10 @@ class TrainConfig:
     # as the single-dataset runs): PhraseBank 0.835 against 0.848, Twitter 0.847 against 0.853.
     # Nor a longer schedule: 5 epochs (same lr, decay stretched) peaked at PhraseBank 0.837
     # (epoch 4-5) and Twitter 0.852 (epoch 2; 0.837 at 5, validation loss rising) against
-    # 0.848 / 0.853 at the end of 3.
+    # 0.848 / 0.853 at the end of 3. Nor kNN-LM interpolation of the classifier's probabilities
+    # with those of the nearest training embeddings (weight <= 0.5, k <= 50): PhraseBank 0.848
+    # -> at most 0.848; Twitter 0.853 -> 0.858 at the grid's best, about 0 when the weight and k
+    # are chosen on one half and measured on the other.
     base_model: str | None = None  # local directory; default: the packaged all-MiniLM-L6-v2
 
     def __post_init__(self) -> None:
