@@ -90,13 +90,21 @@ def features_job(input_path: str | Path, output_path: str | Path,
     ingested = read_transactions(input_path)
     featured = compute_features(ingested.accepted, label_delay_days=label_delay_days)
     out = write_frame(featured, output_path)
-    if ingested.quarantined.height:
-        write_quarantine(ingested, quarantine_path(out))
+    quarantine_beside(ingested, out)
     return ingested, out
 
 
 def quarantine_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}.quarantine.parquet")
+
+
+def quarantine_beside(ingested: IngestResult, output: Path) -> Path | None:
+    """The quarantined rows to the file beside ``output``; with none, no file there: an
+    earlier run's would read as this run's (rows in != scored + quarantined)."""
+    if ingested.quarantined.height:
+        return write_quarantine(ingested, quarantine_path(output))
+    quarantine_path(output).unlink(missing_ok=True)
+    return None
 
 
 def build_index(ingested: IngestResult, name: str, *, root: str | Path | None = None,
@@ -225,17 +233,32 @@ def ledger_warning(report: ScoreReport | DatasetReport, retry: str = "`--batch-i
     (or another index version), else None; ``retry`` says how to give a new batch id."""
     if report.ledger_index_version is None:
         return None
-    check = Reconciliation(report.rows_scored, report.ledger_differing,
-                           report.ledger_differing_labels,
+    # The recorded decisions compared: the batch's (all its rows, on a re-run), or those of
+    # the day batches the ledger already held (partitioned scoring; other days may be new).
+    compared = report.ledger_already_present
+    check = Reconciliation(compared, report.ledger_differing, report.ledger_differing_labels,
                            tuple(report.ledger_index_version.split(", ")), report.index_version)
     if not check.disagrees:
         return None
-    batch = (f"batch {report.batch_id}" if hasattr(report, "batch_id")
-             else f"each daily batch of {report.input}")
-    return reconcile_warning(what="decisions", batch=batch, check=check,
-                             total=report.rows_scored, output=report.output,
+    plural, others = False, None
+    if hasattr(report, "batch_id"):
+        batch = f"batch {report.batch_id}"
+    else:
+        held, new = report.ledger_batches_present, report.ledger_batches_added
+        if new:  # some days were new to the ledger: recorded, and written, as this run made
+            batch = f"{held:,} of the {held + new:,} daily batches of {report.input}"
+            plural = held != 1
+            others = (f"the other {new:,} daily batch{'es' if new != 1 else ''} "
+                      f"({report.ledger_added:,} decisions) {'were' if new != 1 else 'was'} "
+                      "new to the ledger: recorded, and written there, with this run's "
+                      "decisions")
+        else:
+            batch = (f"each of the {held:,} daily batches of {report.input}" if held > 1
+                     else f"the daily batch of {report.input}")
+    return reconcile_warning(what="decisions", batch=batch, check=check, total=compared,
+                             output=report.output,
                              label_words="flipped between alert and pass", version_word="index",
-                             retry=retry)
+                             retry=retry, plural=plural, others=others)
 
 
 def batch_input_hash(ingested: IngestResult, scored: ScoredBatch) -> str:
@@ -271,10 +294,7 @@ def write_outputs(scored: ScoredBatch, ingested: IngestResult, batch_id: str,
     """Scores to ``output_path``; quarantined rows (if any) beside it."""
     out = write_frame(scored.scores.with_columns(pl.lit(batch_id).alias("batch_id")),
                       output_path)
-    qpath = None
-    if ingested.quarantined.height:
-        qpath = write_quarantine(ingested, quarantine_path(out))
-    return out, qpath
+    return out, quarantine_beside(ingested, out)
 
 
 def score_file(input_path: str | Path, index: FraudIndex, output_path: str | Path, *,

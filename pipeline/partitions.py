@@ -81,6 +81,7 @@ class PartitionReport:
     # Its day batches the ledger already held, compared with this run (pipeline.reconcile);
     # None when it recorded every one. Its scores are the recorded ones.
     ledger_check: Reconciliation | None = None
+    ledger_batches_added: int = 0  # its day batches with decisions this run recorded
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,10 @@ class DatasetReport:
     ledger_differing: int = 0
     ledger_differing_labels: int = 0
     ledger_index_version: str | None = None
+    # Day batches with decisions: those the ledger already held (their decisions are the
+    # recorded ones, ledger_already_present of them), and those this run recorded.
+    ledger_batches_present: int = 0
+    ledger_batches_added: int = 0
 
 
 def _time_column(path: Path) -> tuple[pl.LazyFrame, pl.Expr]:
@@ -263,7 +268,7 @@ def score_partition(path: str | Path, partition: Partition, index: FraudIndex,
     ingested, history = read_partition(path, partition, history_margin(
         index.config.label_delay_days))
     scored = FraudScorer(index, config).score(ingested.accepted, history)
-    batches, added, present, checks, recorded = [], 0, 0, [], []
+    batches, added, present, checks, recorded, new = [], 0, 0, [], [], 0
     with Ledger(db) as ledger:
         for day, part, held in _day_batches(scored, ingested):
             batch = day_batch_id(path, day, part.scores["input_hash"].to_list()
@@ -276,6 +281,7 @@ def score_partition(path: str | Path, partition: Partition, index: FraudIndex,
                     "decision"))
             batches.append((day, batch))
             added = added + result.receipt.added
+            new = new + (result.receipt.added > 0)
             present = present + result.receipt.already_present
     if recorded:
         scored = ScoredBatch(as_recorded(scored.scores, pl.concat(recorded)), scored.evidence,
@@ -294,7 +300,7 @@ def score_partition(path: str | Path, partition: Partition, index: FraudIndex,
         rows_quarantined=ingested.quarantined.height, margin_rows=history.height,
         alerts=int((scored.scores["decision"] == "alert").sum()), ledger_added=added,
         ledger_already_present=present, output=str(out), quarantine=str(qpath) if qpath else None,
-        ledger_check=combine(checks))
+        ledger_check=combine(checks), ledger_batches_added=new)
 
 
 def merge_parts(input: str | Path, reports: list[PartitionReport], output: str | Path,
@@ -318,6 +324,8 @@ def merge_parts(input: str | Path, reports: list[PartitionReport], output: str |
         with atomic_path(qpath) as tmp:
             pl.concat([pl.scan_parquet(q) for q in quarantined]).sort("row_number") \
                 .sink_parquet(tmp)
+    else:  # an earlier run's quarantine file beside it would read as this run's
+        quarantine_path(output).unlink(missing_ok=True)
     directory = part_path(output, 0).parent
     for p in (*parts, *quarantined):
         Path(p).unlink(missing_ok=True)
@@ -334,7 +342,9 @@ def merge_parts(input: str | Path, reports: list[PartitionReport], output: str |
         index_version=index_version, partitions=reports,
         ledger_differing=check.differing if check else 0,
         ledger_differing_labels=check.labels_differing if check else 0,
-        ledger_index_version=(check.recorded_version or None) if check else None)
+        ledger_index_version=(check.recorded_version or None) if check else None,
+        ledger_batches_present=check.batches if check else 0,
+        ledger_batches_added=sum(r.ledger_batches_added for r in reports))
 
 
 def score_dataset(path: str | Path, index_name: str, output: str | Path, *, partitions: int,

@@ -44,6 +44,7 @@ class Reconciliation:
     labels_differing: int  # of those, the ones with another label (alert or pass, a sentiment)
     recorded_versions: tuple[str, ...]  # the index (fraud) or model (news) versions recorded
     run_version: str  # the version this run used
+    batches: int = 1  # the recorded batches compared (partitioned scoring: days)
 
     @property
     def disagrees(self) -> bool:
@@ -94,20 +95,28 @@ def combine(checks: list[Reconciliation]) -> Reconciliation | None:
         decisions=sum(c.decisions for c in checks), differing=sum(c.differing for c in checks),
         labels_differing=sum(c.labels_differing for c in checks),
         recorded_versions=tuple(sorted({v for c in checks for v in c.recorded_versions})),
-        run_version=checks[0].run_version)
+        run_version=checks[0].run_version, batches=sum(c.batches for c in checks))
 
 
 def warning(*, what: str, batch: str, check: Reconciliation, total: int, output: str,
-            label_words: str, version_word: str, retry: str) -> str:
+            label_words: str, version_word: str, retry: str, plural: bool = False,
+            others: str | None = None) -> str:
     """The message for a re-run the ledger kept other decisions of: what differs, that the
-    ledger and ``output`` hold the recorded decisions, and how to record this run's."""
+    ledger and ``output`` hold the recorded decisions, and how to record this run's.
+
+    ``total`` is the number of recorded decisions compared; ``plural``: ``batch`` names
+    several batches (``were``, ``their``); ``others`` says what became of the run's rows that
+    were new to the ledger (partitioned scoring: days not recorded before)."""
     if check.differing:
         differs = (f"{check.differing:,} of {total:,} {what} differ from the recorded ones "
                    f"({check.labels_differing:,} {label_words})")
     else:
-        differs = f"its {what} equal the recorded ones"
-    return (f"{batch} was already in the ledger, recorded with {version_word} "
-            f"{check.recorded_version}; this run used {check.run_version} and {differs}. The "
-            f"ledger keeps the recorded decisions, and {output} holds them too, not this "
-            f"run's. To record this run's decisions, run it again under a new batch id "
-            f"({retry}): a new batch, beside the recorded one.")
+        differs = f"{'their' if plural else 'its'} {what} equal the recorded ones"
+    kept = f"{output} holds them too, not this run's"
+    if others:
+        kept = f"{kept}; {others}"
+    return (f"{batch} {'were' if plural else 'was'} already in the ledger, recorded with "
+            f"{version_word} {check.recorded_version}; this run used {check.run_version} and "
+            f"{differs}. The ledger keeps the recorded decisions, and {kept}. To record this "
+            f"run's decisions, run it again under a new batch id ({retry}): a new batch, beside "
+            "the recorded one.")

@@ -255,3 +255,36 @@ def test_cli_run_on_a_local_cluster_starts_one_temporary_prefect_server(dataset,
     with Ledger(f"sqlite:///{db}") as ledger:
         assert ledger.count() == dataset["rows"] - 4 and ledger.verify().ok
     load_index.cache_clear()
+
+
+def test_a_new_run_to_the_same_output_leaves_no_earlier_quarantine_file_beside_it(
+        dataset, tmp_path):
+    """The file written again by a run with no quarantined row: the earlier run's quarantine
+    file used to stay beside it, its rows counted with the new scores (rows in != scored +
+    quarantined), and nothing said it was stale."""
+    clean = tmp_path / "clean.parquet"
+    feed = pl.read_parquet(dataset["feed"])
+    feed.filter(pl.col(schema.TX_TIME).is_not_null() & (pl.col(schema.AMOUNT) >= 0)
+                & pl.col(schema.CUSTOMER_ID).is_not_null()).unique(
+        schema.TRANSACTION_ID, keep="first", maintain_order=True).write_parquet(clean)
+    db = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    for name, run in (
+            ("parts", lambda path, out: score_dataset(path, "fraud", out, partitions=2, db=db,
+                                                      root=str(dataset["root"]))),
+            ("whole", lambda path, out: _whole(path, out, dataset["index"], db))):
+        out = tmp_path / f"{name}.parquet"
+        first = run(dataset["feed"], out)
+        assert first.quarantine and Path(first.quarantine).exists()
+        again = run(clean, out)
+        assert again.rows_quarantined == 0 and again.quarantine is None
+        assert not jobs.quarantine_path(out).exists(), name
+    out = tmp_path / "features.parquet"
+    assert jobs.features_job(dataset["feed"], out)[0].quarantined.height
+    assert jobs.quarantine_path(out).exists()
+    assert jobs.features_job(clean, out)[0].quarantined.height == 0
+    assert not jobs.quarantine_path(out).exists()
+
+
+def _whole(path, out, index, db):
+    with Ledger(db) as ledger:
+        return jobs.score_file(path, index, out, ledger=ledger)

@@ -179,6 +179,88 @@ def test_partitioned_rescoring_keeps_and_writes_the_recorded_decisions(feed, db_
     assert again.alerts == first.alerts
 
 
+def test_partitioned_rerun_with_some_days_new_says_which_days_the_ledger_kept(
+        feed, db_url, tmp_path, monkeypatch):
+    """The file's first days were recorded (an earlier, shorter copy of it, or a run that
+    failed part-way) and it is scored again, whole, with another threshold: those days keep
+    their recorded decisions, the other days are recorded with this run's. The warning used
+    to say that *each* daily batch was already in the ledger, counted the differences among
+    all the file's decisions, and said the output held none of this run's."""
+    from pipeline.partitions import score_dataset
+
+    week = pl.read_parquet(feed["input"])
+    start = week[schema.TX_TIME].min().replace(hour=0, minute=0, second=0, microsecond=0)
+    days = week[schema.TX_TIME].dt.date().n_unique()
+    early, full = tmp_path / "early" / "week.parquet", tmp_path / "full" / "week.parquet"
+    for path in (early, full):  # one file name: the same days are the same batches
+        path.parent.mkdir()
+    week.filter(pl.col(schema.TX_TIME) < start + timedelta(days=3)).write_parquet(early)
+    week.write_parquet(full)
+    kwargs = dict(partitions=2, db=db_url, root=str(feed["root"]))
+    first = score_dataset(early, "fraud", tmp_path / "a.parquet",
+                          config=ScoringConfig(threshold=0.5), **kwargs)
+    again = score_dataset(full, "fraud", tmp_path / "b.parquet",
+                          config=ScoringConfig(threshold=0.05), **kwargs)
+    recorded_before = set(_output_view(first.output)[schema.TRANSACTION_ID])
+    assert again.ledger_already_present == first.rows_scored
+    assert again.ledger_added == again.rows_scored - first.rows_scored > 0
+    assert again.rows_in == again.rows_scored + again.rows_quarantined
+    assert again.ledger_differing == first.rows_scored  # every recorded threshold differs
+    assert (again.ledger_batches_present, again.ledger_batches_added) == (3, days - 3)
+
+    warning = flat(jobs.ledger_warning(again))
+    assert "each daily batch" not in warning, warning
+    for piece in (f"3 of the {days} daily batches of {full} were already in the ledger",
+                  f"{first.rows_scored:,} of {first.rows_scored:,} decisions differ",
+                  f"other {days - 3} daily batches ({again.ledger_added:,} decisions)",
+                  "this run's decisions", "ledger keeps the recorded", "--batch-id"):
+        assert piece in warning, (piece, warning)
+    assert f"of {again.rows_scored:,} decisions" not in warning, warning
+
+    # The output: the recorded decisions for the recorded days, this run's for the others.
+    written = _output_view(again.output)
+    old = written.filter(pl.col(schema.TRANSACTION_ID).is_in(recorded_before))
+    new = written.filter(~pl.col(schema.TRANSACTION_ID).is_in(recorded_before))
+    assert old.equals(_output_view(first.output))
+    assert new.height == again.ledger_added
+    assert set(new["threshold"]) == {0.05}
+    assert again.alerts == int((written["decision"] == "alert").sum())
+
+    # The CLI (the flow replaced by the same job in this process): the warning, and exit 1.
+    import flows.score_dataset as flow_module
+
+    def in_process(*, address, workers, input, index, output, partitions, db, root,
+                   threshold, alerts_per_day, k, batch_id):
+        return score_dataset(input, index, output, partitions=partitions,
+                             db=db.get_secret_value() if db else None, root=root,
+                             config=ScoringConfig(k=k, threshold=threshold,
+                                                  alerts_per_day=alerts_per_day),
+                             batch_id=batch_id)
+
+    monkeypatch.setattr(flow_module, "score_dataset_on_dask", in_process)
+    db = f"sqlite:///{tmp_path / 'cli.sqlite'}"
+
+    def cli(path, output, threshold):
+        code, out, err = run_cli("score", "--input", str(path), "--index", "fraud", "--root",
+                                 str(feed["root"]), "--db", db, "--partitions", "2",
+                                 "--output", str(tmp_path / output), "--threshold", threshold)
+        text = flat(out + err)
+        assert "Traceback" not in text, text
+        return code, text
+
+    code, text = cli(early, "c.parquet", "0.5")
+    assert code == 0 and "warning" not in text, text
+    code, text = cli(full, "d.parquet", "0.05")
+    assert code == 1, text
+    assert f"3 of the {days} daily batches of {full} were already" in text, text
+    assert "each daily batch" not in text, text
+    # Now every day is in the ledger: the first three differ, the others are this run's.
+    code, text = cli(full, "e.parquet", "0.05")
+    assert code == 1, text
+    assert f"each of the {days} daily batches of {full} was already in the ledger" in text, text
+    assert f"{first.rows_scored:,} of {again.rows_scored:,} decisions differ" in text, text
+
+
 def test_score_flow_writes_the_recorded_decisions_and_warns(feed, prefect_harness, tmp_path):
     from flows.score_transactions import score_transactions
 
