@@ -13,8 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 from pydantic import SecretStr
 
-from pipeline.artifacts import current_version
-from pipeline.index import default_root
+from pipeline.artifacts import current_version, resolve
+from pipeline.index import default_root, manifest_version
 from pipeline.ledger import is_transient
 from pipeline.partitions import (
     DatasetReport,
@@ -60,7 +60,9 @@ def score_dataset(input: str, index: str, output: str, partitions: int = 8,
     futures = [score_one.submit(input, p, index, root, version, output, db, config, batch_id)
                for p in plan]
     reports = [f.result() for f in futures]
-    report = merge_parts(input, reports, output, f"{index}@{version}")
+    # As the partitions recorded it: the manifest's name, not the folder's (a copied index).
+    run_version = manifest_version(resolve(root, index, version, verify=False)[1])
+    report = merge_parts(input, reports, output, run_version)
     print(f"{report.rows_in} rows in {len(plan)} partitions: {report.rows_scored} scored, "
           f"{report.rows_quarantined} quarantined, {report.alerts} alerts, "
           f"{report.ledger_added} new ledger records")

@@ -144,6 +144,12 @@ def _to_gpu(index: faiss.Index, float16: bool = False) -> faiss.Index:
     return gpu
 
 
+def manifest_version(manifest: dict[str, Any]) -> str:
+    """``name@version`` as the ledger records an index: the name saved in its manifest, which
+    stays with a copied or renamed index folder."""
+    return f"{manifest.get('name', '?')}@{manifest.get('version', 'unsaved')}"
+
+
 class FraudIndex:
     """Labelled history: vectors in FAISS plus, per vector, its id, time, label and label time."""
 
@@ -184,7 +190,7 @@ class FraudIndex:
 
     @property
     def version(self) -> str:
-        return f"{self.manifest.get('name', '?')}@{self.manifest.get('version', 'unsaved')}"
+        return manifest_version(self.manifest)
 
     @classmethod
     def build(cls, history: pl.DataFrame, *, encoder: TextEncoder | None,

@@ -5,6 +5,7 @@ through the Prefect flow on a two-worker Dask LocalCluster."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from datetime import timedelta
@@ -288,3 +289,26 @@ def test_a_new_run_to_the_same_output_leaves_no_earlier_quarantine_file_beside_i
 def _whole(path, out, index, db):
     with Ledger(db) as ledger:
         return jobs.score_file(path, index, out, ledger=ledger)
+
+
+def test_flow_rerun_against_a_copied_index_folder_reports_no_version_change(
+        dataset, prefect_harness, tmp_path):
+    """The flow named its run's index by the folder (``copy@v``) while the partitions record
+    the manifest's name (``fraud@v``): every plain re-run of a copied or renamed index read
+    as a version change."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.score_dataset import score_dataset as flow
+
+    root = tmp_path / "indexes"
+    shutil.copytree(dataset["root"] / "fraud", root / "copy")
+    run = flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))
+    db = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    params = dict(input=str(dataset["feed"]), index="copy", output=str(tmp_path / "s.parquet"),
+                  partitions=2, db=db, root=str(root))
+    first = run(**params)
+    load_index.cache_clear()
+    again = run(**params)
+    assert first.index_version == again.index_version == dataset["index"].version
+    assert again.ledger_added == 0 and again.ledger_already_present == first.rows_scored
+    assert jobs.ledger_warning(again) is None
