@@ -74,13 +74,13 @@ def record_decisions(db: str | None, ingested: IngestResult, classified: Classif
 
 @task(retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=transient_db_error,
       cache_policy=NO_CACHE)
-def update_daily(db: str | None, classified: ClassifiedNews, batch_id: str,
-                 rerun: bool = False) -> int:
-    """The batch's articles into the per-ticker daily table (``rerun``: the ledger already
-    held the batch, so articles classified again since keep their later rows)."""
+def update_daily(db: str | None, classified: ClassifiedNews, batch_id: str) -> int:
+    """The batch's articles into the per-ticker daily table, as recorded in the ledger as
+    ``batch_id``: articles a later ledger batch has classified since (a re-run of an older
+    batch, or another run that recorded a later batch meanwhile) keep their later rows."""
     with NewsStore(db) as store:
         return store.record(article_rows(classified, batch_id), classified_ids(classified),
-                            rerun_of=batch_id if rerun else None)
+                            ledger_batch=batch_id)
 
 
 @flow(name="classify_news", log_prints=True)
@@ -105,7 +105,7 @@ def classify_news(input: str, model: str, output: str, backend: str = "encoder",
     receipt, classified, check = record_decisions(db, quote(ingested), quote(classified),
                                                   batch_id)
     out, qpath = write_outputs(quote(classified), quote(ingested), batch_id, output)
-    daily = update_daily(db, quote(classified), batch_id, bool(receipt.already_present))
+    daily = update_daily(db, quote(classified), batch_id)
     report = report_for(batch_id, ingested, classified, receipt, daily, out, qpath,
                         time.perf_counter() - started, check)
     create_table_artifact(

@@ -9,19 +9,26 @@ one transaction, so re-running a batch, or classifying an article again, never d
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from typing import TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
 
 from pipeline.ledger import (
     BATCHES,
+    DECISIONS,
+    _sqlite_error,
+    _sqlite_file,
     engine_for,
     resolve_db_url,
     retry_transient,
     write_transaction,
 )
+
+T = TypeVar("T")
 
 METADATA = sa.MetaData()
 # Writers of the daily table are serialised (one PostgreSQL advisory lock, SQLite's write lock):
@@ -79,8 +86,27 @@ class NewsStore:
 
     def __init__(self, url: str | None = None):
         self.url = resolve_db_url(url)
+        # engine_for refuses a file that is not a SQLite database, or under a regular file,
+        # naming it (LedgerError); what SQLite itself refuses is named by _named.
         self._engine = engine_for(self.url)
-        retry_transient(self._create_tables)
+        self._file = _sqlite_file(self.url)
+        try:
+            self._named(lambda: retry_transient(self._create_tables))
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    def _named(self, fn: Callable[[], T]) -> T:
+        """Call ``fn``; a SQLite error that names neither the file nor the cause (a read-only
+        file or folder, a folder at the path) is raised as a LedgerError naming both, as the
+        ledger does for the same database."""
+        try:
+            return fn()
+        except OperationalError as exc:
+            error = _sqlite_error(self._file, exc) if self._file is not None else None
+            if error is None:
+                raise
+            raise error from exc
 
     def _create_tables(self) -> None:
         with write_transaction(self._engine, lock_key=PG_LOCK_KEY) as conn:
@@ -108,28 +134,31 @@ class NewsStore:
         return stmt.on_conflict_do_update(index_elements=list(keys), set_=updates)
 
     def record(self, articles: Iterable[ArticleSentiment],
-               classified: Iterable[str] = (), *, rerun_of: str | None = None) -> int:
+               classified: Iterable[str] = (), *, ledger_batch: str | None = None) -> int:
         """Upsert article rows and recompute the touched daily rows; returns daily rows
         written. ``classified``: the news ids this run classified (with or without tickers);
         their earlier rows for tickers they no longer have are removed (a changed company map,
         a corrected text), so a ticker's day counts each article under its current tickers.
-        ``rerun_of``: the ledger batch these rows were recorded as, when the ledger already
-        held it (a re-run): an article a later ledger batch has classified since keeps that
-        batch's rows (the table holds each article's latest classification)."""
+        ``ledger_batch``: the ledger batch these rows were recorded as (a first run or a
+        re-run): an article a later ledger batch has classified since keeps what that batch
+        left here (the table holds each article's latest classification, whichever writer
+        comes last: a re-run of an older batch, or an older batch's slower writer). Without
+        it, the rows are taken as the latest."""
         rows = [{"news_id": a.news_id, "ticker": a.ticker, "day": a.published_at.date(),
                  "published_at": a.published_at, "label": a.label, "score": float(a.score),
                  "model_version": a.model_version, "batch_id": a.batch_id} for a in articles]
         ids = frozenset(classified)
         if not rows and not ids:
             return 0
-        return retry_transient(lambda: self._record(rows, ids, rerun_of))
+        return self._named(lambda: retry_transient(
+            lambda: self._record(rows, ids, ledger_batch)))
 
     def _record(self, rows: list[dict], classified: frozenset[str] = frozenset(),
-                rerun_of: str | None = None) -> int:
+                ledger_batch: str | None = None) -> int:
         now = datetime.now(UTC).isoformat(timespec="seconds")
         with write_transaction(self._engine, lock_key=PG_LOCK_KEY) as conn:
-            if rerun_of is not None:
-                later = _classified_since(conn, rerun_of,
+            if ledger_batch is not None:
+                later = _classified_since(conn, ledger_batch,
                                           {r["news_id"] for r in rows} | classified)
                 rows = [r for r in rows if r["news_id"] not in later]
                 classified = classified - later
@@ -194,6 +223,9 @@ class NewsStore:
             query = query.where(DAILY.c.day >= start)
         if end is not None:
             query = query.where(DAILY.c.day <= end)
+        return self._named(lambda: self._rows(query))
+
+    def _rows(self, query: sa.Select) -> list[dict]:
         with self._engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 
@@ -202,28 +234,43 @@ class NewsStore:
                                              ARTICLES.c.news_id)
         if ticker is not None:
             query = query.where(ARTICLES.c.ticker == ticker)
-        with self._engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query).mappings()]
+        return self._named(lambda: self._rows(query))
 
 
 def _classified_since(conn: sa.Connection, batch_id: str, news_ids: set[str]) -> set[str]:
-    """The articles among ``news_ids`` whose stored rows come from a ledger batch recorded
-    after ``batch_id`` (by the batches' creation times)."""
+    """The articles among ``news_ids`` that a ledger batch recorded after ``batch_id`` (by the
+    batches' creation times) has classified since: those whose stored rows come from such a
+    batch, and those such a batch gave a label (not a failure) in the ledger, whatever rows
+    it left here (none, when the later classification named no ticker)."""
     ids = sorted(news_ids)
-    owners: dict[str, set[str]] = {}
+    if not ids:
+        return set()
+    mine = conn.execute(sa.select(BATCHES.c.created_at).where(
+        BATCHES.c.kind == "sentiment",  # pipeline.sentiment.jobs.KIND
+        BATCHES.c.batch_id == batch_id)).scalar_one_or_none() or ""
+    later = set()
     for start in range(0, len(ids), PAIRS_PER_QUERY):
+        chunk = ids[start:start + PAIRS_PER_QUERY]
+        owners: dict[str, set[str]] = {}
         for news_id, owner in conn.execute(
                 sa.select(ARTICLES.c.news_id, ARTICLES.c.batch_id).distinct().where(
-                    ARTICLES.c.news_id.in_(ids[start:start + PAIRS_PER_QUERY]))):
+                    ARTICLES.c.news_id.in_(chunk))):
             if owner != batch_id:
                 owners.setdefault(news_id, set()).add(owner)
-    if not owners:
-        return set()
-    batches = sorted({b for found in owners.values() for b in found} | {batch_id})
-    created = dict(conn.execute(
-        sa.select(BATCHES.c.batch_id, BATCHES.c.created_at).where(
-            BATCHES.c.kind == "sentiment",  # pipeline.sentiment.jobs.KIND
-            BATCHES.c.batch_id.in_(batches))).all())
-    mine = created.get(batch_id, "")
-    return {news_id for news_id, found in owners.items()
-            if any(created.get(b, "") > mine for b in found)}
+        if owners:
+            created = dict(conn.execute(
+                sa.select(BATCHES.c.batch_id, BATCHES.c.created_at).where(
+                    BATCHES.c.kind == "sentiment",
+                    BATCHES.c.batch_id.in_(sorted({b for f in owners.values() for b in f})))
+            ).all())
+            later |= {news_id for news_id, found in owners.items()
+                      if any(created.get(b, "") > mine for b in found)}
+        later.update(conn.execute(
+            sa.select(DECISIONS.c.subject_id).distinct()
+            .join(BATCHES, sa.and_(BATCHES.c.batch_id == DECISIONS.c.batch_id,
+                                   BATCHES.c.kind == DECISIONS.c.kind))
+            .where(DECISIONS.c.kind == "sentiment", DECISIONS.c.subject_id.in_(chunk),
+                   DECISIONS.c.batch_id != batch_id,
+                   DECISIONS.c.decision != "failed",  # pipeline.sentiment.jobs.FAILED
+                   BATCHES.c.created_at > mine)).scalars())
+    return later

@@ -3,7 +3,9 @@ bitcoin, ETH, ether, …) and a configurable company-name -> ticker map.
 
 Bare upper-case words are not taken as equity tickers ("CEO", "IT", "A" are words too); equities
 need a cashtag or a company name in the map. Crypto symbols are distinctive enough to match as
-whole upper-case words; crypto names match case-insensitively.
+whole upper-case words (an alias, given or as a cashtag too, counts under its canonical ticker:
+XBT -> BTC); crypto names match case-insensitively, except those that are ordinary words too
+("ripple", "avalanche", "tether"), which need a capital.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ DEFAULT_COMPANIES: dict[str, str] = {
     "amazon": "AMZN", "nvidia": "NVDA", "tesla": "TSLA", "meta platforms": "META",
     "netflix": "NFLX", "jpmorgan": "JPM", "goldman sachs": "GS", "coinbase": "COIN",
 }
+# Crypto names that are also ordinary words ("a ripple through markets", "an avalanche of
+# selling", "tether rates to"): matched only capitalised or upper-case, as names are written.
+COMMON_WORD_NAMES = frozenset({"ripple", "avalanche", "tether"})
 TICKER_PATTERN = re.compile(r"^[A-Z0-9][A-Z0-9.\-]{0,14}$")
 _CASHTAG = re.compile(r"(?<![\w$])\$([A-Za-z]{1,6}(?:[.\-][A-Za-z]{1,2})?)\b")
 
@@ -57,11 +62,20 @@ class TickerExtractor:
                                  "(upper-case letters, digits, '.' or '-')")
         symbols = {s: t for t, (syms, _) in self.crypto.items() for s in syms}
         names = {n.lower(): t for t, (_, ns) in self.crypto.items() for n in ns}
-        names.update({k.lower(): v for k, v in self.companies.items()})
+        companies = {k.lower(): v for k, v in self.companies.items()}
+        # A common word among the crypto names needs a capital (a company map's names, any
+        # case: the deployment chose them).
+        worded = {n: t for n, t in names.items()
+                  if n in COMMON_WORD_NAMES and n not in companies}
+        names = {n: t for n, t in names.items() if n not in worded}
+        names.update(companies)
         self._symbols = symbols
         self._names = names
+        self._worded = {form: t for n, t in worded.items()
+                        for form in (n.capitalize(), n.upper(), n.title())}
         self._symbol_re = _words(symbols, flags=0)
         self._name_re = _words(names, flags=re.IGNORECASE)
+        self._worded_re = _words(self._worded, flags=0)
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> TickerExtractor:
@@ -83,18 +97,25 @@ class TickerExtractor:
             return []
         found: list[tuple[int, str]] = []
         for match in _CASHTAG.finditer(text):
-            found.append((match.start(), match.group(1).upper()))
+            found.append((match.start(), self.canonical(match.group(1).upper())))
         if self._symbol_re is not None:
             found += [(m.start(), self._symbols[m.group(0)])
                       for m in self._symbol_re.finditer(text)]
         if self._name_re is not None:
             found += [(m.start(), self._names[m.group(0).lower()])
                       for m in self._name_re.finditer(text)]
+        if self._worded_re is not None:
+            found += [(m.start(), self._worded[m.group(0)])
+                      for m in self._worded_re.finditer(text)]
         return list(dict.fromkeys(ticker for _, ticker in sorted(found)))
+
+    def canonical(self, ticker: str) -> str:
+        """A crypto symbol's canonical ticker (XBT -> BTC); any other ticker as it is."""
+        return self._symbols.get(ticker, ticker)
 
     def extract_all(self, *texts: str | None, given: Iterable[str] = ()) -> list[str]:
         """Tickers given with the item first, then those found in the texts."""
-        out = list(given)
+        out = [self.canonical(t) for t in given]
         for text in texts:
             out += self.extract(text)
         return list(dict.fromkeys(out))

@@ -450,3 +450,184 @@ def test_an_article_reclassified_with_fewer_tickers_leaves_the_tickers_it_lost(d
         store.record([], classified=["a", "b"])  # both now name no ticker at all
         assert {r["ticker"]: r["articles"] for r in store.daily()} == {"NVDA": 1}
         assert sorted((r["news_id"], r["ticker"]) for r in store.articles()) == [("c", "NVDA")]
+
+
+# --- the store's SQLite file that cannot be used ------------------------------------------------
+
+def _an_article(batch="b1"):
+    return ArticleSentiment("a", "AAPL", datetime(2024, 5, 1, 9), "positive", 0.5, "m@1", batch)
+
+
+def test_news_store_in_a_read_only_folder_names_the_file(tmp_path, read_only):
+    from pipeline.ledger import LedgerError
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    read_only(folder)
+    path = folder / "ledger.sqlite"
+    with pytest.raises(LedgerError) as caught:
+        NewsStore(f"sqlite:///{path}")
+    message = str(caught.value)
+    assert str(path) in message and f"folder {folder} is not writable" in message, message
+    assert not path.exists()
+
+
+def test_news_store_at_a_folder_names_it(tmp_path):
+    from pipeline.ledger import LedgerError
+
+    path = tmp_path / "ledger.sqlite"
+    path.mkdir()
+    with pytest.raises(LedgerError) as caught:
+        NewsStore(f"sqlite:///{path}")
+    message = str(caught.value)
+    assert str(path) in message and "it is a folder, not a database file" in message, message
+
+
+def test_news_store_in_a_read_only_file_names_it_when_writing(tmp_path, read_only):
+    from pipeline.ledger import LedgerError
+
+    path = tmp_path / "ledger.sqlite"
+    with NewsStore(f"sqlite:///{path}") as store:
+        store.record([_an_article()])
+    read_only(path)
+    with NewsStore(f"sqlite:///{path}") as store:
+        assert len(store.daily()) == 1  # a read-only copy still reads
+        with pytest.raises(LedgerError) as caught:
+            store.record([_an_article("b2")])
+        message = str(caught.value)
+        assert str(path) in message and "the file is read-only" in message, message
+
+
+def test_news_store_in_a_folder_made_read_only_names_it(tmp_path, read_only):
+    from pipeline.ledger import LedgerError
+
+    path = tmp_path / "ro" / "ledger.sqlite"
+    with NewsStore(f"sqlite:///{path}") as store:
+        store.record([_an_article()])
+    read_only(path.parent)
+    with pytest.raises(LedgerError) as caught, NewsStore(f"sqlite:///{path}") as store:
+        store.record([_an_article("b2")])
+    message = str(caught.value)
+    assert str(path) in message and f"folder {path.parent} is not writable" in message, message
+
+
+def test_news_store_at_a_file_that_is_not_sqlite_names_it(tmp_path):
+    from pipeline.ledger import LedgerError
+
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"id,amount\n1,2\n" * 40)
+    with pytest.raises(LedgerError) as caught:
+        NewsStore(f"sqlite:///{path}")
+    assert str(path) in str(caught.value) and "not a SQLite database" in str(caught.value)
+    assert path.read_bytes() == b"id,amount\n1,2\n" * 40
+
+
+# --- re-runs of older batches -----------------------------------------------------------------
+
+class _LabelClassifier(_FixedClassifier):
+    """Every text gets ``label`` (a stand-in model with a chosen answer)."""
+
+    def __init__(self, label="neutral", model_id="fixed@0"):
+        self.label, self.model_id = label, model_id
+
+    def classify(self, texts, *, explain=True):
+        probs = {"negative": 0.1, "neutral": 0.1, "positive": 0.1} | {self.label: 0.8}
+        return [Prediction(self.label, dict(probs)) for _ in texts]
+
+
+def test_rerun_of_an_older_batch_keeps_a_later_batch_that_left_the_ticker(db_url, tmp_path):
+    """Batch "old" put the article under AAPL; batch "new" (later) classified it again with a
+    company map that no longer names Apple, so AAPL lost it. Re-running "old" must not put it
+    back: the table holds each article's latest classification, which names no ticker."""
+    from pipeline.sentiment.jobs import classify_file
+
+    path = _write_jsonl(tmp_path / "n.jsonl", [
+        {"id": "x", "published": "2024-05-01T09:00:00Z", "source": "wire",
+         "headline": "Apple opens a store"}])
+    no_apple = TickerExtractor(companies={})
+    with Ledger(db_url) as ledger, NewsStore(db_url) as store:
+        def run(batch, extractor=None):
+            return classify_file(path, _LabelClassifier("positive"), tmp_path / "o.parquet",
+                                 ledger=ledger, store=store, batch_id=batch,
+                                 extractor=extractor)
+
+        run("old")
+        assert [(r["ticker"], r["articles"]) for r in store.daily()] == [("AAPL", 1)]
+        run("new", no_apple)
+        assert store.daily() == [] and store.articles() == []
+        again = run("old")
+        assert again.ledger_already_present == 1
+        assert store.daily() == [] and store.articles() == []
+
+
+def test_a_slower_writer_of_an_older_batch_does_not_overwrite_a_later_one(db_url, tmp_path):
+    """Two runs at once (the CLI and the scheduled flow): batch "old" is recorded in the ledger
+    first, batch "new" after it, but "old" reaches the daily table last. The table must keep
+    the article's latest classification ("new"'s), not whichever writer came last."""
+    from pipeline.sentiment.jobs import classify_file
+
+    path = _write_jsonl(tmp_path / "n.jsonl", [
+        {"id": "x", "published": "2024-05-01T09:00:00Z", "source": "wire",
+         "headline": "Apple opens a store"}])
+
+    class Delayed:
+        """A store whose writes are held back, to be replayed later."""
+
+        def __init__(self, store):
+            self.store, self.calls = store, []
+
+        def record(self, *args, **kwargs):
+            self.calls.append((args, kwargs))
+            return 0
+
+    with Ledger(db_url) as ledger, NewsStore(db_url) as store:
+        slow = Delayed(store)
+        classify_file(path, _LabelClassifier("positive"), tmp_path / "a.parquet",
+                      ledger=ledger, store=slow, batch_id="old")
+        classify_file(path, _LabelClassifier("negative"), tmp_path / "b.parquet",
+                      ledger=ledger, store=store, batch_id="new")
+        (args, kwargs), = slow.calls
+        store.record(*args, **kwargs)  # "old" arrives last
+        (day,) = store.daily("AAPL")
+        assert (day["articles"], day["positive"], day["negative"]) == (1, 0, 1)
+        assert [a["batch_id"] for a in store.articles()] == ["new"]
+
+
+def test_the_same_news_file_twice_counts_each_article_once(db_url, tmp_path):
+    from pipeline.sentiment.jobs import classify_file
+
+    path = _write_jsonl(tmp_path / "n.jsonl", GOOD + BAD)
+    with Ledger(db_url) as ledger, NewsStore(db_url) as store:
+        first, again = (classify_file(path, _LabelClassifier("positive"), tmp_path / "o.parquet",
+                                      ledger=ledger, store=store) for _ in range(2))
+        assert again.batch_id == first.batch_id and again.ledger_added == 0
+        for report in (first, again):
+            assert (report.rows_in, report.rows_classified, report.rows_quarantined) == (8, 3, 5)
+        days = {(r["ticker"], r["day"]): (r["articles"], r["positive"]) for r in store.daily()}
+        assert days == {("AAPL", date(2024, 5, 1)): (1, 1), ("BTC", date(2024, 5, 1)): (1, 1),
+                        ("ETH", date(2024, 5, 1)): (1, 1), ("MSFT", date(2024, 5, 2)): (1, 1)}
+        assert len(ledger.decisions(kind="sentiment")) == 3
+        assert len(ledger.quarantined(first.batch_id)) == 5
+
+
+def test_crypto_names_that_are_common_words_need_a_capital(tmp_path):
+    """"a ripple through markets", "an avalanche of selling" are not XRP or AVAX news: they
+    would put the article's sentiment on those tickers' days. The names (capitalised) are."""
+    extractor = TickerExtractor()
+    assert extractor.extract("Rate hike sends a ripple through bonds; an avalanche of selling "
+                             "follows as banks tether rates to the Fed") == []
+    assert extractor.extract("Ripple wins its case; Avalanche and TETHER rally") == [
+        "XRP", "AVAX", "USDT"]
+    assert extractor.extract("bitcoin and ethereum rise") == ["BTC", "ETH"]  # as before
+    companies = tmp_path / "companies.json"
+    companies.write_text(json.dumps({"ripple": "RPL"}))  # a deployment's own name: any case
+    assert TickerExtractor.from_file(companies).extract("ripple shares up") == ["RPL"]
+
+
+def test_a_crypto_symbol_alias_is_one_ticker_however_it_is_written():
+    """XBT is bitcoin: as a bare symbol it counts under BTC, so as a cashtag or a given ticker
+    it must too, or one asset's articles split over two tickers' days."""
+    extractor = TickerExtractor()
+    assert extractor.extract("$XBT futures rise with bitcoin") == ["BTC"]
+    assert extractor.extract_all("XBT up", given=["XBT"]) == ["BTC"]
+    assert extractor.extract_all("$AAPL up", given=["MSFT"]) == ["MSFT", "AAPL"]

@@ -256,8 +256,10 @@ def classify_file(input_path: str | Path, classifier: Classifier, output: str | 
     batch_id = resolve_batch_id(input_path, classified, batch_id, ingested)
     receipt, classified, check = record_and_reconcile(ledger, ingested, classified, batch_id)
     out, qpath = write_results(classified, ingested, batch_id, output)
+    # ledger_batch on a first run too: a later batch recorded meanwhile (another process)
+    # keeps its rows even when that process updated the table first.
     daily = (store.record(article_rows(classified, batch_id), classified_ids(classified),
-                          rerun_of=batch_id if receipt.already_present else None)
+                          ledger_batch=batch_id)
              if store is not None else 0)
     return report_for(batch_id, ingested, classified, receipt, daily, out, qpath,
                       time.perf_counter() - started, check)
