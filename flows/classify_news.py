@@ -165,12 +165,16 @@ def main() -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--backend", default="encoder")
     parser.add_argument("--endpoint")
-    parser.add_argument("--db")
+    parser.add_argument("--db", help="ledger URL without a password (else FINSENTINEL_DB)")
+    parser.add_argument("--root", help="models folder (default FINSENTINEL_MODELS, ./models)")
+    parser.add_argument("--companies", help="JSON map of company names to tickers, added to the "
+                        "built-in one")
     parser.add_argument("--cron", default="*/15 * * * *")
     args = parser.parse_args()
     classify_news.serve(name="classify-news", cron=args.cron, parameters={
         "input": args.input, "model": args.model, "output": args.output,
-        "backend": args.backend, "endpoint": args.endpoint, "db": args.db})
+        "backend": args.backend, "endpoint": args.endpoint, "db": args.db, "root": args.root,
+        "companies": args.companies})
 
 
 if __name__ == "__main__":
