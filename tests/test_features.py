@@ -422,3 +422,138 @@ def test_batch_missing_required_column_is_named(which: str) -> None:
         context = context.drop(CUSTOMER_ID)
     with pytest.raises(ValueError, match=f"{which} lack required column.*{CUSTOMER_ID}"):
         compute_batch_features(batch, context)
+
+
+# --- a brute-force reference: the window definitions, row by row ---------------------------
+
+
+def brute_force(rows: list[dict], delay: int, windows: tuple[int, ...]) -> list[dict]:
+    """Each row's features straight from the definitions, one loop over all rows per row: a
+    customer's window holds its rows in (t - n, t] that sort at or before this one (time, then
+    shorter id, then id); a terminal's holds its rows in (t - delay - n, t - delay], the share
+    over those whose label is known. Rows: dicts of tid, t (naive UTC), c, m, a, f."""
+    def place(r: dict) -> tuple:
+        return r["t"], len(str(r["tid"]).encode()), str(r["tid"])
+
+    out = []
+    for r in rows:
+        t, d = r["t"], {}
+        d["TX_DURING_WEEKEND"] = float(t.isoweekday() >= 6)
+        d["TX_DURING_NIGHT"] = float(t.hour <= 6)
+        for n in windows:
+            amounts = [o["a"] for o in rows if o["c"] == r["c"] and o["t"] > t - timedelta(n)
+                       and place(o) <= place(r)]
+            d[f"CUSTOMER_ID_NB_TX_{n}DAY_WINDOW"] = len(amounts)
+            d[f"CUSTOMER_ID_AVG_AMOUNT_{n}DAY_WINDOW"] = sum(amounts) / len(amounts)
+        for n in windows:
+            labels = [o["f"] for o in rows if o["m"] == r["m"]
+                      and t - timedelta(delay + n) < o["t"] <= t - timedelta(delay)]
+            known = [f for f in labels if f is not None]
+            d[f"TERMINAL_ID_NB_TX_{n}DAY_WINDOW"] = len(labels)
+            d[f"TERMINAL_ID_RISK_{n}DAY_WINDOW"] = sum(known) / len(known) if known else 0.0
+        out.append(d)
+    return out
+
+
+def edge_rows(rng: np.random.Generator, n: int, step: timedelta, span: int) -> list[dict]:
+    """Rows on a coarse grid (whole days, hours or seconds from one instant): many ties on a
+    card and on a terminal, many pairs exactly n and delay + n days apart; ids of mixed widths,
+    some looking numeric, some unicode; unknown labels mixed in."""
+    # Saturday 03:00 UTC is Friday evening in New York; the New York (03-11) and London
+    # (03-25) clocks change within 70 days of it.
+    start = datetime(2018, 3, 10, 3)
+    prefixes = ["", "", "a", "é", "0"]
+    return [
+        {
+            "tid": f"{prefixes[int(rng.integers(5))]}{tid}",
+            "t": start + step * int(rng.integers(0, span + 1)),
+            "c": int(rng.integers(0, 3)),
+            "m": int(rng.integers(0, 2)),
+            "a": float(rng.integers(1, 1000)) / 4,
+            "f": [0, 0, 1, None][int(rng.integers(4))],
+        }
+        for tid in rng.choice(5000, n, replace=False)
+    ]
+
+
+ID_DTYPES = {  # the customer and terminal id columns as given, from the small integers drawn
+    "string": lambda ids: pl.Series([f"id{i}" if i else "" for i in ids], dtype=pl.String),
+    "numeric text": lambda ids: pl.Series([str(10 - i) for i in ids], dtype=pl.String),
+    "unicode": lambda ids: pl.Series(["ü" * i + "中" for i in ids], dtype=pl.String),
+    "integer": lambda ids: pl.Series([i - 1 for i in ids], dtype=pl.Int64),
+    "categorical": lambda ids: pl.Series([f"k{2 - i}" for i in ids], dtype=pl.Categorical),
+    "uint64 over 2**63": lambda ids: pl.Series([2**63 + i for i in ids], dtype=pl.UInt64),
+}
+
+
+def test_features_match_a_brute_force_reference_on_edges() -> None:
+    """Ties, window edges at exactly t - n and t - delay - n, odd windows and delays, every id
+    dtype, zone-aware times across a clock change, lazy input, a single row, one instant."""
+    rng = np.random.default_rng(20240601)
+    grids = [(timedelta(days=1), 70), (timedelta(hours=12), 60), (timedelta(seconds=1), 2),
+             (timedelta(0), 0)]
+    settings = [(7, (1, 7, 30)), (1, (1,)), (14, (2, 5, 60)), (3, (30, 1))]
+    checked = 0
+    for trial in range(48):
+        step, span = grids[trial % len(grids)]
+        delay, windows = settings[trial // len(grids) % len(settings)]
+        ids = list(ID_DTYPES)[trial % len(ID_DTYPES)]
+        rows = edge_rows(rng, [40, 90, 1, 2][(trial + trial // 4) % 4], step, span)
+        transactions = pl.DataFrame({
+            TRANSACTION_ID: [r["tid"] for r in rows],
+            TX_TIME: pl.Series([r["t"] for r in rows], dtype=pl.Datetime("us")),
+            CUSTOMER_ID: ID_DTYPES[ids]([r["c"] for r in rows]),
+            TERMINAL_ID: ID_DTYPES[ids]([r["m"] for r in rows]),
+            AMOUNT: [r["a"] for r in rows],
+            IS_FRAUD: pl.Series([r["f"] for r in rows], dtype=pl.Int8),
+        })
+        if trial % 3 == 1:  # the same instants on a zone's clock
+            zone = ["America/New_York", "Europe/London"][trial % 2]
+            transactions = transactions.with_columns(
+                pl.col(TX_TIME).dt.replace_time_zone("UTC").dt.convert_time_zone(zone))
+        given = transactions.lazy() if trial % 5 == 0 else transactions
+        ours = compute_features(given, label_delay_days=delay, windows_days=windows)
+        names = feature_names(windows)
+        got = ours.select(names).rows(named=True)
+        for i, want in enumerate(brute_force(rows, delay, windows)):
+            for name in names:
+                assert got[i][name] == pytest.approx(want[name], rel=1e-12, abs=1e-12), (
+                    f"trial {trial} ({ids} ids, delay {delay}, windows {windows}), "
+                    f"row {rows[i]}: {name}")
+                checked += 1
+    assert checked > 12_000
+
+
+def test_batch_features_match_brute_force_with_overlapping_context() -> None:
+    """Context rows whose ids are also in the batch (a stale copy) are replaced by the batch's;
+    the batch may sit before, among or after its context, and be unlabelled."""
+    rng = np.random.default_rng(7)
+    for trial in range(12):
+        rows = edge_rows(rng, 60, timedelta(hours=12), 60)
+        batch_rows, context_rows = rows[:[1, 5, 20][trial % 3]], rows[20:]
+        stale = [dict(r, a=9999.0, f=1) for r in batch_rows[::2]]
+        labelled = trial % 2 == 0
+        if not labelled:
+            batch_rows = [dict(r, f=None) for r in batch_rows]
+
+        def as_frame(part: list[dict], with_labels: bool = True) -> pl.DataFrame:
+            columns = {
+                TRANSACTION_ID: [r["tid"] for r in part],
+                TX_TIME: pl.Series([r["t"] for r in part], dtype=pl.Datetime("us")),
+                CUSTOMER_ID: [str(r["c"]) for r in part],
+                TERMINAL_ID: [str(r["m"]) for r in part],
+                AMOUNT: [r["a"] for r in part],
+            }
+            if with_labels:
+                columns[IS_FRAUD] = pl.Series([r["f"] for r in part], dtype=pl.Int8)
+            return pl.DataFrame(columns, schema_overrides={CUSTOMER_ID: pl.String,
+                                                           TERMINAL_ID: pl.String})
+
+        out = compute_batch_features(as_frame(batch_rows, labelled),
+                                     as_frame(stale + context_rows))
+        assert out[TRANSACTION_ID].to_list() == [r["tid"] for r in batch_rows]
+        want = brute_force(batch_rows + context_rows, 7, (1, 7, 30))
+        for i, got in enumerate(out.select(FEATURES).rows(named=True)):
+            for name in FEATURES:
+                assert got[name] == pytest.approx(want[i][name], rel=1e-12, abs=1e-12), (
+                    f"trial {trial}, batch row {i}: {name}")
