@@ -18,12 +18,14 @@ from pipeline.evaluation import (
     FoldResult,
     FoldSplit,
     ProtocolConfig,
+    check_split,
     command_line,
     evaluate_fold,
     labelled_history,
     load_featured,
     parse_day,
     prequential_splits,
+    run_settings,
     summarise,
     write_report,
 )
@@ -69,6 +71,8 @@ def evaluate_scorer(data: str | None = None, test_start: str | None = None,
         start = latest_test_start(frame, config)
     output = output or str(settings.evaluations / f"{scorer}-{start.isoformat()}.json")
     splits = prequential_splits(frame, start, config)
+    for split in splits:  # every fold can be trained and tested, before fitting any
+        check_split(split)
     results = []
     for split in splits:
         result = run_fold(quote(split), quote(labelled_history(frame, split, config)), scorer,
@@ -78,9 +82,10 @@ def evaluate_scorer(data: str | None = None, test_start: str | None = None,
         results.append(result)
     report = EvaluationReport(
         scorer=scorer,
-        settings={"test_start": start.isoformat(), "protocol": asdict(config), **record,
-                  "scorer": scorer, "folds": folds, "n_jobs": n_jobs,
-                  "command": command_line(data, start, scorer, output, config)},
+        settings={"test_start": start.isoformat(), "protocol": asdict(config),
+                  **run_settings(record, scorer, config, n_jobs,
+                                 command_line(data, start, scorer, output, config,
+                                              n_jobs=n_jobs))},
         folds=results, summary=summarise(results), wall_seconds=time.perf_counter() - started)
     write_report(report, output)
     create_table_artifact(

@@ -42,7 +42,10 @@ def export_audit(month: str | None = None, format: str = "jsonl",
     """Export the decisions recorded in ``month`` ("YYYY-MM", default: last month) to
     ``out_dir/ledger-YYYY-MM.<format>`` with ``.anchors.json`` beside it. The run fails when the
     ledger does not verify — the export is still written, stating so — so that a tampered
-    ledger never passes as a routine monthly export. ``out_dir`` defaults to
+    ledger never passes as a routine monthly export. An earlier export of the month is
+    replaced only by one of a ledger that verifies, against the anchors beside it too (see
+    :func:`pipeline.audit.export`). A SQLite ledger file that is not there, or a database
+    without a ledger, is refused, not opened as a new empty ledger. ``out_dir`` defaults to
     ``$FINSENTINEL_WORKDIR/audit``."""
     db = flow_db_url(db)
     out_dir = out_dir or str(JobSettings.from_env().audit)
@@ -50,6 +53,11 @@ def export_audit(month: str | None = None, format: str = "jsonl",
     audit.month_range(month)  # a malformed month fails here, before any work
     if format not in audit.FORMATS:
         raise ValueError(f"format: expected one of {', '.join(audit.FORMATS)}, got {format!r}")
+    missing = audit.missing_ledger(db)
+    if missing is not None:  # opening it would create an empty ledger that "verifies"
+        raise LedgerError(f"no ledger at {missing}: the audit export needs an existing ledger "
+                          "database (check db or $FINSENTINEL_DB; a ledger is created by "
+                          "`finsentinel score`)")
     out = Path(out_dir) / f"ledger-{month}.{format}"
     report = export_month(db, month, format, str(out), reveal)
     create_table_artifact(

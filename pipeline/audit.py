@@ -31,9 +31,19 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
+import sqlalchemy as sa
 
 from pipeline import artifacts, schema
-from pipeline.ledger import Anchor, Ledger, LedgerError, VerifyReport, canonical_json
+from pipeline.ledger import (
+    DECISIONS,
+    FEEDBACK,
+    Anchor,
+    Ledger,
+    LedgerError,
+    VerifyReport,
+    _created_between,
+    canonical_json,
+)
 
 REVIEWER_ENV = "FINSENTINEL_REVIEWER"
 SCORE_TOLERANCE = 1e-9
@@ -55,6 +65,8 @@ FEEDBACK_LABELS = {"confirmed-fraud": 1, "false-positive": 0}
 ANCHOR_FORMAT = "finsentinel-ledger-anchors/1"
 ExportFormat = Literal["csv", "jsonl", "parquet", "html"]
 FORMATS: tuple[str, ...] = ("csv", "jsonl", "parquet", "html")
+# Decisions read, converted and written per chunk of an export (a month may hold millions).
+EXPORT_CHUNK_ROWS = 5_000
 
 EXPORT_SCHEMA: dict[str, pl.DataType] = {
     "seq": pl.Int64(), "decision_id": pl.String(), "batch_id": pl.String(), "kind": pl.String(),
@@ -559,6 +571,42 @@ def _vector(inputs: Mapping[str, Any]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(inputs["vector_f32"]), dtype="<f4").astype(np.float32)
 
 
+# --- the ledger auditors read ----------------------------------------------------------------
+
+def missing_ledger(url: str | None) -> str | None:
+    """Where the ledger ``url`` names (as :func:`~pipeline.ledger.resolve_db_url` resolves
+    it) when no ledger is there: a SQLite file that does not exist, or a database (an empty
+    file, a mistyped PostgreSQL database or schema) without the ledger's tables; None when
+    there is one. Creates nothing: opening a missing ledger would create an empty one, which
+    verifies as an intact chain. A database that cannot be inspected is left to the ledger to
+    open (and name what is wrong)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pipeline.ledger import LEDGER_META, missing_sqlite_ledger, resolve_db_url
+
+    path = missing_sqlite_ledger(url)
+    if path is not None:
+        return str(path)
+    resolved = resolve_db_url(url)
+    try:
+        engine = sa.create_engine(resolved)
+    except (SQLAlchemyError, ImportError, ValueError):
+        return None
+    try:
+        with engine.connect() as conn:
+            if sa.inspect(conn).has_table(LEDGER_META.name):
+                return None
+    except SQLAlchemyError:
+        return None
+    finally:
+        engine.dispose()
+    parsed = make_url(resolved)
+    if parsed.get_backend_name() == "sqlite":
+        return str(Path(parsed.database or "").resolve())
+    return parsed.render_as_string(hide_password=True)
+
+
 # --- anchors ---------------------------------------------------------------------------------
 
 def write_anchors(path: str | Path, anchors: Sequence[Anchor]) -> Path:
@@ -607,39 +655,73 @@ def export_rows(ledger: Ledger, since: datetime | None = None, until: datetime |
     review; card and terminal ids pseudonymised unless ``reveal``. Explanation and inputs are
     JSON text: with ``reveal`` the texts as recorded, so each row's hash can be recomputed
     from the export; otherwise canonical JSON of the pseudonymised values."""
+    return [row for chunk in iter_export_rows(ledger, since, until, reveal=reveal,
+                                              batch_id=batch_id, decision_ids=decision_ids,
+                                              alerts_only=alerts_only)
+            for row in chunk]
+
+
+def iter_export_rows(ledger: Ledger, since: datetime | None = None,
+                     until: datetime | None = None, *, reveal: bool = False,
+                     batch_id: str | None = None, decision_ids: Sequence[str] | None = None,
+                     alerts_only: bool = False, chunk_rows: int | None = None
+                     ) -> Iterator[list[dict[str, Any]]]:
+    """The rows of :func:`export_rows`, ``chunk_rows`` (default EXPORT_CHUNK_ROWS) at a time,
+    streamed from one query in one snapshot (decisions and reviews agree): an export of any
+    size never holds more than a chunk of decisions in memory."""
     pseudo = pseudonymiser(reveal)
-    decisions = ledger.decisions(batch_id=batch_id, since=since, until=until,
-                                 decision_ids=decision_ids, parse=False)
+    table = DECISIONS
+    query = sa.select(table).order_by(table.c.seq)
+    if batch_id is not None:
+        query = query.where(table.c.batch_id == batch_id)
     if alerts_only:
-        decisions = [d for d in decisions if d["decision"] == "alert"]
-    reviews = _reviews_by_decision(ledger, {d["decision_id"] for d in decisions})
-    rows = []
-    for d in decisions:
-        inputs = None if d["inputs"] is None else pseudonymise_ids(json.loads(d["inputs"]), pseudo)
-        if reveal:
-            recorded = {"explanation": d["explanation"], "inputs": d["inputs"]}
-        else:
-            recorded = {"explanation": canonical_json(pseudonymise_ids(
-                json.loads(d["explanation"]), pseudo)),
-                "inputs": None if inputs is None else canonical_json(inputs)}
-        tx = (inputs or {}).get("transaction", {})
-        history = reviews.get(d["decision_id"], [])
-        last = history[-1] if history else {}
-        rows.append({
-            "seq": int(d["seq"]), "decision_id": d["decision_id"], "batch_id": d["batch_id"],
-            "kind": d["kind"], "subject_id": d["subject_id"],
-            "customer_id": tx.get(schema.CUSTOMER_ID), "terminal_id": tx.get(schema.TERMINAL_ID),
-            "tx_time": tx.get(schema.TX_TIME), "amount": tx.get(schema.AMOUNT),
-            "score": float(d["score"]), "threshold": float(d["threshold"]),
-            "decision": d["decision"], "model_version": d["model_version"],
-            "index_version": d["index_version"], "input_hash": d["input_hash"],
-            "created_at": d["created_at"], "subject_time": d["subject_time"],
-            "prev_hash": d["prev_hash"], "hash": d["hash"], **recorded,
-            "review_label": last.get("label"), "reviewer": last.get("reviewer"),
-            "reviewed_at": last.get("created_at"), "review_comment": last.get("comment"),
-            "reviews": len(history),
-        })
-    return rows
+        query = query.where(table.c.decision == "alert")
+    query = _created_between(query, table.c.created_at, since, until)
+    if decision_ids is not None:
+        query = query.where(table.c.decision_id.in_(list(decision_ids)))
+    # Reviews of the selected decisions only, in chain order (the last one is current).
+    selected = query.with_only_columns(table.c.decision_id).order_by(None)
+    review_query = (sa.select(FEEDBACK).where(FEEDBACK.c.decision_id.in_(selected))
+                    .order_by(FEEDBACK.c.seq))
+    size = max(1, int(chunk_rows or EXPORT_CHUNK_ROWS))
+    with ledger.read() as conn:
+        reviews: dict[str, list[dict[str, Any]]] = {}
+        for review in conn.execute(review_query).mappings():
+            reviews.setdefault(review["decision_id"], []).append(dict(review))
+        result = conn.execution_options(yield_per=size).execute(query)
+        try:
+            for part in result.mappings().partitions(size):
+                yield [_export_row(d, reviews.get(d["decision_id"], []), pseudo, reveal)
+                       for d in part]
+        finally:
+            result.close()
+
+
+def _export_row(d: Mapping[str, Any], history: list[dict[str, Any]], pseudo: Pseudonymiser,
+                reveal: bool) -> dict[str, Any]:
+    inputs = None if d["inputs"] is None else pseudonymise_ids(json.loads(d["inputs"]), pseudo)
+    if reveal:
+        recorded = {"explanation": d["explanation"], "inputs": d["inputs"]}
+    else:
+        recorded = {"explanation": canonical_json(pseudonymise_ids(
+            json.loads(d["explanation"]), pseudo)),
+            "inputs": None if inputs is None else canonical_json(inputs)}
+    tx = (inputs or {}).get("transaction", {})
+    last = history[-1] if history else {}
+    return {
+        "seq": int(d["seq"]), "decision_id": d["decision_id"], "batch_id": d["batch_id"],
+        "kind": d["kind"], "subject_id": d["subject_id"],
+        "customer_id": tx.get(schema.CUSTOMER_ID), "terminal_id": tx.get(schema.TERMINAL_ID),
+        "tx_time": tx.get(schema.TX_TIME), "amount": tx.get(schema.AMOUNT),
+        "score": float(d["score"]), "threshold": float(d["threshold"]),
+        "decision": d["decision"], "model_version": d["model_version"],
+        "index_version": d["index_version"], "input_hash": d["input_hash"],
+        "created_at": d["created_at"], "subject_time": d["subject_time"],
+        "prev_hash": d["prev_hash"], "hash": d["hash"], **recorded,
+        "review_label": last.get("label"), "reviewer": last.get("reviewer"),
+        "reviewed_at": last.get("created_at"), "review_comment": last.get("comment"),
+        "reviews": len(history),
+    }
 
 
 def _reviews_by_decision(ledger: Ledger, wanted: set[str]) -> dict[str, list[dict[str, Any]]]:
@@ -674,42 +756,97 @@ def _format_of(path: Path) -> str:
     return {"ndjson": "jsonl", "htm": "html"}.get(suffix, suffix)
 
 
+class ExportRefused(LedgerError):
+    """An export not written: the ledger does not verify and an earlier export (or its
+    anchors) is at the path; ``verified`` says where the ledger breaks."""
+
+    def __init__(self, message: str, verified: VerifyReport):
+        super().__init__(message)
+        self.verified = verified
+
+
+def previous_anchors(path: str | Path) -> list[Anchor]:
+    """The anchors of an anchor file about to be replaced (none if there is no file): a
+    ledger must still hold them before new anchors are written over them."""
+    path = Path(path)
+    return read_anchors(path) if path.exists() else []
+
+
 def export(ledger: Ledger, out: str | Path, format: str, since: datetime | None = None,
            until: datetime | None = None, *, reveal: bool = False, batch_id: str | None = None,
            decision_ids: Sequence[str] | None = None, alerts_only: bool = False,
            max_cases: int = 2000) -> ExportReport:
-    """Write the decisions in [since, until) to ``out`` (atomically), and the chain heads of
-    each day in the range to ``<out>.anchors.json``. The ledger is verified first; the result
-    is stated in the report (and on the HTML report's first page)."""
+    """Write the decisions in [since, until) to ``out`` (atomically, streamed a chunk at a
+    time), and the chain heads of each day in the range to ``<out>.anchors.json``. The ledger
+    is verified first, against the anchors already at ``<out>.anchors.json`` too (an earlier
+    export of the period: a ledger rebuilt since then fails there); the result is stated in
+    the report (and on the HTML report's first page). When the ledger does not verify, an
+    earlier export and its anchors are kept (ExportRefused); with none there, the export is
+    written all the same, for the auditors to see what the ledger holds."""
     if format not in FORMATS:
         raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {format!r}")
     out = Path(out)
+    anchors_path = out.with_name(out.name + ".anchors.json")
     pseudonymiser(reveal)  # a missing key stops here, before anything is read or written
-    verified = ledger.verify()
-    rows = export_rows(ledger, since, until, reveal=reveal, batch_id=batch_id,
-                       decision_ids=decision_ids, alerts_only=alerts_only)
+    previous = previous_anchors(anchors_path)
+    verified = ledger.verify(anchors=previous)
+    if not verified.ok and (previous or out.exists()):
+        raise ExportRefused(
+            f"the ledger does not verify ({verified.chain} seq {verified.first_bad_seq}: "
+            f"{verified.reason}); the existing export {out} and its anchors {anchors_path} "
+            "were kept, nothing was written", verified)
+    chunks = iter_export_rows(ledger, since, until, reveal=reveal, batch_id=batch_id,
+                              decision_ids=decision_ids, alerts_only=alerts_only)
     if format == "html":
-        if len(rows) > max_cases:
-            raise ValueError(f"{len(rows):,} decisions selected for an HTML case report (at most "
-                             f"{max_cases:,}): narrow it with --batch, --decision, --alerts-only "
-                             "or --from/--to, or export csv/jsonl/parquet")
+        rows: list[dict[str, Any]] = []
+        for chunk in chunks:
+            rows += chunk
+            if len(rows) > max_cases:
+                chunks.close()
+                raise ValueError(f"more than {max_cases:,} decisions selected for an HTML case "
+                                 "report: narrow it with --batch, --decision, --alerts-only or "
+                                 "--from/--to, or export csv/jsonl/parquet")
         reviews = _reviews_by_decision(ledger, {r["decision_id"] for r in rows})
         page = render_case_report(rows, reviews, verified=verified, since=since, until=until,
                                   pseudonymised=not reveal)
         artifacts.atomic_write_bytes(out, page.encode("utf-8"))
+        count = len(rows)
     else:
-        frame = export_frame(rows)
         with artifacts.atomic_path(out) as tmp:
-            if format == "csv":
-                frame.write_csv(tmp)
-            elif format == "jsonl":
-                frame.write_ndjson(tmp)
-            else:
-                frame.write_parquet(tmp)
+            count = _write_table(tmp, format, chunks)
     anchors = ledger.anchors(since, until)
-    anchors_path = write_anchors(out.with_name(out.name + ".anchors.json"), anchors)
-    return ExportReport(str(out), format, len(rows), str(anchors_path), len(anchors),
+    written = write_anchors(anchors_path, anchors)
+    return ExportReport(str(out), format, count, str(written), len(anchors),
                         verified.ok, verified.reason, not reveal)
+
+
+def _write_table(path: Path, format: str, chunks: Iterator[list[dict[str, Any]]]) -> int:
+    """Write the export's chunks one after the other to ``path`` (a header once; one Parquet
+    row group per chunk), synced to disk; the number of rows written."""
+    import pyarrow.parquet as pq
+
+    count = 0
+    arrow_schema = export_frame([]).to_arrow().schema
+    with open(path, "wb") as handle:
+        writer = pq.ParquetWriter(handle, arrow_schema) if format == "parquet" else None
+        try:
+            for chunk in chunks:
+                frame = export_frame(chunk)
+                if format == "csv":
+                    frame.write_csv(handle, include_header=count == 0)
+                elif format == "jsonl":
+                    frame.write_ndjson(handle)
+                else:
+                    writer.write_table(frame.to_arrow().cast(arrow_schema))
+                count += frame.height
+            if count == 0 and format == "csv":
+                export_frame([]).write_csv(handle)
+        finally:
+            if writer is not None:
+                writer.close()
+        handle.flush()
+        os.fsync(handle.fileno())
+    return count
 
 
 # --- HTML case report ------------------------------------------------------------------------

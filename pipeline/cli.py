@@ -57,11 +57,12 @@ def check_db_url(value: str | None) -> str | None:
 
 def existing_ledger(db: str | None, what: str) -> str:
     """The ledger URL for a command that reads an existing ledger: a SQLite file that is not
-    there is refused (opening it would create an empty ledger, and a typo would verify as an
-    intact empty chain)."""
-    from pipeline.ledger import missing_sqlite_ledger, resolve_db_url
+    there, or a database without a ledger in it, is refused (opening it would create an empty
+    ledger, and a typo would verify as an intact empty chain)."""
+    from pipeline.audit import missing_ledger
+    from pipeline.ledger import resolve_db_url
 
-    missing = missing_sqlite_ledger(db)
+    missing = missing_ledger(db)
     if missing is not None:
         _fail(f"no ledger at {missing}: {what} needs an existing ledger database (check --db "
               f"or $FINSENTINEL_DB; a ledger is created by `finsentinel score`)")
@@ -418,7 +419,7 @@ def evaluate(
 ) -> None:
     """The fraud handbook's prequential evaluation: per fold train, wait out the label delay,
     test (known-compromised cards removed); AUC ROC, Average Precision, Card Precision@k."""
-    from datetime import date
+    from datetime import date, timedelta
 
     from pipeline.evaluation import ProtocolConfig, evaluate_file
 
@@ -438,11 +439,17 @@ def evaluate(
                             folds=folds, top_k=top_k)
 
     def show(fold) -> None:
-        console.print(f"fold {fold.fold}: test {fold.test_start}..{fold.test_end} "
+        last_day = date.fromisoformat(fold.test_end) - timedelta(days=1)  # test_end: exclusive
+        console.print(f"fold {fold.fold}: test {fold.test_start} to {last_day} "
                       f"AUC {fold.auc_roc:.3f} AP {fold.average_precision:.3f} "
                       f"CP@{top_k} {fold.card_precision_at_k:.3f}")
 
     report = evaluate_file(data, test_start, scorer, output, config, n_jobs=jobs, on_fold=show)
+    left_out = [f"{report.settings[key]:,} {what}" for key, what in (
+        ("rows_unlabelled", "rows without a label (they count in the features only)"),
+        ("rows_quarantined", "rows quarantined as invalid")) if report.settings.get(key)]
+    if left_out:
+        console.print(f"not evaluated: {'; '.join(left_out)}")
     s = report.summary
     out.print(f"{report.scorer}: AUC ROC {s['auc_roc']['mean']:.3f} ± {s['auc_roc']['std']:.3f}"
               f", AP {s['average_precision']['mean']:.3f} ± "
@@ -505,16 +512,35 @@ def audit_anchor(
     to: ToOption = None,
 ) -> None:
     """Write each day's chain head (day, last seq, head hash) to a file kept outside the
-    database, so that `audit verify --anchors` catches a ledger rebuilt with new hashes."""
-    from pipeline.audit import time_range, write_anchors
+    database, so that `audit verify --anchors` catches a ledger rebuilt with new hashes.
+    The range is verified first, and against the anchors of an anchor file already at --out:
+    exit 1, writing nothing, if it does not verify (the heads of a broken or rebuilt chain
+    are no anchors, and the anchors they would replace are the evidence)."""
+    from pipeline.audit import previous_anchors, time_range, write_anchors
     from pipeline.ledger import Ledger
 
     since, until = time_range(from_, to)
     check_output(output, "--out")
+    previous = previous_anchors(output)
     with Ledger(existing_ledger(db, "audit anchor")) as ledger:
+        report = ledger.verify(since, until, anchors=previous)
+        if not report.ok:
+            _broken(report, f"no anchors written ({output} kept)" if previous
+                    else "no anchors written")
         found = ledger.anchors(since, until)
     path = write_anchors(output, found)
     out.print(f"{len(found):,} day anchors written to {path}", markup=False)
+
+
+def _broken(report, consequence: str) -> None:
+    """Say where the ledger breaks and what was (not) done; exit 1, a failed check."""
+    from rich.markup import escape
+
+    what = "review" if report.chain == "feedback" else "decision"
+    out.print(f"[bold red]ledger BROKEN[/] at {escape(report.chain)} record "
+              f"seq={report.first_bad_seq} ({what} {escape(str(report.first_bad_decision_id))}): "
+              f"{escape(report.reason)}; {escape(consequence)}")
+    raise typer.Exit(1)
 
 
 @audit_app.command("replay")
@@ -579,24 +605,29 @@ def audit_export(
     """Export decisions recorded in a range, with their latest review; card and terminal ids
     pseudonymised with $FINSENTINEL_PSEUDONYM_KEY unless --reveal. The day anchors of the range
     go beside it (OUT.anchors.json)."""
-    from pipeline.audit import export, time_range
+    from pipeline.audit import ExportRefused, export, time_range
     from pipeline.ledger import Ledger
 
     since, until = time_range(from_, to)
     suffixes = EXPORT_SUFFIXES.get(format.lower())
     check_output(output, "--out", suffixes, f" for --format {format.lower()}")
     url = existing_ledger(db, "audit export")
-    with console.status("exporting"), Ledger(url) as ledger:
-        report = export(ledger, output, format.lower(), since, until, reveal=reveal,
-                        batch_id=batch, decision_ids=decision or None, alerts_only=alerts_only)
-    if not report.verified:
-        from rich.markup import escape
-
-        console.print(f"[bold red]warning:[/] the ledger does not verify: "
-                      f"{escape(report.verify_reason)}")
+    try:
+        with console.status("exporting"), Ledger(url) as ledger:
+            report = export(ledger, output, format.lower(), since, until, reveal=reveal,
+                            batch_id=batch, decision_ids=decision or None,
+                            alerts_only=alerts_only)
+    except ExportRefused as exc:
+        _broken(exc.verified, f"the existing export {output} and its anchors were kept, "
+                              "nothing was written")
     ids = "pseudonymised" if report.pseudonymised else "raw (--reveal)"
     out.print(f"{report.rows:,} decisions exported to {report.path} ({report.format}, ids "
               f"{ids}); {report.anchors:,} day anchors in {report.anchors_path}", markup=False)
+    if not report.verified:  # written, stating so; a failed check all the same
+        from rich.markup import escape
+
+        out.print(f"[bold red]the ledger does not verify[/]: {escape(report.verify_reason)}")
+        raise typer.Exit(1)
 
 
 @audit_app.command("review")

@@ -100,7 +100,7 @@ def split_fold(frame: pl.DataFrame, test_start: date, config: ProtocolConfig, fo
     train_end = train_start + timedelta(days=config.train_days)
     test_end = test_start + timedelta(days=config.test_days)
     if check_coverage:
-        _check_coverage(frame, train_start, test_end, fold)
+        _check_coverage(frame, train_start, test_end, fold, config)
     day = pl.col(DAY)
     train = frame.filter((day >= train_start) & (day < train_end))
     # First fraud day of each card from the training start on: a card is known compromised on
@@ -127,13 +127,54 @@ def split_fold(frame: pl.DataFrame, test_start: date, config: ProtocolConfig, fo
     )
 
 
-def _check_coverage(frame: pl.DataFrame, train_start: date, test_end: date, fold: int) -> None:
+def _check_coverage(frame: pl.DataFrame, train_start: date, test_end: date, fold: int,
+                    config: ProtocolConfig) -> None:
+    """Refuse a fold the data does not cover, saying which way to move ``--test-start``."""
     first, last = frame[DAY].min(), frame[DAY].max()
-    if first is None or train_start < first or test_end - timedelta(days=1) > last:
+    last_test_day = test_end - timedelta(days=1)
+    if first is not None and first <= train_start and last_test_day <= last:
+        return
+    needs = (f"fold {fold} needs data from {train_start} to {last_test_day} (training start to "
+             "last test day), but the data covers ")
+    if first is None:
+        raise ValueError(needs + "no day at all")
+    span = (last - first).days + 1
+    needs += f"{first} to {last} ({span} days); "
+    needed = config.train_days + config.delay_days + config.folds * config.test_days
+    earliest = first + timedelta(days=needed - config.test_days)
+    latest = last - timedelta(days=config.test_days - 1)
+    if needed > span:
         raise ValueError(
-            f"fold {fold} needs data from {train_start} to {test_end - timedelta(days=1)} "
-            f"(training start to last test day), but the data covers {first} to {last}; "
-            "choose a later --test-start or fewer --folds")
+            needs + f"{config.folds} fold(s) of {config.train_days} training, "
+            f"{config.delay_days} delay and {config.test_days} test days need at least {needed} "
+            "days: use fewer --folds or shorter periods, or more data")
+    if last_test_day > last:
+        raise ValueError(
+            needs + f"its test days run past the data's last day {last}: choose an earlier "
+            f"--test-start ({latest} at the latest)")
+    raise ValueError(
+        needs + f"its training starts before the data's first day {first}: choose a later "
+        f"--test-start ({earliest} at the earliest with {config.folds} folds) or fewer --folds")
+
+
+def check_split(split: FoldSplit) -> None:
+    """Refuse a fold that cannot be trained or tested: no rows, or training rows of one class
+    (a classifier cannot learn from them; a constant score's AUC 0.5 is no result)."""
+    last_train_day = split.train_end - timedelta(days=1)
+    days = f"{split.train_start} to {last_train_day}"
+    if split.train.height == 0:
+        raise ValueError(f"fold {split.fold}: no training rows from {days}")
+    if split.test.height == 0:
+        raise ValueError(f"fold {split.fold}: no test rows from {split.test_start} to "
+                         f"{split.test_end - timedelta(days=1)} (after removing known-"
+                         "compromised cards)")
+    frauds = int(split.train[schema.IS_FRAUD].cast(pl.Int64).sum())
+    if frauds in (0, split.train.height):
+        what = "no fraud" if frauds == 0 else "only frauds"
+        raise ValueError(
+            f"fold {split.fold}: the training days {days} hold {what} ({split.train.height} "
+            "rows): a scorer cannot learn from one class; choose another --test-start, more "
+            "--train-days or fewer --folds")
 
 
 def labelled_history(frame: pl.DataFrame, split: FoldSplit, config: ProtocolConfig
@@ -188,9 +229,7 @@ def fold_metrics(test: pl.DataFrame, scores: np.ndarray, top_k: int) -> dict[str
 
 def evaluate_fold(split: FoldSplit, scorer: Scorer, config: ProtocolConfig,
                   history: pl.DataFrame | None = None) -> FoldResult:
-    if split.train.height == 0 or split.test.height == 0:
-        raise ValueError(f"fold {split.fold}: no {'training' if not split.train.height else 'test'}"
-                         f" rows between {split.train_start} and {split.test_end}")
+    check_split(split)
     started = time.perf_counter()
     scorer.fit(split.train, history)
     fitted = time.perf_counter()
@@ -199,6 +238,10 @@ def evaluate_fold(split: FoldSplit, scorer: Scorer, config: ProtocolConfig,
     if scores.shape != (split.test.height,):
         raise ValueError(f"scorer {scorer.name!r} returned {scores.shape} scores for "
                          f"{split.test.height} test rows")
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        raise ValueError(f"scorer {scorer.name!r} returned {bad} non-finite scores (NaN or "
+                         f"infinite) for the {split.test.height} test rows of fold {split.fold}")
     metrics = fold_metrics(split.test, scores, config.top_k)
     return FoldResult(
         fold=split.fold, train_start=split.train_start.isoformat(),
@@ -244,6 +287,8 @@ def evaluate(frame: pl.DataFrame, make_scorer: Callable[[], Scorer], test_start:
     started = time.perf_counter()
     frame = with_day(frame)
     splits = prequential_splits(frame, test_start, config)  # checks every fold's coverage first
+    for split in splits:  # and that each can be trained and tested, before fitting any
+        check_split(split)
     results = []
     name = "?"
     for split in splits:
@@ -275,23 +320,60 @@ def parse_day(value: str | date | datetime) -> date:
 
 
 def load_featured(path: str | Path, label_delay_days: int = 7) -> tuple[pl.DataFrame, dict]:
-    """Read labelled transactions (quarantining bad rows) and compute the handbook features
-    over the whole file, as the handbook does before splitting. Returns the frame and a record
-    of what was read (path, sha256, rows, quarantined, first and last day)."""
+    """Read transactions (quarantining bad rows) and compute the handbook features over the
+    whole file, as the handbook does before splitting; then keep the labelled rows, the ones the
+    protocol trains and tests on. Rows whose label is not known yet still count in their card's
+    and terminal's windows (as when scoring in production): dropping them first would change
+    the features of every other row of that card and terminal. Returns the labelled frame and a
+    record of what was read (path, sha256, rows in, accepted, unlabelled, quarantined, first
+    and last labelled day)."""
     from pipeline.artifacts import sha256_file
     from pipeline.features import compute_features
     from pipeline.ingest import read_transactions
 
-    ingested = read_transactions(path, require_labels=True)
-    frame = with_day(compute_features(ingested.accepted, label_delay_days=label_delay_days))
+    ingested = read_transactions(path, require_labels=False)
+    if schema.IS_FRAUD not in ingested.accepted.columns and ingested.accepted.height:
+        read_transactions(path, require_labels=True)  # raises, naming the missing label column
+    featured = compute_features(ingested.accepted, label_delay_days=label_delay_days)
+    unlabelled = (featured[schema.IS_FRAUD].null_count() if schema.IS_FRAUD in featured.columns
+                  else featured.height)
+    frame = with_day(featured.filter(pl.col(schema.IS_FRAUD).is_not_null())
+                     if unlabelled else featured)
     if frame.height == 0:
-        raise ValueError(f"{path}: no accepted transaction to evaluate on")
+        raise ValueError(f"{path}: no labelled transaction to evaluate on ({ingested.rows_in} "
+                         f"rows: {unlabelled} without a label, {ingested.quarantined.height} "
+                         "quarantined)")
     record = {"data": str(path), "data_sha256": sha256_file(path),
               "rows_in": ingested.rows_in, "rows_accepted": frame.height,
+              "rows_unlabelled": unlabelled,
               "rows_quarantined": ingested.quarantined.height,
               "data_first_day": frame[DAY].min().isoformat(),
               "data_last_day": frame[DAY].max().isoformat()}
     return frame, record
+
+
+def library_versions() -> dict[str, str]:
+    """The versions behind the numbers: this package and the libraries the scorers run on."""
+    from contextlib import suppress
+    from importlib.metadata import PackageNotFoundError, version
+    from platform import python_version
+
+    import pipeline
+
+    out = {"finsentinel": pipeline.__version__, "python": python_version()}
+    for name in ("polars", "numpy", "scikit-learn", "xgboost", "faiss-cpu", "faiss-gpu",
+                 "faiss-gpu-cu12", "sentence-transformers"):
+        with suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+def run_settings(record: dict[str, Any], scorer: str, config: ProtocolConfig, n_jobs: int,
+                 command: str) -> dict[str, Any]:
+    """What a report's ``settings`` hold beside the test start and protocol: the data read,
+    the scorer, threads, library versions and the command that makes the report again."""
+    return {**record, "scorer": scorer, "folds": config.folds, "n_jobs": n_jobs,
+            "versions": library_versions(), "command": command}
 
 
 def evaluate_file(path: str | Path, test_start: str | date, scorer: str, output: str | Path,
@@ -304,8 +386,8 @@ def evaluate_file(path: str | Path, test_start: str | date, scorer: str, output:
     start = parse_day(test_start)
     make_scorer(scorer, n_jobs=n_jobs)  # an unknown name fails before the data is read
     frame, record = load_featured(path, config.delay_days)
-    settings = {**record, "scorer": scorer, "folds": config.folds, "n_jobs": n_jobs,
-                "command": command_line(path, start, scorer, output, config)}
+    settings = run_settings(record, scorer, config, n_jobs,
+                            command_line(path, start, scorer, output, config, n_jobs=n_jobs))
     report = evaluate(frame, lambda: make_scorer(scorer, n_jobs=n_jobs,
                                                  label_delay_days=config.delay_days),
                       start, config,
@@ -335,9 +417,9 @@ def _nan_to_none(value: Any) -> Any:
 
 
 def command_line(path: str | Path, start: date, scorer: str, output: str | Path,
-                 config: ProtocolConfig) -> str:
+                 config: ProtocolConfig, *, n_jobs: int = 1) -> str:
     """The ``finsentinel evaluate`` command that makes this report again, quoted for a
-    shell: every protocol option that differs from its default is named."""
+    shell: every protocol option that differs from its default is named, and ``--jobs``."""
     from shlex import quote
 
     parts = ["finsentinel evaluate", f"--data {quote(str(path))}",
@@ -347,4 +429,6 @@ def command_line(path: str | Path, start: date, scorer: str, output: str | Path,
     for name in ("train_days", "delay_days", "test_days", "top_k"):
         if getattr(config, name) != getattr(default, name):
             parts.append(f"--{name.replace('_', '-')} {getattr(config, name)}")
+    if n_jobs != 1:
+        parts.append(f"--jobs {n_jobs}")
     return " ".join(parts)

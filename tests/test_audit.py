@@ -1126,3 +1126,123 @@ def test_cli_errors_name_the_missing_key_without_a_traceback(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "FINSENTINEL_PSEUDONYM_KEY is not set" in flat(result.stderr)
     assert not (tmp_path / "x.csv").exists()
+
+
+# --- auditors' edge cases (review) ------------------------------------------------------------
+
+def test_monthly_export_flow_refuses_a_missing_ledger_file(prefect_harness, tmp_path):
+    """A mistyped ledger path must not be opened as a new, empty ledger that then exports an
+    empty month and reports it as verified (the CLI refuses it too)."""
+    from flows.export_audit import export_audit
+
+    missing = tmp_path / "no-such" / "ledger.sqlite"
+    with pytest.raises(LedgerError, match="no ledger at"):
+        export_audit(month="2024-05", format="csv", out_dir=str(tmp_path / "out"),
+                     db=f"sqlite:///{missing}")
+    assert not missing.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_re_export_checks_the_anchors_it_would_replace(db_url, raw, tmp_path):
+    """The anchors beside an export are what catches a rebuilt ledger: exporting the same
+    period again over a rebuilt ledger must fail against them and keep them (and the export),
+    not replace them with the forged chain's heads and report the ledger verified."""
+    out = tmp_path / "ledger-month.csv"
+    anchors = tmp_path / "ledger-month.csv.anchors.json"
+    with Ledger(db_url) as ledger:
+        three_batches(ledger)
+        first = audit.export(ledger, out, "csv")
+        assert first.verified
+        again = audit.export(ledger, out, "csv")  # an unchanged ledger re-exports fine
+        assert again.verified and again.rows == 10
+    kept_export, kept_anchors = out.read_bytes(), anchors.read_bytes()
+    forge_rebuild(raw, change_seq=2)
+    with Ledger(db_url) as ledger:
+        assert ledger.verify().ok  # without the anchors the forgery passes ...
+        with pytest.raises(LedgerError, match="does not verify.*rewritten or rebuilt"):
+            audit.export(ledger, out, "csv")  # ... with the anchors beside the export it fails
+    assert out.read_bytes() == kept_export and anchors.read_bytes() == kept_anchors
+
+
+def test_an_export_is_not_loaded_whole_into_memory(db_url, monkeypatch, tmp_path):
+    """A month can hold millions of decisions: the export streams them from the database a
+    chunk at a time (never the whole period as one list), each record exactly once across
+    chunk and batch boundaries, in ledger order, identical in every format."""
+    with Ledger(db_url) as ledger:
+        three_batches(ledger)  # batches of 4, 3, 3
+        ledger.record_feedback(ledger.decisions()[4]["decision_id"], "false-positive",
+                               "ünïcödé, \"quoted\"\nsecond line ✓", "zoë")
+        expected = audit.export_frame(audit.export_rows(ledger))
+        monkeypatch.setattr(audit, "EXPORT_CHUNK_ROWS", 3, raising=False)
+
+        def whole(*_a, **_k):
+            raise AssertionError("the export read the whole period at once")
+
+        monkeypatch.setattr(Ledger, "decisions", whole)
+        for fmt in ("csv", "jsonl", "parquet"):
+            report = audit.export(ledger, tmp_path / f"x.{fmt}", fmt)
+            assert report.rows == 10 and report.verified
+            back = audit.read_export(tmp_path / f"x.{fmt}")
+            assert back["seq"].to_list() == list(range(1, 11)), fmt
+            assert back.equals(expected), fmt
+        alerts = audit.export(ledger, tmp_path / "alerts.jsonl", "jsonl", alerts_only=True)
+        assert alerts.rows == expected.filter(pl.col("decision") == "alert").height
+
+
+def test_cli_anchor_and_export_of_a_broken_or_rebuilt_ledger_exit_1(tmp_path):
+    """`audit anchor` must not replace the anchors of a file with the heads of a rebuilt
+    ledger (nor anchor a broken chain), and `audit export` of a ledger that does not verify
+    is a failed check (exit 1), as the monthly flow's run fails, not a success with a
+    warning."""
+    url = f"sqlite:///{tmp_path / 'l.sqlite'}"
+    with Ledger(url) as ledger:
+        three_batches(ledger)
+    anchors = tmp_path / "anchors.json"
+    code, stdout, _ = cli("audit", "anchor", "--out", str(anchors), "--db", url)
+    assert code == 0 and "1 day anchors" in stdout
+    code, _, _ = cli("audit", "anchor", "--out", str(anchors), "--db", url)  # unchanged: fine
+    assert code == 0
+    kept = anchors.read_bytes()
+
+    forge_rebuild(sa.create_engine(url), change_seq=2)
+    code, stdout, stderr = cli("audit", "anchor", "--out", str(anchors), "--db", url)
+    assert code == 1, (stdout, stderr)
+    assert "rewritten or rebuilt" in stdout + stderr
+    assert anchors.read_bytes() == kept
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE decisions SET decision = 'pass' WHERE seq = 3"))
+    engine.dispose()
+    code, stdout, stderr = cli("audit", "anchor", "--out", str(tmp_path / "new.json"),
+                               "--db", url)
+    assert code == 1 and not (tmp_path / "new.json").exists()
+    assert "seq=3" in stdout + stderr
+    code, stdout, stderr = cli("audit", "export", "--format", "jsonl", "--out",
+                               str(tmp_path / "x.jsonl"), "--db", url)
+    assert code == 1, (stdout, stderr)
+    assert "does not verify" in stdout + stderr
+    assert audit.read_export(tmp_path / "x.jsonl").height == 10  # written, stating so
+
+
+@pytest.mark.parametrize("where", ["empty sqlite file",
+                                   pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_audit_commands_refuse_a_database_without_a_ledger(where, tmp_path, request):
+    """A database that holds no ledger (an empty file, a PostgreSQL database or schema that
+    was mistyped) is refused as a missing SQLite file is: opening it would create an empty
+    ledger and `audit verify` would call it an intact chain."""
+    if where == "postgresql":
+        url = request.getfixturevalue("pg_url")
+    else:
+        (tmp_path / "empty.sqlite").touch()
+        url = f"sqlite:///{tmp_path / 'empty.sqlite'}"
+    for args in (["audit", "verify"], ["audit", "anchor", "--out", str(tmp_path / "a.json")],
+                 ["audit", "export", "--format", "csv", "--out", str(tmp_path / "x.csv")]):
+        code, stdout, stderr = cli(*args, "--db", url)
+        assert code == 2, (args, stdout, stderr)
+        assert "no ledger" in stderr and "intact" not in stdout, (args, stdout, stderr)
+    engine = sa.create_engine(resolve_db_url(url))
+    try:
+        assert not sa.inspect(engine).get_table_names()  # nothing was created
+    finally:
+        engine.dispose()
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "x.csv").exists()

@@ -247,3 +247,125 @@ def test_a_fold_without_fraud_is_reported_as_valid_json(tmp_path):
     assert written["folds"][0]["card_precision_at_k"] == 0.0
     assert written["summary"]["auc_roc"] == {"mean": None, "std": None}
     assert written["summary"]["card_precision_at_k"] == {"mean": 0.0, "std": 0.0}
+
+
+class _Constant(_Recorder):
+    """Returns whatever score array it is given (to check what the protocol accepts)."""
+
+    name = "constant"
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def score(self, test: pl.DataFrame, history: pl.DataFrame | None = None) -> np.ndarray:
+        return np.full(test.height, self.value)
+
+
+def test_a_fold_whose_training_days_hold_no_fraud_is_refused_by_name():
+    """A training period of one class cannot train a classifier: logreg raised scikit-learn's
+    bare 'needs samples of at least 2 classes', random-forest crashed with an IndexError and the
+    kNN scorers reported a constant score's AUC 0.5 as if it were a result. The protocol says
+    which fold and which days, before fitting anything."""
+    rows = [(c, JAN[d], int(c == "a" and d in (6, 7))) for c in "abcd" for d in range(10)]
+    config = ProtocolConfig(train_days=2, delay_days=2, test_days=2, folds=2, top_k=2)
+    made: list[_Recorder] = []
+
+    def make():
+        made.append(_Recorder())
+        return made[-1]
+
+    # Fold 0 trains on Jan 3-4 (no fraud), fold 1 on Jan 1-2 (no fraud either).
+    with pytest.raises(ValueError, match=r"fold 0: the training days 2018-01-03 to 2018-01-04 "
+                                         r"hold no fraud"):
+        evaluate(_frame(rows), make, JAN[6], config)
+    assert made == []  # refused before any scorer was fitted
+
+
+def test_non_finite_scores_are_refused_with_the_scorers_name():
+    rows = [(c, JAN[d], int(c == "a" and d in (0, 4))) for c in "abcd" for d in range(6)]
+    config = ProtocolConfig(train_days=2, delay_days=0, test_days=2, folds=1, top_k=2)
+    with pytest.raises(ValueError, match=r"scorer 'constant' returned 6 non-finite scores"):
+        evaluate(_frame(rows), lambda: _Constant(float("nan")), JAN[2], config)
+
+
+def test_coverage_errors_say_which_way_to_move_the_test_start():
+    frame = _frame([(c, JAN[0] + timedelta(days=d), 0) for c in "ab" for d in range(30)])
+    config = ProtocolConfig(folds=2)  # needs 7 + 7 + 7 + 7 days: test starts 2018-01-22..24
+    with pytest.raises(ValueError, match=r"test days run past the data's last day 2018-01-30.*"
+                                         r"an earlier --test-start \(2018-01-24 at the latest\)"):
+        split_fold(frame, date(2018, 1, 25), config)
+    with pytest.raises(ValueError, match=r"a later --test-start \(2018-01-22 at the earliest "
+                                         r"with 2 folds\) or fewer --folds"):
+        evaluate(frame, lambda: _Recorder(), date(2018, 1, 21), config)
+    short = frame.filter(pl.col(schema.TX_TIME) < datetime(2018, 1, 20))
+    with pytest.raises(ValueError, match=r"2018-01-01 to 2018-01-19 \(19 days\).*need at least "
+                                         r"28 days"):
+        evaluate(short, lambda: _Recorder(), date(2018, 1, 15), config)
+
+
+def test_unlabelled_rows_count_in_the_features_but_are_not_evaluated(tmp_path):
+    """Transactions whose label is not known yet are still transactions: they count in the
+    card's and the terminal's windows (as when scoring in production), and only the labelled
+    rows are trained and tested on. They used to be quarantined before the features were
+    computed, so every other row of their card and terminal got different features."""
+    from pipeline.evaluation import load_featured
+
+    rows = [(c, JAN[d], int(c == "a" and d == 1)) for c in "abc" for d in range(4)]
+    frame = _frame(rows).with_columns(
+        pl.when(pl.col(schema.TRANSACTION_ID) == "1").then(None)
+        .otherwise(pl.col(schema.IS_FRAUD)).alias(schema.IS_FRAUD))  # card a, Jan 2
+    frame = pl.concat([frame, _frame([("a", JAN[1], 0)]).with_columns(
+        pl.col(schema.TRANSACTION_ID).replace("0", "late"),
+        pl.col(schema.TX_TIME) + timedelta(hours=1))])
+    frame.write_parquet(tmp_path / "tx.parquet")
+    featured, record = load_featured(tmp_path / "tx.parquet", 7)
+    assert featured[schema.IS_FRAUD].null_count() == 0
+    assert "1" not in featured[schema.TRANSACTION_ID].to_list()
+    late = featured.filter(pl.col(schema.TRANSACTION_ID) == "late")
+    assert late["CUSTOMER_ID_NB_TX_1DAY_WINDOW"].item() == 2  # its own and the unlabelled one
+    assert (record["rows_in"], record["rows_unlabelled"], record["rows_quarantined"],
+            record["rows_accepted"]) == (13, 1, 0, 12)
+
+
+def test_the_settings_record_the_versions_and_the_threads(tmp_path):
+    import sklearn
+    import xgboost
+
+    import pipeline
+    from pipeline.evaluation import evaluate_file
+    from pipeline.synthetic import SyntheticConfig, generate
+
+    data = tmp_path / "tx.parquet"
+    generate(SyntheticConfig(n_customers=150, n_terminals=300, n_days=20, seed=2,
+                             start_date=date(2018, 1, 20))).write_parquet(data)
+    config = ProtocolConfig(train_days=3, delay_days=2, test_days=3, folds=1, top_k=5)
+    report = evaluate_file(data, "2018-02-05", "logreg", tmp_path / "r.json", config, n_jobs=2)
+    versions = report.settings["versions"]
+    assert versions["finsentinel"] == pipeline.__version__
+    assert versions["scikit-learn"] == sklearn.__version__
+    assert versions["xgboost"] == xgboost.__version__
+    assert report.settings["command"].endswith("--jobs 2")
+
+
+def test_the_command_shows_each_folds_last_test_day_and_the_rows_left_out(tmp_path):
+    """The fold line named the exclusive end (the day after the last test day) as if it were a
+    test day; rows read but not evaluated (no label, quarantined) went unmentioned."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.synthetic import SyntheticConfig, generate
+
+    data = tmp_path / "tx.parquet"
+    frame = generate(SyntheticConfig(n_customers=150, n_terminals=300, n_days=20, seed=2,
+                                     start_date=date(2018, 1, 20)))
+    frame = frame.with_columns(pl.when(pl.int_range(pl.len()) % 40 == 0).then(None)
+                               .otherwise(pl.col(schema.IS_FRAUD)).alias(schema.IS_FRAUD))
+    unlabelled = frame[schema.IS_FRAUD].null_count()
+    frame.write_parquet(data)
+    result = CliRunner().invoke(app, [
+        "evaluate", "--data", str(data), "--test-start", "2018-02-05", "--folds", "1",
+        "--scorer", "logreg", "--train-days", "3", "--delay-days", "2", "--test-days", "3",
+        "--top-k", "5", "--output", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "fold 0: test 2018-02-05 to 2018-02-07 " in result.output
+    assert f"{unlabelled:,} rows without a label" in result.output
