@@ -1144,18 +1144,24 @@ class Ledger:
     def _batch_count_problem(conn: Connection,
                              seq_range: tuple[int, int, str | None, str | None] | None = None
                              ) -> tuple[int | None, str | None, str] | None:
-        """A batch whose decision count differs from the count it was recorded with. With a
-        range: only batches with a record in it or recorded in it."""
+        """A batch whose decisions or quarantined rows differ from the counts it was recorded
+        with, or whose counts do not add up (rows in = scored + quarantined). Quarantined rows
+        are not chained: their batch's counts are what vouches for them. With a range: only
+        batches with a record in it or recorded in it."""
         counts = conn.execute(
             sa.select(DECISIONS.c.batch_id, DECISIONS.c.kind, sa.func.count().label("n"),
                       sa.func.min(DECISIONS.c.seq).label("first"),
                       sa.func.max(DECISIONS.c.seq).label("last"))
             .group_by(DECISIONS.c.batch_id, DECISIONS.c.kind)).all()
         held = {(r.batch_id, r.kind): (int(r.n), int(r.first)) for r in counts}
-        batches = conn.execute(sa.select(BATCHES.c.batch_id, BATCHES.c.kind,
-                                         BATCHES.c.rows_scored, BATCHES.c.created_at)).all()
-        recorded = {(r.batch_id, r.kind): int(r.rows_scored) for r in batches}
-        keys = held.keys() | recorded.keys()
+        set_aside = {(r.batch_id, r.kind): int(r.n) for r in conn.execute(
+            sa.select(QUARANTINE.c.batch_id, QUARANTINE.c.kind, sa.func.count().label("n"))
+            .group_by(QUARANTINE.c.batch_id, QUARANTINE.c.kind))}
+        batches = conn.execute(sa.select(
+            BATCHES.c.batch_id, BATCHES.c.kind, BATCHES.c.rows_in, BATCHES.c.rows_scored,
+            BATCHES.c.rows_quarantined, BATCHES.c.created_at)).all()
+        recorded = {(r.batch_id, r.kind): r for r in batches}
+        keys = held.keys() | recorded.keys() | set_aside.keys()
         if seq_range is not None:
             first_seq, last_seq, lo, hi = seq_range
             keys = {(r.batch_id, r.kind) for r in counts
@@ -1165,13 +1171,24 @@ class Ledger:
         problems = []
         for key in keys:
             n, first = held.get(key, (0, None))
-            if key not in recorded:
-                problems.append((first, f"decisions of batch {key[0]!r} ({key[1]}) were never "
-                                        "recorded as a batch: inserted outside the ledger"))
-            elif n != recorded[key]:
-                problems.append((first, f"batch {key[0]!r} ({key[1]}) holds {n} decisions but "
-                                        f"was recorded with {recorded[key]}: records were "
-                                        "deleted or inserted"))
+            quarantined = set_aside.get(key, 0)
+            batch = recorded.get(key)
+            name = f"batch {key[0]!r} ({key[1]})"
+            if batch is None:
+                what = "decisions" if n else "quarantined rows"
+                problems.append((first, f"{what} of {name} were never recorded as a batch: "
+                                        "inserted outside the ledger"))
+            elif n != batch.rows_scored:
+                problems.append((first, f"{name} holds {n} decisions but was recorded with "
+                                        f"{batch.rows_scored}: records were deleted or inserted"))
+            elif quarantined != batch.rows_quarantined:
+                problems.append((first, f"{name} holds {quarantined} quarantined rows but was "
+                                        f"recorded with {batch.rows_quarantined}: quarantined "
+                                        "rows were deleted or inserted"))
+            elif batch.rows_in != batch.rows_scored + batch.rows_quarantined:
+                problems.append((first, f"{name} was recorded with {batch.rows_in} rows in but "
+                                        f"{batch.rows_scored} scored + {batch.rows_quarantined} "
+                                        "quarantined: its counts were edited"))
         if not problems:
             return None
         first, reason = min(problems, key=lambda p: (p[0] is None, p[0] or 0))

@@ -382,6 +382,28 @@ def test_deleted_tail_with_a_forged_head_is_still_detected(db_url, raw):
     assert "batch 'b2' (fraud) holds 0 decisions but was recorded with 3" in report.reason
 
 
+@pytest.mark.parametrize(("statements", "expected"), [
+    ([("DELETE FROM quarantine WHERE batch_id = 'b1'", {})],
+     "batch 'b1' (fraud) holds 0 quarantined rows but was recorded with 1"),
+    ([("INSERT INTO quarantine (batch_id, kind, row_number, field, reason, raw) VALUES "
+       "('b2', 'fraud', 9, 'amount', 'x', '{}')", {})],
+     "batch 'b2' (fraud) holds 1 quarantined rows but was recorded with 0"),
+    ([("INSERT INTO quarantine (batch_id, kind, row_number, field, reason, raw) VALUES "
+       "('nowhere', 'fraud', 1, 'amount', 'x', '{}')", {})],
+     "quarantined rows of batch 'nowhere' (fraud) were never recorded as a batch"),
+    ([("DELETE FROM quarantine WHERE batch_id = 'b1'", {}),
+      ("UPDATE batches SET rows_quarantined = 0 WHERE batch_id = 'b1'", {})],
+     "batch 'b1' (fraud) was recorded with 6 rows in but 5 scored + 0 quarantined"),
+], ids=["deleted", "inserted", "orphan", "counts-edited"])
+def test_quarantined_rows_deleted_or_inserted_are_detected(db_url, raw, statements, expected):
+    """Rows in = rows scored + rows quarantined is what the ledger promises auditors; the
+    quarantined rows are not chained, so verify checks them against their batch's counts
+    (deleting one used to verify OK)."""
+    report, _ = verify_after(db_url, raw, *statements)
+    assert not report.ok
+    assert expected in report.reason
+
+
 def test_inserted_record_is_detected(db_url, raw):
     """Make room after seq 3 and insert a correctly chained forgery there: the forgery itself
     checks out, but the record after it no longer links."""
