@@ -74,16 +74,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds,
+    once its content is on disk (synced before the rename, the folder after it: a power loss
+    leaves the old file or the whole new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_owned(path.name), suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+    _fsync_dir(path.parent)
 
 
 def new_version() -> str:

@@ -246,3 +246,22 @@ def test_sigkill_while_saving_a_model_keeps_the_previous_version(tmp_path):
     newest = artifacts.current_version(output.parent, "tiny")
     assert newest != previous and resolve_model(output)[0].name == newest
     assert [p.name for p in output.iterdir() if p.name.startswith(".")] == []
+
+
+def test_atomic_path_syncs_the_new_file_before_the_rename_and_the_folder_after(
+        tmp_path, monkeypatch):
+    """A rename is atomic for processes, not for a power loss: without the syncs, an output
+    file (scores, exports) could be found renamed but empty after a crash of the machine."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(artifacts.os, "fsync", lambda fd: (
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
+    monkeypatch.setattr(artifacts.os, "replace", lambda a, b: (
+        events.append(("replace", os.path.realpath(b))), real_replace(a, b)))
+    target = tmp_path / "out.csv"
+    with artifacts.atomic_path(target) as tmp:
+        tmp.write_text("a,b\n1,2\n")
+        temporary = os.path.realpath(tmp)
+    assert target.read_text() == "a,b\n1,2\n"
+    assert events == [("fsync", temporary), ("replace", os.path.realpath(target)),
+                      ("fsync", os.path.realpath(tmp_path))]
