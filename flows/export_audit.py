@@ -40,7 +40,8 @@ def export_audit(month: str | None = None, format: str = "jsonl",
                  out_dir: str | None = None, db: str | SecretStr | None = None,
                  reveal: bool = False) -> audit.ExportReport:
     """Export the decisions recorded in ``month`` ("YYYY-MM", default: last month) to
-    ``out_dir/ledger-YYYY-MM.<format>`` with ``.anchors.json`` beside it. The run fails when the
+    ``out_dir/ledger-YYYY-MM.<format>``, with the rows the month's batches quarantined in
+    ``ledger-YYYY-MM.quarantine.<format>`` and ``.anchors.json`` beside it. The run fails when the
     ledger does not verify — the export is still written, stating so — so that a tampered
     ledger never passes as a routine monthly export. An earlier export of the month is
     replaced only by one of a ledger that verifies, against the anchors beside it too (see
@@ -63,12 +64,14 @@ def export_audit(month: str | None = None, format: str = "jsonl",
     create_table_artifact(
         key="audit-export",
         table=[{"month": month, "format": format, "decisions": report.rows,
+                "quarantined_rows": report.quarantined,
                 "day_anchors": report.anchors, "ledger_verified": report.verified,
                 "ids": "pseudonymised" if report.pseudonymised else "raw",
                 "file": report.path}],
         description=f"Audit export for {month}",
     )
     print(f"audit export {month}: {report.rows} decisions to {report.path}; "
+          f"{report.quarantined} quarantined rows to {report.quarantine_path}; "
           f"{report.anchors} day anchors to {report.anchors_path}; ledger verified: "
           f"{report.verified}")
     if not report.verified:

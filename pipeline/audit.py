@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import getpass
+import hashlib
 import html
 import json
 import math
@@ -35,8 +36,10 @@ import sqlalchemy as sa
 
 from pipeline import artifacts, schema
 from pipeline.ledger import (
+    BATCHES,
     DECISIONS,
     FEEDBACK,
+    QUARANTINE,
     Anchor,
     Ledger,
     LedgerError,
@@ -645,6 +648,58 @@ class ExportReport:
     verified: bool
     verify_reason: str
     pseudonymised: bool
+    quarantined: int = 0  # rows the period's batches set aside, in quarantine_path
+    quarantine_path: str | None = None  # None: html, or a selection of decisions
+
+
+QUARANTINE_EXPORT_SCHEMA: dict[str, pl.DataType] = {
+    "batch_id": pl.String(), "kind": pl.String(), "batch_created_at": pl.String(),
+    "row_number": pl.Int64(), "field": pl.String(), "reason": pl.String(),
+    "raw_sha256": pl.String(), "raw": pl.String(),
+}
+
+
+def quarantine_export_path(out: str | Path) -> Path:
+    """Where an export's quarantined rows go: ``month.csv`` -> ``month.quarantine.csv``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.quarantine{out.suffix}")
+
+
+def quarantine_rows(ledger: Ledger, since: datetime | None = None,
+                    until: datetime | None = None, *, reveal: bool = False,
+                    batch_id: str | None = None) -> pl.DataFrame:
+    """The rows the batches recorded in [since, until) set aside, in ledger order (by batch
+    time, then row number): where and why, the raw record's sha256 (to match the source file)
+    and, with ``reveal`` only, the raw record itself (it may hold card and terminal ids)."""
+    query = (sa.select(QUARANTINE.c.batch_id, QUARANTINE.c.kind,
+                       BATCHES.c.created_at.label("batch_created_at"), QUARANTINE.c.row_number,
+                       QUARANTINE.c.field, QUARANTINE.c.reason, QUARANTINE.c.raw)
+             .join(BATCHES, sa.and_(BATCHES.c.batch_id == QUARANTINE.c.batch_id,
+                                    BATCHES.c.kind == QUARANTINE.c.kind))
+             .order_by(BATCHES.c.created_at, QUARANTINE.c.batch_id, QUARANTINE.c.kind,
+                       QUARANTINE.c.row_number))
+    if batch_id is not None:
+        query = query.where(QUARANTINE.c.batch_id == batch_id)
+    query = _created_between(query, BATCHES.c.created_at, since, until)
+    with ledger.read() as conn:
+        rows = [{**r, "raw_sha256": hashlib.sha256(r["raw"].encode()).hexdigest(),
+                 "raw": r["raw"] if reveal else None}
+                for r in conn.execute(query).mappings()]
+    return pl.DataFrame(rows, schema=QUARANTINE_EXPORT_SCHEMA).select(
+        list(QUARANTINE_EXPORT_SCHEMA))
+
+
+def read_quarantine_export(path: str | Path, format: str | None = None) -> pl.DataFrame:
+    """Read an export's quarantine file back with its exact column types."""
+    path = Path(path)
+    format = format or _format_of(path)
+    if format == "csv":
+        return pl.read_csv(path, schema=QUARANTINE_EXPORT_SCHEMA)
+    if format == "jsonl":
+        return pl.read_ndjson(path, schema=QUARANTINE_EXPORT_SCHEMA)
+    if format == "parquet":
+        return pl.read_parquet(path).cast(QUARANTINE_EXPORT_SCHEMA)
+    raise ValueError(f"{path}: cannot read back format {format!r}; expected csv, jsonl or parquet")
 
 
 def export_rows(ledger: Ledger, since: datetime | None = None, until: datetime | None = None, *,
@@ -814,10 +869,21 @@ def export(ledger: Ledger, out: str | Path, format: str, since: datetime | None 
     else:
         with artifacts.atomic_path(out) as tmp:
             count = _write_table(tmp, format, chunks)
+    held, held_path = 0, quarantine_export_path(out)
+    if format != "html" and decision_ids is None and not alerts_only:
+        quarantined = quarantine_rows(ledger, since, until, reveal=reveal, batch_id=batch_id)
+        with artifacts.atomic_path(held_path) as tmp:
+            {"csv": quarantined.write_csv, "jsonl": quarantined.write_ndjson,
+             "parquet": quarantined.write_parquet}[format](tmp)
+        held = quarantined.height
+    else:  # a selection of decisions: an earlier export's file there would read as this one's
+        held_path.unlink(missing_ok=True)
+        held_path = None
     anchors = ledger.anchors(since, until)
     written = write_anchors(anchors_path, anchors)
     return ExportReport(str(out), format, count, str(written), len(anchors),
-                        verified.ok, verified.reason, not reveal)
+                        verified.ok, verified.reason, not reveal, held,
+                        None if held_path is None else str(held_path))
 
 
 def _write_table(path: Path, format: str, chunks: Iterator[list[dict[str, Any]]]) -> int:

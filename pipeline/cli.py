@@ -621,8 +621,11 @@ def audit_export(
         _broken(exc.verified, f"the existing export {output} and its anchors were kept, "
                               "nothing was written")
     ids = "pseudonymised" if report.pseudonymised else "raw (--reveal)"
+    held = (f"; {report.quarantined:,} quarantined rows in {report.quarantine_path}"
+            if report.quarantine_path else "")
     out.print(f"{report.rows:,} decisions exported to {report.path} ({report.format}, ids "
-              f"{ids}); {report.anchors:,} day anchors in {report.anchors_path}", markup=False)
+              f"{ids}){held}; {report.anchors:,} day anchors in {report.anchors_path}",
+              markup=False)
     if not report.verified:  # written, stating so; a failed check all the same
         from rich.markup import escape
 

@@ -1246,3 +1246,46 @@ def test_audit_commands_refuse_a_database_without_a_ledger(where, tmp_path, requ
     finally:
         engine.dispose()
     assert not (tmp_path / "a.json").exists() and not (tmp_path / "x.csv").exists()
+
+
+def test_an_export_holds_the_quarantined_rows_of_its_batches_beside_it(db_url, tmp_path):
+    """Rows in = rows scored + rows quarantined is half evidenced by an export of decisions
+    alone: the rows each batch of the period set aside go beside it (OUT.quarantine.FMT), the
+    raw record only with --reveal (it holds card ids), its sha256 always."""
+    from pipeline.ledger import QuarantinedRow
+
+    with Ledger(db_url) as ledger:
+        stamps = []
+        for batch_id, start, bad in (("a", 0, 2), ("b", 10, 0), ("c", 20, 1)):
+            held = [QuarantinedRow(100 + i, "amount", f"not a number ({batch_id}{i})",
+                                   json.dumps({"customer_id": f"card-{batch_id}{i}-Zq",
+                                               "amount": "x"}))
+                    for i in range(bad)]
+            ledger.record_batch(batch_id, "fraud", f"in-{batch_id}", 3 + bad,
+                                small_decisions(batch_id, 3, start), held)
+            stamps.append(ledger.decisions(batch_id=batch_id)[0]["created_at"])
+            time.sleep(0.002)
+        until = datetime.fromisoformat(stamps[2])  # [a, c): batches a and b
+        for fmt in ("csv", "jsonl", "parquet"):
+            out = tmp_path / f"month.{fmt}"
+            report = audit.export(ledger, out, fmt, until=until)
+            assert (report.rows, report.quarantined) == (6, 2)
+            assert report.quarantine_path == str(tmp_path / f"month.quarantine.{fmt}")
+            got = audit.read_quarantine_export(report.quarantine_path)
+            assert got["batch_id"].to_list() == ["a", "a"], fmt
+            assert got["row_number"].to_list() == [100, 101]
+            assert got["reason"].to_list() == ["not a number (a0)", "not a number (a1)"]
+            assert got["raw"].null_count() == 2  # pseudonymised export: no raw record
+            raws = [q["raw"] for q in ledger.quarantined("a")]
+            assert got["raw_sha256"].to_list() == [
+                hashlib.sha256(r.encode()).hexdigest() for r in raws]
+            assert "card-a0-Zq" not in Path(report.quarantine_path).read_text(errors="ignore")
+        revealed = audit.export(ledger, tmp_path / "all.csv", "csv", reveal=True)
+        back = audit.read_quarantine_export(revealed.quarantine_path)
+        assert (revealed.rows, revealed.quarantined) == (9, 3)
+        assert back["batch_id"].to_list() == ["a", "a", "c"]
+        assert back["raw"].to_list() == [q["raw"] for b in "ac" for q in ledger.quarantined(b)]
+        # A selection of decisions has no quarantine file; an earlier one there is removed.
+        stale = tmp_path / "month.quarantine.csv"
+        alerts = audit.export(ledger, tmp_path / "month.csv", "csv", alerts_only=True)
+        assert alerts.quarantine_path is None and not stale.exists()
