@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import http.client
 import json
 import logging
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -67,13 +69,22 @@ RESPONSE_SCHEMA: dict[str, Any] = {
 
 def prompt_sha256() -> str:
     """Identifies the exact instructions and schema every answer was produced under."""
+    # Everything that decides the messages an article becomes: the texts, the schema, where
+    # the article is cut and how it is quoted (see build_messages).
     material = json.dumps({"system": SYSTEM_PROMPT, "user": USER_TEMPLATE,
-                           "schema": RESPONSE_SCHEMA}, sort_keys=True)
+                           "schema": RESPONSE_SCHEMA, "max_article_chars": MAX_ARTICLE_CHARS,
+                           "article": "json-string,ensure_ascii=false"}, sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()
 
 
-def build_messages(text: str) -> list[dict[str, str]]:
-    article = json.dumps(text[:MAX_ARTICLE_CHARS], ensure_ascii=False)
+def build_messages(text: str, max_chars: int | None = None) -> list[dict[str, str]]:
+    """The conversation for one article, cut to ``max_chars`` (default MAX_ARTICLE_CHARS;
+    a local model with a short context asks for fewer)."""
+    limit = MAX_ARTICLE_CHARS if max_chars is None else min(max_chars, MAX_ARTICLE_CHARS)
+    # Lone surrogates (text decoded with surrogateescape, or cut mid-pair) cannot be encoded,
+    # so no tokenizer or server takes them: U+FFFD instead.
+    text = text[:limit].encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    article = json.dumps(text, ensure_ascii=False)
     return [{"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": USER_TEMPLATE.format(article=article)}]
 
@@ -82,7 +93,14 @@ class AnswerError(ValueError):
     """A reply that does not match the answer schema."""
 
 
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise AnswerError(f"duplicate keys in {keys}: the answer is ambiguous")
+    return dict(pairs)
 
 
 def validate_answer(content: str, labels: Sequence[str] = LABELS) -> dict[str, Any]:
@@ -95,7 +113,7 @@ def validate_answer(content: str, labels: Sequence[str] = LABELS) -> dict[str, A
     if fenced:
         text = fenced.group(1)
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise AnswerError(f"not JSON ({exc.msg} at char {exc.pos}): {text[:80]!r}") from exc
     if not isinstance(value, dict):
@@ -136,11 +154,39 @@ def _failure(reason: str, explanation: dict[str, Any]) -> Prediction:
     return Prediction(None, {}, {**explanation}, failure=reason)
 
 
+def _guarded(one: Any, text: str, redact: Any = str) -> Prediction:
+    """``one(text)``, with any error it did not expect as that article's failure: one article
+    must never cost the batch (rows in = rows answered + rows failed)."""
+    try:
+        return one(text)
+    except Exception as exc:  # noqa: BLE001 - recorded, not raised
+        reason = redact(f"unexpected error: {type(exc).__name__}: {exc}")
+        log.error("llm backend: %s", reason)  # the redacted message: no traceback, no key
+        return _failure(reason, {"prompt_sha256": prompt_sha256(), "attempts": 0,
+                                 "errors": [reason]})
+
+
 # --- local models ---------------------------------------------------------------------------
+
+def _defuse_special_tokens(tokenizer: Any, text: str) -> str:
+    """``text`` with every special/added token string (``</s>``, ``<|im_end|>``...) broken by a
+    zero-width space, so that message text can never become a control token: an article
+    cannot close its turn or open a new one."""
+    specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    specials |= {str(t) for t in added.values() if getattr(t, "special", False)}
+    for token in sorted((t for t in specials if len(t) > 1), key=len, reverse=True):
+        if token in text:
+            text = text.replace(token, token[0] + "\u200b" + token[1:])
+    return text
+
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the conversation up to the assistant's turn: the tokenizer's chat template
-    where it has one, else a plain System/User/Assistant transcript."""
+    where it has one, else a plain System/User/Assistant transcript. Special-token strings
+    inside the messages are text, never control tokens."""
+    messages = [{**m, "content": _defuse_special_tokens(tokenizer, m["content"])}
+                for m in messages]
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
@@ -206,6 +252,13 @@ class ConstrainedDecoder:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def answer_tokens(self) -> int:
+        """The most tokens an answer can take after the prompt (what it needs of the context):
+        the forced skeleton, the longest label, the number and the rationale."""
+        skeleton = sum(len(self._encode(part)) for part in
+                       ('{"label": "', '", "confidence": ', ', "rationale": "'))
+        return skeleton + max(map(len, self.label_ids)) + 6 + self.max_rationale_tokens + 2
+
     @torch.inference_mode()
     def decode(self, prompt_ids: list[int]) -> tuple[str, dict[str, float]]:
         """(answer JSON text, the model's probability of each label)."""
@@ -244,7 +297,8 @@ class ConstrainedDecoder:
             rationale.append(choice)
             seq.feed([choice])
         text = self.tokenizer.decode(rationale) if rationale else ""
-        rationale_json = json.dumps(text.strip(), ensure_ascii=False)
+        rationale_json = json.dumps(text.strip()[:MAX_RATIONALE_CHARS].strip(),
+                                    ensure_ascii=False)
         answer = f'{{"label": "{label}", "confidence": {number}, "rationale": {rationale_json}}}'
         return answer, {lab: round(float(p), 6) for lab, p in zip(self.labels, probs,
                                                                    strict=True)}
@@ -276,13 +330,26 @@ def generate_free(model: Any, tokenizer: Any, prompt_ids: list[int], *, max_new_
 
 def _directory_hash(directory: Path) -> str:
     files = sorted(p for p in directory.iterdir()
-                   if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".model"))
+                   if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".model",
+                                                   ".txt", ".jinja", ".tiktoken"))
     digest = hashlib.sha256()
     for path in files:
         from pipeline.artifacts import sha256_file
 
         digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
     return digest.hexdigest()
+
+
+def context_length(model: Any, tokenizer: Any = None) -> int | None:
+    """The most tokens the model attends to (prompt and answer together), if it says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length",
+                 "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else None
 
 
 class LocalLLMClassifier:
@@ -301,6 +368,9 @@ class LocalLLMClassifier:
             if constrained else None
         self.weights_sha256 = weights_sha256
         self.model_id = f"{name}@{weights_sha256[:12]}"
+        self.context = context_length(model, tokenizer)
+        self.answer_budget = self.decoder.answer_tokens() if self.decoder is not None \
+            else max_new_tokens + 1
 
     @classmethod
     def load(cls, directory: str | Path, *, device: str = "cpu", **kwargs: Any
@@ -325,14 +395,38 @@ class LocalLLMClassifier:
                 "decoding": "constrained" if self.constrained else "free", "index_version": "-"}
 
     def classify(self, texts: Sequence[str], *, explain: bool = True) -> list[Prediction]:
-        return [self._one(text) for text in texts]
+        return [_guarded(self._one, text) for text in texts]
+
+    def _fit(self, text: str) -> tuple[list[int], int]:
+        """The prompt ids for ``text`` and how many of its characters they hold: the article is
+        cut (from its end) until the prompt and the longest answer fit the model's context,
+        since past it a forward pass fails or degrades."""
+        chars = min(len(text), MAX_ARTICLE_CHARS)
+        prompt = render_prompt(self.tokenizer, build_messages(text, chars))
+        if self.context is None:
+            return prompt, chars
+        room = self.context - self.answer_budget
+        for _ in range(20):
+            if len(prompt) <= room:
+                return prompt, chars
+            if chars == 0:
+                break
+            chars = max(0, min(chars - 1, int(chars * room / len(prompt)) - 8))
+            prompt = render_prompt(self.tokenizer, build_messages(text, chars))
+        raise ValueError(f"the prompt ({len(prompt)} tokens) and the answer ({self.answer_budget}"
+                         f" tokens) do not fit the model's context of {self.context} tokens")
 
     def _one(self, text: str) -> Prediction:
-        base = {"prompt_sha256": prompt_sha256()}
+        base: dict[str, Any] = {"prompt_sha256": prompt_sha256()}
+        try:
+            prompt, chars = self._fit(text)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            return _failure(f"prompt does not fit: {exc}", {**base, "attempts": 0,
+                                                            "errors": [str(exc)]})
+        base["article_chars_used"] = chars
         errors = []
         for attempt in range(1, self.attempts + 1):
             try:
-                prompt = render_prompt(self.tokenizer, build_messages(text))
                 probabilities = None
                 if self.decoder is not None:
                     content, probabilities = self.decoder.decode(prompt)
@@ -346,7 +440,7 @@ class LocalLLMClassifier:
                                                    "raw_answer": content[:2000]}, probabilities)
             except AnswerError as exc:
                 errors.append(f"attempt {attempt}: {exc}")
-            except (RuntimeError, ValueError, IndexError) as exc:  # e.g. prompt too long
+            except (RuntimeError, ValueError, IndexError) as exc:
                 errors.append(f"attempt {attempt}: {type(exc).__name__}: {exc}")
         return _failure(f"no valid answer after {self.attempts} attempts",
                         {**base, "attempts": self.attempts, "errors": errors})
@@ -354,12 +448,47 @@ class LocalLLMClassifier:
 
 # --- OpenAI-compatible endpoints --------------------------------------------------------------
 
+_SECRET_PARAM = re.compile(r"key|token|secret|passw|auth|sig|credential", re.IGNORECASE)
+
+
+def _redact_url(url: str) -> str:
+    """``url`` with user info and secret-looking query values masked, for the record."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
+        query = urllib.parse.urlencode(
+            [(k, "***" if _SECRET_PARAM.search(k) else v)
+             for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    except ValueError:
+        return "(unparseable URL)"
+
+
+def _retry_after(headers: Any) -> float | None:
+    """A Retry-After header in seconds (a number of seconds or an HTTP date), if any."""
+    value = headers.get("Retry-After") if headers is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+
+        when = parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
 @dataclass(frozen=True)
 class HTTPResult:
     content: str | None
     error: str | None
     retryable: bool
     model: str | None = None
+    retry_after: float | None = None  # seconds the server asked to wait (429, 503)
 
 
 class HTTPLLMClassifier:
@@ -369,22 +498,43 @@ class HTTPLLMClassifier:
 
     def __init__(self, endpoint: str, model: str, *, attempts: int = 3, timeout: float = 60.0,
                  constrained: bool = True, concurrency: int = 4, max_tokens: int = 200,
-                 api_key: str | None = None, backoff: float = 0.2):
+                 api_key: str | None = None, backoff: float = 0.2,
+                 max_retry_after: float = 30.0):
         if not endpoint.startswith(("http://", "https://")):
-            raise ValueError(f"endpoint: expected an http(s) URL, got {endpoint!r}")
-        base = endpoint.rstrip("/")
-        self.url = base if base.endswith("/chat/completions") else (
+            raise ValueError(f"endpoint: expected an http(s) URL, got {_redact_url(endpoint)!r}")
+        if attempts < 1:
+            raise ValueError(f"attempts: expected at least 1, got {attempts}")
+        parts = urllib.parse.urlsplit(endpoint)
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("endpoint: credentials in the URL are not supported (they would be "
+                             "recorded with every decision); give the key as api_key or "
+                             "FINSENTINEL_LLM_API_KEY")
+        base = parts.path.rstrip("/")
+        path = base if base.endswith("/chat/completions") else (
             base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions"))
-        self.endpoint, self.model = endpoint, model
+        self.url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+        self.endpoint, self.model = _redact_url(endpoint), model
         self.attempts, self.timeout, self.constrained = attempts, timeout, constrained
         self.concurrency, self.max_tokens, self.backoff = concurrency, max_tokens, backoff
+        self.max_retry_after = max_retry_after  # the longest Retry-After honoured (seconds)
         import os
 
         self.api_key = api_key or os.environ.get("FINSENTINEL_LLM_API_KEY")
-        self.model_id = f"{model}@{self.url}"
+        # What the ledger names: the URL with any secret-looking query value masked.
+        self.recorded_url = _redact_url(self.url)
+        self.model_id = f"{model}@{self.recorded_url}"
+
+    def _redact(self, text: str) -> str:
+        """An error message safe to record: the API key and URL secrets masked."""
+        secrets = [self.api_key or ""]
+        secrets += [v for k, v in urllib.parse.parse_qsl(urllib.parse.urlsplit(self.url).query)
+                    if _SECRET_PARAM.search(k)]
+        for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
 
     def audit_fields(self) -> dict[str, Any]:
-        return {"backend": self.backend, "model_id": self.model_id, "endpoint": self.url,
+        return {"backend": self.backend, "model_id": self.model_id, "endpoint": self.recorded_url,
                 "model_name": self.model, "prompt_sha256": prompt_sha256(),
                 "decoding": "json_schema" if self.constrained else "free", "index_version": "-"}
 
@@ -400,6 +550,8 @@ class HTTPLLMClassifier:
         return body
 
     def _post(self, body: dict[str, Any]) -> HTTPResult:
+        """One call; every way it can go wrong is a result (with a redacted message), never an
+        exception: a batch must not be lost to one article's failed request."""
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -407,23 +559,34 @@ class HTTPLLMClassifier:
                                          headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read().decode("utf-8"))
+                raw = response.read()
         except urllib.error.HTTPError as exc:
-            detail = exc.read()[:300].decode("utf-8", "replace")
+            try:
+                detail = exc.read()[:300].decode("utf-8", "replace")
+            except (OSError, http.client.HTTPException) as read_exc:
+                detail = f"(body unreadable: {type(read_exc).__name__})"
             retryable = exc.code in (408, 409, 429) or exc.code >= 500
-            return HTTPResult(None, f"HTTP {exc.code}: {detail}", retryable)
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            return HTTPResult(None, f"request failed: {exc}", True)
+            return HTTPResult(None, self._redact(f"HTTP {exc.code}: {detail}"), retryable,
+                              retry_after=_retry_after(exc.headers))
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            # URLError and timeouts are OSErrors; HTTPException: a broken status line or a
+            # body cut short.
+            return HTTPResult(None, self._redact(f"request failed: {type(exc).__name__}: "
+                                                 f"{exc}"), True)
+        try:
+            payload = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return HTTPResult(None, f"response is not JSON: {exc}", True)
         try:
             content = payload["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             return HTTPResult(None, "response has no choices[0].message.content", True)
-        return HTTPResult(content, None, True, payload.get("model"))
+        model = payload.get("model")
+        return HTTPResult(content, None, True, model if isinstance(model, str) else None)
 
     def _one(self, text: str) -> Prediction:
-        base = {"prompt_sha256": prompt_sha256(), "endpoint": self.url, "model_name": self.model}
+        base = {"prompt_sha256": prompt_sha256(), "endpoint": self.recorded_url,
+                "model_name": self.model}
         errors = []
         for attempt in range(1, self.attempts + 1):
             result = self._post(self.request_body(text, attempt))
@@ -434,19 +597,23 @@ class HTTPLLMClassifier:
                                                        "served_model": result.model,
                                                        "raw_answer": result.content[:2000]})
                 except AnswerError as exc:
-                    errors.append(f"attempt {attempt}: invalid answer: {exc}")
+                    errors.append(self._redact(f"attempt {attempt}: invalid answer: {exc}"))
             else:
                 errors.append(f"attempt {attempt}: {result.error}")
                 if not result.retryable:
                     break
             if attempt < self.attempts:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                delay = self.backoff * 2 ** (attempt - 1)
+                if result.retry_after is not None:
+                    delay = max(delay, min(result.retry_after, self.max_retry_after))
+                time.sleep(delay)
         return _failure(f"no valid answer after {len(errors)} attempt(s): {errors[-1]}",
                         {**base, "attempts": len(errors), "errors": errors})
 
     def classify(self, texts: Sequence[str], *, explain: bool = True) -> list[Prediction]:
         texts = list(texts)
+        one = lambda text: _guarded(self._one, text, self._redact)  # noqa: E731
         if self.concurrency <= 1 or len(texts) <= 1:
-            return [self._one(t) for t in texts]
+            return [one(t) for t in texts]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self._one, texts))
+            return list(pool.map(one, texts))

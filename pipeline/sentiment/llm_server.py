@@ -17,7 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from pipeline.sentiment.llm import ConstrainedDecoder, generate_free, render_prompt
+from pipeline.sentiment.llm import (
+    ConstrainedDecoder,
+    context_length,
+    generate_free,
+    render_prompt,
+)
 
 
 class ChatModel:
@@ -45,24 +50,40 @@ class ChatModel:
     def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in messages):
             raise ValueError("messages: expected a non-empty list of {role, content} objects")
         labels = _schema_labels(body.get("response_format"))
+        try:
+            max_tokens = int(body.get("max_tokens") or 128)
+            temperature = float(body.get("temperature") or 0.0)
+            seed = int(body.get("seed") or 0)
+        except (TypeError, ValueError) as exc:
+            raise ValueError("max_tokens, temperature and seed must be numbers") from exc
+        if max_tokens < 1 or temperature < 0:
+            raise ValueError("max_tokens must be positive and temperature not negative")
         with self.lock:
             self.requests += 1
             prompt = render_prompt(self.tokenizer, messages)
+            decoder = None
             if labels is not None:
                 decoder = self.decoders.get(labels)
                 if decoder is None:
                     decoder = self.decoders[labels] = ConstrainedDecoder(
                         self.model, self.tokenizer, labels, self.max_rationale_tokens)
+            answer = decoder.answer_tokens() if decoder is not None else 1
+            context = context_length(self.model, self.tokenizer)
+            if context is not None and len(prompt) + answer > context:
+                raise ValueError(f"the prompt is {len(prompt)} tokens; with the answer it does "
+                                 f"not fit the model's context of {context} tokens")
+            if decoder is not None:
                 content, _ = decoder.decode(prompt)
             else:
-                content = generate_free(
-                    self.model, self.tokenizer, prompt,
-                    max_new_tokens=int(body.get("max_tokens") or 128),
-                    temperature=float(body.get("temperature") or 0.0),
-                    seed=int(body.get("seed") or 0))
+                if context is not None:
+                    max_tokens = min(max_tokens, context - len(prompt))
+                content = generate_free(self.model, self.tokenizer, prompt,
+                                        max_new_tokens=max_tokens, temperature=temperature,
+                                        seed=seed)
         completion = len(self.tokenizer(content, add_special_tokens=False)["input_ids"])
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
@@ -78,12 +99,19 @@ def _schema_labels(response_format: Any) -> tuple[str, ...] | None:
     """The label enum of a sentiment json_schema response format, or None for free text."""
     if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
         return None
-    schema = (response_format.get("json_schema") or {}).get("schema") or {}
-    props = schema.get("properties") or {}
-    if set(props) != {"label", "confidence", "rationale"} or not props["label"].get("enum"):
-        raise ValueError("response_format: this server constrains only the sentiment answer "
+    refusal = ValueError("response_format: this server constrains only the sentiment answer "
                          "schema {label (enum), confidence, rationale}")
-    return tuple(str(x) for x in props["label"]["enum"])
+    json_schema = response_format.get("json_schema") or {}
+    schema = json_schema.get("schema") or {} if isinstance(json_schema, dict) else None
+    props = schema.get("properties") or {} if isinstance(schema, dict) else None
+    if not isinstance(props, dict) or set(props) != {"label", "confidence", "rationale"} \
+            or not isinstance(props["label"], dict):
+        raise refusal
+    enum = props["label"].get("enum")
+    if not isinstance(enum, list) or not enum or not all(
+            isinstance(x, str) and x.strip() for x in enum):
+        raise refusal
+    return tuple(enum)
 
 
 def make_handler(chat: ChatModel) -> type[BaseHTTPRequestHandler]:
@@ -111,6 +139,9 @@ def make_handler(chat: ChatModel) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 length = int(self.headers.get("Content-Length") or 0)
+                if length < 0:  # read(-1) would wait for the client to close the connection
+                    self.close_connection = True
+                    raise ValueError("Content-Length must not be negative")
                 body = json.loads(self.rfile.read(length) or b"{}")
                 if not isinstance(body, dict):
                     raise ValueError("request body must be a JSON object")
@@ -121,6 +152,9 @@ def make_handler(chat: ChatModel) -> type[BaseHTTPRequestHandler]:
                 self._send(200, chat.complete(body))
             except (ValueError, json.JSONDecodeError) as exc:
                 self._send(400, {"error": {"message": str(exc), "type": "invalid_request"}})
+            except Exception as exc:  # noqa: BLE001 - answer, never drop the connection
+                self._send(500, {"error": {"message": f"{type(exc).__name__}: {exc}",
+                                           "type": "server_error"}})
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet by default
             pass
