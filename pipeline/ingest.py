@@ -16,6 +16,7 @@ Decisions worth knowing:
   are taken as UTC, and all are stored naive UTC. A bare date means midnight UTC. Epoch numbers
   are quarantined, not guessed: their unit (s/ms/us/ns) and origin cannot be told from the value
   (the handbook's TX_TIME_SECONDS, for one, counts from the start of the simulation).
+  Times before 1950 or from 2200 on (placeholders like 1900-01-01, 9999-12-31) are quarantined.
 * A ``transaction_id`` seen again is quarantined as a duplicate of its first *valid* occurrence,
   which is kept; a first occurrence quarantined for another reason does not block a later one.
 * ``channel`` is optional descriptive data: common spellings are normalised to
@@ -36,8 +37,10 @@ import io
 import json
 import logging
 import warnings
+import zoneinfo
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
@@ -49,6 +52,11 @@ from pipeline.ledger import QuarantinedRow
 log = logging.getLogger(__name__)
 
 MAX_AMOUNT = 1e12  # beyond any single card payment: a unit or parsing error upstream
+# Card payments began in 1950; a time outside these years is a placeholder (0001-01-01,
+# 1900-01-01, 9999-12-31) or a unit error upstream, and the ends of polars' range (year 0 after
+# an offset, 9999 plus the label delay) cannot be Python datetimes downstream.
+MIN_TIME = datetime(1950, 1, 1)
+MAX_TIME = datetime(2200, 1, 1)  # exclusive
 ROW_FIELD = "row"  # the quarantine `field` for problems with a whole record (bad JSON, bad CSV)
 QUARANTINE_SCHEMA = {
     "row_number": pl.Int64(),
@@ -59,6 +67,7 @@ QUARANTINE_SCHEMA = {
 _ROW = "__row_number"
 _FIELD = "__field"
 _REASON = "__reason"
+_PARSED_TIME = "__parsed_tx_time"  # beside the source values, for tx_time's reason
 _SHOWN_CHARS = 60  # how much of a bad value a reason quotes; `raw` keeps all of it
 
 _LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
@@ -236,6 +245,7 @@ def _validate(read: _Read, *, require_labels: bool, source: str) -> IngestResult
         *(r.value.cast(schema.DTYPES[c]).alias(c) for c, r in rules.items() if r.value is not None),
         *(r.present.alias(f"__present_{c}") for c, r in rules.items() if r.present is not None),
     ).with_columns(_parse_times(src.get_column(schema.TX_TIME)).alias(schema.TX_TIME))
+    src = src.with_columns(work.get_column(schema.TX_TIME).alias(_PARSED_TIME))
     flags = work.select(
         r.bad.fill_null(True).alias(f"__bad_{c}") for c, r in rules.items() if r.bad is not None
     )
@@ -390,6 +400,16 @@ def _rule(field: str, dtype: pl.DataType, require_labels: bool) -> _Rule:
         message = (
             pl.when(text.is_null())
             .then(pl.lit("tx_time: missing value (expected an ISO-8601 date-time)"))
+            .when(pl.col(_PARSED_TIME).is_not_null())
+            .then(
+                pl.concat_str(
+                    pl.lit(
+                        f"tx_time: expected a date-time from {MIN_TIME:%Y-%m-%d} to before "
+                        f"{MAX_TIME:%Y-%m-%d}, got "
+                    ),
+                    _shown(text),
+                )
+            )
             .otherwise(
                 pl.concat_str(
                     pl.lit(
@@ -400,9 +420,11 @@ def _rule(field: str, dtype: pl.DataType, require_labels: bool) -> _Rule:
                 )
             )
         )
-        return _Rule(None, bad=col.is_null(), message=message)
+        in_range = col.is_between(pl.lit(MIN_TIME), pl.lit(MAX_TIME), closed="left")
+        return _Rule(None, bad=col.is_null() | ~in_range, message=message)
     if field == schema.AMOUNT:
         number = _amount(col, dtype)
+        number = pl.when(number == 0).then(pl.lit(0.0)).otherwise(number)  # -0 is plain 0
         message = (
             pl.when(text.is_null())
             .then(pl.lit("amount: missing value (expected a finite number >= 0)"))
@@ -562,9 +584,42 @@ def read_transactions(path: str | Path, *, require_labels: bool = False) -> Inge
 
 def _read_parquet(path: Path, source: str) -> _Read:
     try:
-        return _Read(pl.read_parquet(path))
-    except Exception as error:  # polars raises several types for corrupt files
+        odd_zones = _unknown_zone_timestamps(path)
+        if not odd_zones:
+            return _Read(pl.read_parquet(path))
+        # polars panics on a timestamp zone that is a fixed offset ("+05:30", valid Arrow and
+        # written by pyarrow/pandas) or not in its zone database: the stored values are UTC
+        # instants whatever the zone says, so relabel them UTC.
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for name in odd_zones:
+            i = table.schema.get_field_index(name)
+            unit = table.schema.field(i).type.unit
+            table = table.set_column(i, name, table.column(i).cast(pa.timestamp(unit, "UTC")))
+        frame = pl.from_arrow(table)
+        assert isinstance(frame, pl.DataFrame)
+        return _Read(frame)
+    # polars raises several types for corrupt files, and panics (not an Exception) on some
+    except (Exception, pl.exceptions.PanicException) as error:
         raise InputError(f"{source}: not a readable Parquet file ({error})") from error
+
+
+def _unknown_zone_timestamps(path: Path) -> list[str]:
+    """Top-level timestamp columns whose zone is no IANA zone name: a fixed UTC offset such
+    as "+05:30", or a name polars cannot resolve."""
+    import pyarrow.parquet as pq
+
+    def unknown(zone: str) -> bool:
+        try:
+            zoneinfo.ZoneInfo(zone)
+        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+            return True
+        return False
+
+    return [f.name for f in pq.read_schema(path)
+            if getattr(f.type, "tz", None) and unknown(f.type.tz)]
 
 
 def _read_csv(path: Path, source: str) -> _Read:
@@ -579,25 +634,82 @@ def _read_csv(path: Path, source: str) -> _Read:
     if "\x00" in first_line:
         raise InputError(f"{source}: the header holds NUL bytes, as UTF-16/32 text without a "
                          "byte-order mark does; expected UTF-8 (or UTF-16 with its BOM)")
-    separator = max(",;\t|", key=first_line.count)  # ties go to the comma
-    try:
-        header = next(csv.reader([first_line.rstrip("\r")], delimiter=separator))
-    except csv.Error as error:  # e.g. a stray carriage return inside the header
-        raise InputError(f"{source}: the header row is not readable CSV ({error}); expected "
-                         "column names separated by commas") from error
+    separator, header = _separator(first_line.rstrip("\r"), source)
     _canonical_columns(header, source)  # polars renames duplicate names, so check them here
 
     try:
-        return _Read(_polars_csv(path if data is None else data, separator))
+        return _unclosed_quote(_Read(_polars_csv(path if data is None else data, separator)),
+                               path if data is None else data)
     except pl.exceptions.PolarsError as error:
         # Not UTF-8, or rows polars cannot take (extra fields): decode, then retry or go slow.
         text = _decode(path.read_bytes() if data is None else data, source)
         if "utf-8" in str(error).lower():
             try:
-                return _Read(_polars_csv(text.encode("utf-8"), separator))
+                utf8 = text.encode("utf-8")
+                return _unclosed_quote(_Read(_polars_csv(utf8, separator)), utf8)
             except pl.exceptions.PolarsError:
                 pass
-        return _python_csv(text, separator, source)
+        return _unclosed_quote(_python_csv(text, separator, source), text)
+
+
+def _unclosed_quote(read: _Read, data: Path | bytes | str) -> _Read:
+    """The records read, the last marked unreadable where a quote opened in it is never
+    closed: CSV readers take the rest of the file into that field, so say so."""
+    frame = read.frame
+    if frame.height == 0 or (read.unreadable is not None and read.unreadable[-1] is not None):
+        return read
+    last = frame.row(-1)
+    filled = [i for i, value in enumerate(last) if value is not None]
+    if not filled:
+        return read
+    column, value = filled[-1], last[filled[-1]]
+    if "\n" not in value and "\r" not in value:
+        return read
+    quoted = '"' + value.replace('"', '""')
+    if isinstance(data, str):
+        tail: bytes | str = data[-len(quoted):]
+    elif isinstance(data, Path):
+        quoted = quoted.encode("utf-8")
+        with open(data, "rb") as handle:
+            size = handle.seek(0, io.SEEK_END)
+            handle.seek(max(0, size - len(quoted)))
+            tail = handle.read()
+    else:
+        quoted = quoted.encode("utf-8")
+        tail = data[-len(quoted):]
+    if tail != quoted:  # the field's quote is closed: a legitimate multi-line value
+        return read
+    lines = value.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n").count("\n")
+    reason = (f"malformed CSV row: the quote opening field '{frame.columns[column]}' is never "
+              f"closed, so the {lines} line{'s' if lines != 1 else ''} after it "
+              f"{'were' if lines != 1 else 'was'} read into that field; expected a closing quote")
+    unreadable = read.unreadable
+    if unreadable is None:
+        unreadable = pl.Series([None] * frame.height, dtype=pl.String)
+    unreadable = unreadable.scatter(frame.height - 1, reason)
+    return _Read(frame, unreadable, read.raw)
+
+
+def _separator(line: str, source: str) -> tuple[str, list[str]]:
+    """The header's separator and names: the candidate splitting it into the most names,
+    counting outside quotes only (a quoted name may hold commas, "fee (EUR, net)", in a file
+    separated by semicolons); ties go to the comma."""
+    best: tuple[str, list[str]] | None = None
+    for sep in ",;\t|":
+        try:  # strict: a closing quote followed by another separator is not this one
+            names = next(csv.reader([line], delimiter=sep, strict=True))
+        except csv.Error:
+            continue
+        if best is None or len(names) > len(best[1]):
+            best = (sep, names)
+    if best is not None:
+        return best
+    separator = max(",;\t|", key=line.count)
+    try:
+        return separator, next(csv.reader([line], delimiter=separator))
+    except csv.Error as error:  # e.g. a stray carriage return inside the header
+        raise InputError(f"{source}: the header row is not readable CSV ({error}); expected "
+                         "column names separated by commas") from error
 
 
 _UTF_BOMS = (  # UTF-32 first: its little-endian BOM begins with UTF-16's

@@ -343,6 +343,28 @@ def test_parquet_keeps_its_types_but_goes_through_the_same_checks(tmp_path: Path
     }
 
 
+def test_parquet_times_with_a_fixed_utc_offset_zone_are_read_as_utc(tmp_path: Path) -> None:
+    """Arrow allows a fixed offset ("+05:30") as a timestamp's zone, and pyarrow/pandas write
+    it for offset-aware data; polars panicked on such a file (a PanicException, no message)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    instant = T0.replace(tzinfo=UTC)
+    table = pa.table({
+        "transaction_id": ["007", "7"],
+        "tx_time": pa.array([instant, instant], pa.timestamp("ms", tz="+05:30")),
+        "customer_id": ["c", "c"],
+        "terminal_id": ["m", "m"],
+        "amount": pa.array([1, 2], pa.int64()),
+        "local": pa.array([instant, instant], pa.timestamp("ns", tz="-08:00")),  # not ours
+    })
+    pq.write_table(table, tmp_path / "t.parquet")
+    result = read(tmp_path / "t.parquet")
+    assert result.accepted["transaction_id"].to_list() == ["007", "7"]
+    assert result.accepted["tx_time"].to_list() == [T0, T0]
+    assert result.accepted["amount"].to_list() == [1.0, 2.0]
+
+
 # --- time ---------------------------------------------------------------------------------
 
 TIMES = [
@@ -421,6 +443,28 @@ def test_integer_epoch_times_are_quarantined_not_guessed() -> None:
     result = checked(validate_transactions(frame))
     assert result.accepted.height == 0
     assert all("epoch numbers are not accepted" in r for r in result.quarantined["reason"])
+
+
+def test_times_outside_plausible_years_are_quarantined() -> None:
+    """Year 0001 with an offset became year 0, and 9999-12-31 has no room for the label
+    delay: both were accepted, and Python (to_list, isoformat) cannot hold them."""
+    texts = ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59Z", "1900-01-01", "2200-01-01",
+             "1969-07-20T20:17:40Z", "2100-01-01T00:00:00", "1970-01-01T00:00:00+01:00"]
+    result = checked(validate_transactions(pl.DataFrame(rows(len(texts), tx_time=texts))))
+    assert result.accepted["tx_time"].to_list() == [
+        datetime(1969, 7, 20, 20, 17, 40), datetime(2100, 1, 1), datetime(1969, 12, 31, 23)]
+    assert result.quarantined["row_number"].to_list() == [0, 1, 2, 3]
+    assert result.quarantined["field"].to_list() == ["tx_time"] * 4
+    assert result.quarantined["reason"][2] == (
+        "tx_time: expected a date-time from 1950-01-01 to before 2200-01-01, got '1900-01-01'")
+    aware = pl.Series([datetime(1, 1, 1, tzinfo=UTC)]).dt.replace_time_zone("UTC")
+    frame = pl.DataFrame(rows(1)).with_columns(tx_time=aware)
+    assert checked(validate_transactions(frame)).quarantined["field"].to_list() == ["tx_time"]
+
+
+def test_negative_zero_amounts_are_zero() -> None:
+    result = checked(validate_transactions(pl.DataFrame(rows(3, amount=["-0", "-0.00", "+0"]))))
+    assert [math.copysign(1, a) for a in result.accepted["amount"]] == [1.0, 1.0, 1.0]
 
 
 # --- duplicates ---------------------------------------------------------------------------
@@ -578,6 +622,16 @@ def test_utf8_bom_and_semicolons_are_understood(tmp_path: Path) -> None:
     assert result.accepted.row(0) == ("t1", datetime(2018, 4, 1), "c", "m", 5.5)
 
 
+def test_separator_is_found_outside_quoted_column_names(tmp_path: Path) -> None:
+    """A quoted header name holding commas ("Amount (EUR, net)") outvoted the semicolons."""
+    path = tmp_path / "t.csv"
+    fee = '"fee (EUR, net, incl. tax, per unit, before discount, rounded)"'
+    path.write_text(f'"id";"tx_time";"card";"terminal_id";"amount";{fee}\n'
+                    '"t1";"2018-04-01";"c";"m";"5";"0,5"\n')
+    result = read(path)
+    assert result.accepted.row(0) == ("t1", datetime(2018, 4, 1), "c", "m", 5.0)
+
+
 def test_csv_rows_with_extra_fields_are_quarantined(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
     path.write_text(
@@ -602,6 +656,25 @@ def test_csv_rows_with_extra_fields_are_quarantined(tmp_path: Path) -> None:
         "5",
         "surprise",
     ]
+
+
+def test_an_unclosed_quote_is_named_as_such(tmp_path: Path) -> None:
+    """A quote never closed runs to the end of the file, taking the rows after it into one
+    field: the reason said "terminal_id: missing value", hiding why two rows became one."""
+    path = tmp_path / "t.csv"
+    path.write_text('id,tx_time,card,terminal_id,amount\r\n'
+                    't1,2018-04-01,c,m,5\r\n'
+                    't2,2018-04-01,"c,m,5\r\n'
+                    't3,2018-04-01,c,m,5\r\n', newline="")
+    result = read(path)
+    assert result.accepted["transaction_id"].to_list() == ["t1"]
+    assert quarantined(result) == {1: ("row", (
+        "malformed CSV row: the quote opening field 'card' is never closed, so the 1 line "
+        "after it was read into that field; expected a closing quote"))}
+    assert "t3,2018-04-01" in json.loads(result.quarantined["raw"][0])["card"]
+    closed = tmp_path / "closed.csv"  # a closed multi-line value last is no such case
+    closed.write_text('id,tx_time,card,terminal_id,amount\nt1,2018-04-01,"c\nd"', newline="")
+    assert quarantined(read(closed))[0][0] == "terminal_id"
 
 
 def test_blank_csv_lines_are_empty_records(tmp_path: Path) -> None:
