@@ -371,3 +371,180 @@ def test_nearest_examples_survive_texts_with_unicode_line_separators(tmp_path):
     found = NearestExamples.load(tmp_path).search(np.array([[0.1, 1.0, 0.0]], np.float32), 2)
     assert [(f["id"], f["text"], f["label"]) for f in found[0]] == [
         ("b", texts[1], "negative"), ("a", texts[0], "positive")]
+
+
+# --- regressions ------------------------------------------------------------------------------
+
+def test_validation_split_never_holds_a_text_that_is_also_in_training():
+    """PhraseBank repeats a few sentences (AllAgree: one lands on both sides with seed 0): a
+    duplicate in the validation split scores the model on a sentence it trained on, inflating
+    the best-epoch choice and fitting the temperature on memorised examples."""
+    from pipeline.sentiment.data import stratified_split
+
+    rng = np.random.default_rng(0)
+    texts = [f"sentence {i}" for i in range(60)]
+    texts += [texts[i] for i in rng.integers(0, 60, 40)]  # 40 repeats of earlier sentences
+    labels = np.array([i % 3 for i in range(60)] + [0] * 40)
+    for seed in range(5):
+        train, val = stratified_split(labels, 0.2, seed, groups=texts)
+        assert len(train) + len(val) == len(texts) and len(val) > 0
+        assert not {texts[i] for i in train} & {texts[i] for i in val}
+    # Without groups: the old per-row behaviour, unchanged.
+    train, val = stratified_split(labels, 0.2, 0)
+    assert sorted([*train, *val]) == list(range(len(texts)))
+
+
+def test_training_split_of_real_phrasebank_has_no_leak(shared_data):
+    from pipeline.sentiment.train import TrainConfig, train_validation_split
+
+    data = load_labelled(shared_data / "sentiment/financial-phrasebank/Sentences_AllAgree.txt")
+    train, val = train_validation_split(data, TrainConfig())
+    assert len(train) + len(val) == len(data)
+    assert not {data.texts[i] for i in train} & {data.texts[i] for i in val}
+    assert abs(len(val) / len(data) - 0.1) < 0.01
+
+
+def test_training_data_with_a_single_class_is_refused():
+    """A file with one class (a filtered export, a wrong --label-map) used to fine-tune and
+    publish a 'classifier' that can only ever say that class."""
+    from pipeline.sentiment.data import LabelledTexts
+    from pipeline.sentiment.train import train_classifier
+
+    data = LabelledTexts([f"Shares rose {i} %" for i in range(20)], np.full(20, 2),
+                         [str(i) for i in range(20)], "one-class.csv")
+    with pytest.raises(ValueError, match="only one label.*positive"):
+        train_classifier(data)
+
+
+def test_macro_f1_counts_a_class_that_is_predicted_but_absent_from_the_labels():
+    """Predictions of a class missing from the data are errors: scikit-learn's macro F1 counts
+    that class with F1 0; leaving it out inflated the macro F1 (0.83 instead of 0.56)."""
+    from sklearn.metrics import f1_score
+
+    y, p = np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1])
+    report = classification_report(y, p)
+    assert report["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+    assert report["weighted_f1"] == pytest.approx(f1_score(y, p, average="weighted"))
+    assert report["per_class"]["positive"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0,
+                                               "support": 0}
+    # A class absent from both labels and predictions stays out, as in scikit-learn.
+    y, p = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
+    assert classification_report(y, p)["macro_f1"] == pytest.approx(
+        f1_score(y, p, average="macro"))
+
+
+def test_classification_report_refuses_label_indices_outside_the_names():
+    """-1 (a 'failed' marker) used to be counted silently in the last column (positive)."""
+    with pytest.raises(ValueError, match="outside"):
+        classification_report(np.array([0, 1]), np.array([0, -1]))
+    with pytest.raises(ValueError, match="outside"):
+        classification_report(np.array([0, 3]), np.array([0, 1]))
+
+
+def test_temperature_is_always_finite_and_within_bounds():
+    """Overflowing logits (fp16 infinities) gave a NaN temperature, which turns every
+    probability into NaN; perfectly separated logits gave an arbitrary value."""
+    inf = np.array([[np.inf, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    t = fit_temperature(inf, np.array([0, 1, 2]))
+    assert np.isfinite(t) and 0.05 <= t <= 20.0
+    assert fit_temperature(np.full((3, 3), np.nan), np.array([0, 1, 2])) == 1.0
+    huge = np.array([[1e30, 0, 0], [0, 1e30, 0], [0, 0, 1e30]] * 3)
+    t = fit_temperature(huge, np.array([0, 1, 2] * 3))
+    assert np.isfinite(t) and 0.05 <= t <= 20.0
+
+
+def test_sentences_do_not_split_at_abbreviations_before_a_capital():
+    """The abbreviation guards looked behind the position *after* the full stop, so they never
+    matched: "Mr. Smith", "U.S. Steel", "Acme Co. Ltd." were cut into fragments, each scored
+    as a sentence of its own."""
+    from pipeline.sentiment.articles import split_sentences
+
+    body = ("Shares of U.S. Steel fell 4%. Mr. Smith, CEO of Acme Co. Ltd., resigned. "
+            "It remains the No. 1 supplier to Widget Inc. Analysts at J.P. Morgan cut the "
+            "target to $12. Dr. Jones (St. Louis) agreed!")
+    assert split_sentences(body) == [
+        "Shares of U.S. Steel fell 4%.", "Mr. Smith, CEO of Acme Co. Ltd., resigned.",
+        "It remains the No. 1 supplier to Widget Inc. Analysts at J.P. Morgan cut the target "
+        "to $12.", "Dr. Jones (St. Louis) agreed!"]
+
+
+def test_a_body_of_one_very_long_sentence_is_classified_in_pieces_not_truncated():
+    """A body with no sentence ends (a transcript, a press release in one paragraph) was one
+    unit, truncated to the model's first max_length tokens: the rest was never read."""
+    from pipeline.sentiment.articles import MAX_WORDS, split_sentences
+
+    words = [f"W{i}" for i in range(5 * MAX_WORDS + 3)]
+    parts = split_sentences(" ".join(words))
+    assert len(parts) == 6 and all(len(p.split()) <= MAX_WORDS for p in parts)
+    assert " ".join(parts).split() == words
+    sizes = [len(p.split()) for p in split_sentences(" ".join(words[:MAX_WORDS + 2]) + ".")]
+    assert sizes == [MAX_WORDS // 2 + 1] * 2  # even pieces, not MAX_WORDS + a 2-word stub
+    assert split_sentences("Shares rose. " + " ".join(words[:MAX_WORDS])) == [
+        "Shares rose.", " ".join(words[:MAX_WORDS])]
+
+
+def test_predict_logits_is_deterministic_even_for_a_network_left_in_train_mode():
+    """Dropout made predict_logits (validation, the published examples index) random when the
+    network was still in train mode; it now runs in eval mode and restores the mode."""
+    from transformers import BertConfig, BertModel
+
+    from pipeline.encoder import packaged_model_path
+    from pipeline.sentiment.model import PooledClassifier, load_base, predict_logits
+
+    _, tokenizer = load_base(packaged_model_path())
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, hidden_dropout_prob=0.5))
+    model = PooledClassifier(encoder, len(LABELS), dropout=0.5).train()
+    texts = ["Profit rose", "Shares slumped after the warning"]
+    first, _ = predict_logits(model, tokenizer, texts, 16)
+    again, _ = predict_logits(model, tokenizer, texts, 16)
+    np.testing.assert_array_equal(first, again)
+    assert model.training
+
+
+def test_nearest_examples_do_not_repeat_a_training_sentence_that_occurs_twice(tmp_path):
+    """PhraseBank repeats some sentences: the k neighbours were filled with copies of one
+    sentence (same text, same label) instead of k different examples."""
+    from pipeline.sentiment.data import LabelledTexts
+    from pipeline.sentiment.examples import NearestExamples, save_examples
+
+    texts = ["Profit rose", "Profit rose", "Profit rose", "Sales grew", "Outlook cut"]
+    data = LabelledTexts(texts, np.array([2, 2, 2, 2, 0]), list("abcde"), "mem")
+    vectors = np.array([[1, 0, 0], [1, 0, 0], [1, 0, 0], [0.8, 0.6, 0], [0, 0, 1]], np.float32)
+    save_examples(tmp_path, vectors, data)
+    found = NearestExamples.load(tmp_path).search(np.array([[1.0, 0.1, 0.0]], np.float32), 3)
+    assert [(f["text"], f["label"]) for f in found[0]] == [
+        ("Profit rose", "positive"), ("Sales grew", "positive"), ("Outlook cut", "negative")]
+
+
+def test_hf_label_map_values_and_names_are_read_like_data_labels():
+    """A map given as a dict (the Python API) with names like 'bearish', or keyed in another
+    case than the checkpoint's id2label, failed with a KeyError / was ignored."""
+    generic = {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    expected = [LABELS.index("negative"), LABELS.index("positive"), LABELS.index("neutral")]
+    assert hf_label_order(generic, {"LABEL_0": "bearish", "LABEL_1": "Bullish",
+                                    "LABEL_2": "neutral"}) == expected
+    assert hf_label_order(generic, {"label_0": "negative", "label_1": "positive",
+                                    "label_2": "neutral"}) == expected
+    with pytest.raises(ValueError, match="'great'"):
+        hf_label_order(generic, {"LABEL_0": "great", "LABEL_1": "positive", "LABEL_2": "neutral"})
+
+
+def test_held_out_metrics_report_texts_that_were_also_trained_on(sentiment_model):
+    """`train --eval-data` scored held-out data without saying that some of it was in the
+    training file (FinBERT's inflated PhraseBank numbers): the overlap is now reported."""
+    from pipeline.sentiment.train import evaluate_trained
+
+    trained, held = sentiment_model["trained"], sentiment_model["held_out"]
+    clean = evaluate_trained(trained, held)
+    assert clean["overlap_with_training"] == {"rows": 0, "fraction": 0.0}
+    train = trained.data.subset(trained.train_index)
+    mixed = held.subset(range(10))
+    from pipeline.sentiment.data import LabelledTexts
+
+    mixed = LabelledTexts(mixed.texts + train.texts[:5], np.concatenate(
+        [mixed.labels, train.labels[:5]]), mixed.ids + train.ids[:5], "mixed")
+    report = evaluate_trained(trained, mixed)
+    assert report["overlap_with_training"] == {"rows": 5, "fraction": pytest.approx(5 / 15)}

@@ -13,18 +13,31 @@ import numpy as np
 from pipeline.sentiment import LABELS, Classifier, Prediction
 
 # A sentence ends at . ! ? (optionally closed by a quote or bracket) followed by space and an
-# upper-case letter, digit, quote or $; common abbreviations do not end one.
-_ABBREVIATIONS = r"(?<!\bInc)(?<!\bCorp)(?<!\bCo)(?<!\bLtd)(?<!\bMr)(?<!\bMs)(?<!\bDr)" \
-                 r"(?<!\bSt)(?<!\bvs)(?<!\bU\.S)(?<!\bU\.K)(?<!\be\.g)(?<!\bi\.e)(?<!\bNo)"
+# upper-case letter, digit, quote or $; common abbreviations and single-letter initials (U.S.,
+# J.P.) do not end one. The guards look behind the position just after the full stop, so each
+# names the abbreviation with its full stop.
+_ABBREVIATION_WORDS = ("Inc", "Corp", "Co", "Cos", "Ltd", "Plc", "Bros", "Mr", "Mrs", "Ms",
+                       "Dr", "Prof", "Sr", "Jr", "St", "vs", "No", "Nos", "Fig", "approx",
+                       "e.g", "i.e", "Jan", "Feb", "Aug", "Sept", "Sep", "Oct", "Nov", "Dec")
+_ABBREVIATIONS = "".join(rf"(?<!\b{re.escape(word)}\.)" for word in _ABBREVIATION_WORDS) \
+    + r"(?<!\b[A-Z]\.)"
 _BOUNDARY = re.compile(_ABBREVIATIONS + r"(?<=[.!?])[\"')\]]?\s+(?=[A-Z0-9\"'$(“])")
 MAX_SENTENCES = 40
+# A longer "sentence" (a transcript or a release without full stops) is cut into pieces of
+# (about) equal length, at most this many words each, so that the classifier reads all of it
+# instead of only its first max_length tokens.
+MAX_WORDS = 50
 
 
 def split_sentences(text: str | None, max_sentences: int = MAX_SENTENCES) -> list[str]:
     if not text or not text.strip():
         return []
-    parts = [p.strip() for p in _BOUNDARY.split(" ".join(text.split()))]
-    return [p for p in parts if p][:max_sentences]
+    parts = []
+    for part in _BOUNDARY.split(" ".join(text.split())):
+        words = part.split()
+        size = -(-len(words) // -(-len(words) // MAX_WORDS)) if words else 1
+        parts.extend(" ".join(words[i:i + size]) for i in range(0, len(words), size))
+    return parts[:max_sentences]
 
 
 @dataclass(frozen=True)

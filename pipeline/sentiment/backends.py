@@ -146,10 +146,16 @@ def hf_label_order(id2label: Mapping[Any, str], label_map: Mapping[str, str] | N
                    ) -> list[int]:
     """For each output index of a checkpoint, the index into ``LABELS`` it means, read from the
     checkpoint's own ``id2label`` (or an explicit map); never assumed from the position."""
+    mapped: dict[str, str] = {}
+    for raw, value in (label_map or {}).items():
+        label = canonical_label(value)
+        if label is None:
+            raise ValueError(f"label map: {raw}={value!r} is not one of {', '.join(LABELS)}")
+        mapped[str(raw).strip().lower()] = label
     order = []
     for i in range(len(id2label)):
         name = id2label.get(i, id2label.get(str(i)))
-        label = (label_map or {}).get(str(name)) or canonical_label(name)
+        label = mapped.get(str(name).strip().lower()) or canonical_label(name)
         if label is None:
             raise ValueError(f"checkpoint label {i} is {name!r}, which does not say negative, "
                              "neutral or positive; give a label map (e.g. "

@@ -16,22 +16,30 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[float, float] = (
         0.05, 20.0)) -> float:
-    """The temperature minimising the negative log-likelihood of ``labels``."""
-    if len(labels) == 0:
+    """The temperature minimising the negative log-likelihood of ``labels``, within ``bounds``
+    and always finite: rows with non-finite logits are left out (1.0 when none is left)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    finite = np.isfinite(logits).all(axis=1) if logits.ndim == 2 else np.zeros(0, bool)
+    if len(labels) == 0 or not finite.any():
         return 1.0
-    z = torch.as_tensor(np.asarray(logits, dtype=np.float64))
-    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    z = torch.as_tensor(logits[finite])
+    y = torch.as_tensor(labels[finite])
+    low, high = np.log(bounds[0]), np.log(bounds[1])
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        # Clamped inside the objective: the line search can step log T far out, where
+        # exp(log T) under- or overflows and the loss (and so T) becomes NaN.
+        loss = torch.nn.functional.cross_entropy(z / log_t.clamp(low, high).exp(), y)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return float(np.clip(np.exp(log_t.item()), *bounds))
+    value = float(np.exp(np.clip(log_t.item(), low, high)))
+    return value if np.isfinite(value) else 1.0
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 10

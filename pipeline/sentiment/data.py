@@ -167,15 +167,31 @@ def load_labelled(path: str | Path, *, format: str = "auto",
     return read_text_label_csv(path, mapping)
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held-out) indices with ``fraction`` of each class held out, reproducibly."""
+def stratified_split(labels: np.ndarray, fraction: float, seed: int,
+                     groups: Sequence[object] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) indices with ``fraction`` of each class held out, reproducibly.
+
+    ``groups`` (e.g. the texts): rows of one group stay on one side, so a sentence repeated in
+    the data is never both trained on and validated on. A group goes with the label of its
+    first row when its rows disagree."""
+    labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
+    if groups is None:
+        members_of = np.arange(len(labels))[:, None].tolist()
+    else:
+        if len(groups) != len(labels):
+            raise ValueError(f"{len(groups)} groups for {len(labels)} labels")
+        first: dict[object, list[int]] = {}
+        for i, group in enumerate(groups):
+            first.setdefault(group, []).append(i)
+        members_of = list(first.values())
+    group_labels = np.asarray([labels[rows[0]] for rows in members_of])
     held = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        rng.shuffle(members)
-        held.extend(members[: int(round(len(members) * fraction))].tolist())
+    for label in np.unique(group_labels):
+        chosen = np.flatnonzero(group_labels == label)
+        rng.shuffle(chosen)
+        for g in chosen[: int(round(len(chosen) * fraction))].tolist():
+            held.extend(members_of[g])
     mask = np.zeros(len(labels), dtype=bool)
     mask[held] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)

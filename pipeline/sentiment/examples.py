@@ -61,9 +61,32 @@ class NearestExamples:
         return len(self.rows)
 
     def search(self, vectors: np.ndarray, k: int = 3) -> list[list[dict[str, Any]]]:
-        if len(vectors) == 0 or not self.rows:
+        """The ``k`` most similar training examples per vector, best first; a sentence that
+        occurs more than once in the training data (same text and label) is listed once."""
+        if len(vectors) == 0 or not self.rows or k < 1:
             return [[] for _ in range(len(vectors))]
-        similarity, index = self.index.search(_normalise(vectors), min(k, len(self.rows)))
-        return [[{**self.rows[j], "similarity": round(float(s), 4)}
-                 for s, j in zip(sims, idx, strict=True) if j >= 0]
-                for sims, idx in zip(similarity, index, strict=True)]
+        vectors = _normalise(vectors)
+        fetch = min(k, len(self.rows))
+        while True:
+            similarity, index = self.index.search(vectors, fetch)
+            out = [self._distinct(sims, idx, k)
+                   for sims, idx in zip(similarity, index, strict=True)]
+            if fetch == len(self.rows) or all(len(found) == k for found in out):
+                return out
+            fetch = min(len(self.rows), fetch * 4)
+
+    def _distinct(self, similarity: np.ndarray, index: np.ndarray, k: int
+                  ) -> list[dict[str, Any]]:
+        found, seen = [], set()
+        for s, j in zip(similarity, index, strict=True):
+            if j < 0:
+                continue
+            row = self.rows[j]
+            key = (row.get("text"), row.get("label"))
+            if key in seen:
+                continue
+            seen.add(key)
+            found.append({**row, "similarity": round(float(s), 4)})
+            if len(found) == k:
+                break
+        return found

@@ -16,6 +16,11 @@ def classification_report(labels: np.ndarray, predicted: np.ndarray,
     labels = np.asarray(labels, dtype=np.int64)
     predicted = np.asarray(predicted, dtype=np.int64)
     k = len(names)
+    if labels.shape != predicted.shape:
+        raise ValueError(f"{len(labels)} labels but {len(predicted)} predictions")
+    for what, values in (("label", labels), ("prediction", predicted)):
+        if values.size and (values.min() < 0 or values.max() >= k):
+            raise ValueError(f"a {what} index is outside 0..{k - 1} ({', '.join(names)})")
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
     support = confusion.sum(axis=1)
@@ -24,7 +29,9 @@ def classification_report(labels: np.ndarray, predicted: np.ndarray,
         precision = np.where(confusion.sum(axis=0) > 0, tp / confusion.sum(axis=0), 0.0)
         recall = np.where(support > 0, tp / support, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    present = support > 0
+    # Macro F1 over the classes in the labels or the predictions (scikit-learn's default): a
+    # class the data lacks but the model predicts is counted, with F1 0.
+    present = (support > 0) | (confusion.sum(axis=0) > 0)
     n = int(support.sum())
     return {
         "n": n,

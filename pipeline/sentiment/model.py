@@ -110,12 +110,23 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int, device: str = "c
             "attention_mask": batch["attention_mask"].to(device)}
 
 
-@torch.inference_mode()
 def predict_logits(model: PooledClassifier, tokenizer: Any, texts: list[str], max_length: int,
                    *, batch_size: int = 64, device: str = "cpu"
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(logits, pooled embeddings) for ``texts``, in order. Texts are batched by length so that
-    padding stays small; the model must already be in eval mode (deterministic)."""
+    padding stays small. Runs in eval mode (no dropout: deterministic) whatever mode the network
+    is in, and gives it back in that mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return _predict_logits(model, tokenizer, texts, max_length, batch_size, device)
+    finally:
+        model.train(was_training)
+
+
+def _predict_logits(model: PooledClassifier, tokenizer: Any, texts: list[str], max_length: int,
+                    batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray]:
     if not texts:
         dim = model.head.in_features
         return np.zeros((0, model.head.out_features), np.float32), np.zeros((0, dim), np.float32)

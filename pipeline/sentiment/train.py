@@ -147,6 +147,11 @@ def train_classifier(data: LabelledTexts, config: TrainConfig | None = None, *,
     config = config or TrainConfig()
     if len(data) < 10:
         raise ValueError(f"{data.source}: {len(data)} labelled texts; need at least 10 to train")
+    present = [label for label, n in data.counts().items() if n]
+    if len(present) < 2:
+        raise ValueError(f"{data.source}: only one label ({', '.join(present)}) in the training "
+                         f"data; a classifier needs examples of at least two of "
+                         f"{', '.join(LABELS)} (check the file and --label-map)")
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -154,7 +159,7 @@ def train_classifier(data: LabelledTexts, config: TrainConfig | None = None, *,
     base_path = Path(config.base_model) if config.base_model else packaged_model_path()
     encoder, tokenizer = load_base(base_path)
     model = PooledClassifier(encoder, len(LABELS))
-    train_index, val_index = stratified_split(data.labels, config.val_fraction, config.seed)
+    train_index, val_index = train_validation_split(data, config)
     train, val = data.subset(train_index), data.subset(val_index)
 
     encoded = tokenizer(train.texts, truncation=True, max_length=config.max_length)["input_ids"]
@@ -218,6 +223,13 @@ def train_classifier(data: LabelledTexts, config: TrainConfig | None = None, *,
                       base_model=base_path.name if config.base_model else "all-MiniLM-L6-v2")
     return TrainedClassifier(model, tokenizer, head, config, data, train_index, val_index,
                              history, validation, time.perf_counter() - started)
+
+
+def train_validation_split(data: LabelledTexts, config: TrainConfig
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, validation) indices; a text that occurs more than once stays on one
+    side (no validation sentence the model was trained on)."""
+    return stratified_split(data.labels, config.val_fraction, config.seed, groups=data.texts)
 
 
 def _optimizer(model: PooledClassifier, config: TrainConfig) -> torch.optim.Optimizer:
@@ -311,6 +323,12 @@ def evaluate_trained(trained: TrainedClassifier, data: LabelledTexts) -> dict[st
     logits, _ = predict_logits(trained.model, trained.tokenizer, data.texts,
                                trained.head.max_length)
     probs = softmax(logits, trained.head.temperature)
+    # Held-out rows whose text the model saw in training (train or validation split) make the
+    # metrics optimistic: say how many there are.
+    seen = set(trained.data.texts)
+    overlap = sum(text in seen for text in data.texts)
     return {**classification_report(data.labels, probs.argmax(1)),
             "ece": expected_calibration_error(probs, data.labels),
+            "overlap_with_training": {"rows": overlap,
+                                      "fraction": overlap / len(data) if len(data) else 0.0},
             "data": {"source": data.source, "sha256": data.sha256, "rows": len(data)}}
