@@ -10,6 +10,7 @@ unless ``precision="fp32"`` is asked for; ``precision="fp16"`` runs it in fp16 o
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -127,6 +128,7 @@ class TextEncoder:
         self.cache = EmbeddingCache(Path(cache_dir) / "embeddings.sqlite") if cache_dir else None
         self._model = None
         self._weights_hash: str | None = None
+        self._config_hash: tuple[Any, str] | None = None  # (model, its config_sha256)
         self.encoded_count = 0  # texts that actually went through the model
 
     @property
@@ -154,9 +156,15 @@ class TextEncoder:
 
     @property
     def _cache_key(self) -> str:
-        """The cache's model key: the weights hash, marked when the model runs in fp16 (its
-        vectors differ slightly from the fp32 ones and must not be served to fp32 runs)."""
-        return self.weights_hash + (":fp16" if self.precision == "fp16" else "")
+        """The cache's model key: the weights hash and a hash of how vectors are made from
+        them (modules' settings such as the pooling, the longest text read, the tokenizer:
+        none of them is a weight), marked when the model runs in fp16 (its vectors differ
+        slightly from the fp32 ones and must not be served to fp32 runs)."""
+        model = self.model
+        if self._config_hash is None or self._config_hash[0] is not model:
+            self._config_hash = (model, config_sha256(model))
+        return (f"{self.weights_hash}:{self._config_hash[1][:16]}"
+                + (":fp16" if self.precision == "fp16" else ""))
 
     @property
     def model_id(self) -> str:
@@ -236,6 +244,27 @@ def state_dict_sha256(model: Any) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def config_sha256(model: Any) -> str:
+    """sha256 over what turns a model's weights into vectors besides the weights: each
+    module's type and settings (pooling mode, normalisation, ...), the longest text read and
+    the tokenizer (its vocabulary, normalisation and truncation)."""
+    modules = [[type(m).__name__, m.get_config_dict() if hasattr(m, "get_config_dict") else {}]
+               for m in (model if hasattr(model, "__iter__") else [])]
+    digest = hashlib.sha256(json.dumps(
+        {"max_seq_length": getattr(model, "max_seq_length", None), "modules": modules},
+        sort_keys=True, default=str).encode())
+    tokenizer = getattr(model, "tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # less its truncation and padding: state set by each call
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        digest.update(json.dumps(state, sort_keys=True).encode())
+    elif hasattr(tokenizer, "get_vocab"):
+        digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     return digest.hexdigest()
 
 

@@ -124,6 +124,9 @@ def measure_recall(index: faiss.Index, vectors: np.ndarray, k: int = 10,
 
 # faiss's GPU k-selection stops at 2048 neighbours; deeper searches go to the CPU copy.
 GPU_MAX_K = 2048
+# Distances one search call of FraudIndex.neighbours may hold (rows x depth): about 0.8 GB with
+# the positions and the masks made from them.
+NEIGHBOUR_SEARCH_ELEMENTS = 1 << 25
 
 
 def _to_gpu(index: faiss.Index, float16: bool = False) -> faiss.Index:
@@ -164,6 +167,8 @@ class FraudIndex:
         self._label_time = meta["label_time"].dt.epoch("us").to_numpy()
         self._labels = meta[schema.IS_FRAUD].to_numpy().astype(np.int8)
         self._ids = meta[schema.TRANSACTION_ID].to_numpy()
+        self._sorted_label_time: np.ndarray | None = None
+        self._id_frame: pl.DataFrame | None = None
         wanted = config.use_gpu if config.use_gpu is not None else gpu_available()
         self._search_index = (_to_gpu(index, config.gpu_float16) if wanted and gpu_available()
                               else index)
@@ -324,29 +329,62 @@ class FraudIndex:
         are not the query itself). Returns (distances, positions), -1 positions where fewer.
 
         Candidates are over-fetched only as far as needed: queries after the index's last label
-        time need k + 1; the rest are searched again with a doubled depth until each has k."""
+        time need k + 1; the rest are searched again with a quadrupled depth until each has k,
+        or every label known at its time (a query older than the index's labels, a back-fill,
+        has few or none: it stops there instead of searching the whole index). No search call
+        holds more than ``NEIGHBOUR_SEARCH_ELEMENTS`` distances: deep searches go a slice of
+        the rows at a time."""
         n = len(vectors)
         out_d = np.full((n, k), np.inf, dtype=np.float32)
         out_p = np.full((n, k), -1, dtype=np.int64)
-        latest_label = self._label_time.max() if self.size else 0
-        depth = k + 1 if n == 0 or tx_time_us.min() >= latest_label else 2 * k + 1
-        todo = np.arange(n)
+        if n == 0 or k == 0 or self.size == 0:
+            return out_d, out_p
+        tx_time_us = np.asarray(tx_time_us)
+        latest_label = self._label_time.max()
+        depth = k + 1 if tx_time_us.min() >= latest_label else 2 * k + 1
+        # How many neighbours each row can have at most: the labels known at its time, less
+        # its own (an indexed transaction scored again).
+        wanted = np.minimum(self._known_count(tx_time_us, tx_ids), k)
+        todo = np.flatnonzero(wanted > 0)
         while len(todo):
             depth = min(depth, self.size)
-            distances, positions = self.search(vectors[todo], depth)
-            safe = np.where(positions >= 0, positions, 0)
-            valid = (positions >= 0) & (self._label_time[safe] <= tx_time_us[todo, None])
-            valid &= self._ids[safe] != tx_ids[todo, None]
-            rank = np.cumsum(valid, axis=1)
-            done = (rank[:, -1] >= k) | (depth >= self.size)
-            keep = valid & (rank <= k) & done[:, None]
-            rows, cols = np.nonzero(keep)
-            slot = rank[rows, cols] - 1
-            out_d[todo[rows], slot] = distances[rows, cols]
-            out_p[todo[rows], slot] = positions[rows, cols]
-            todo = todo[~done]
+            rows_per_call = max(1, NEIGHBOUR_SEARCH_ELEMENTS // depth)
+            unfinished = []
+            for first in range(0, len(todo), rows_per_call):
+                part = todo[first:first + rows_per_call]
+                distances, positions = self.search(vectors[part], depth)
+                safe = np.where(positions >= 0, positions, 0)
+                valid = (positions >= 0) & (self._label_time[safe] <= tx_time_us[part, None])
+                valid &= self._ids[safe] != tx_ids[part, None]
+                rank = np.cumsum(valid, axis=1)
+                done = (rank[:, -1] >= wanted[part]) | (depth >= self.size)
+                keep = valid & (rank <= k) & done[:, None]
+                rows, cols = np.nonzero(keep)
+                slot = rank[rows, cols] - 1
+                out_d[part[rows], slot] = distances[rows, cols]
+                out_p[part[rows], slot] = positions[rows, cols]
+                unfinished.append(part[~done])
+            todo = np.concatenate(unfinished)
             depth *= 4
         return out_d, out_p
+
+    def _known_count(self, tx_time_us: np.ndarray, tx_ids: np.ndarray) -> np.ndarray:
+        """Per query: the indexed labels known at its time, not counting its own."""
+        if self._sorted_label_time is None:
+            self._sorted_label_time = np.sort(self._label_time)
+        known = np.searchsorted(self._sorted_label_time, tx_time_us, side="right")
+        if self._id_frame is None:
+            self._id_frame = pl.DataFrame({"_id": pl.Series(self._ids).cast(pl.String),
+                                           "_label_time": self._label_time})
+        own = (pl.DataFrame({"_id": pl.Series(np.asarray(tx_ids)).cast(pl.String),
+                             "_t": tx_time_us})
+               .with_row_index("_row")
+               .join(self._id_frame, on="_id", how="inner")
+               .filter(pl.col("_label_time") <= pl.col("_t"))
+               .group_by("_row").len())
+        known = known.astype(np.int64)
+        np.subtract.at(known, own["_row"].to_numpy(), own["len"].to_numpy().astype(np.int64))
+        return known
 
     def labels_at(self, positions: np.ndarray) -> np.ndarray:
         return np.where(positions >= 0, self._labels[np.where(positions >= 0, positions, 0)], 0)

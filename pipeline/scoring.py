@@ -235,6 +235,8 @@ class FraudScorer:
         used = np.zeros(n, dtype=np.int32)
         fraud_weight, total_weight = np.zeros(n), np.zeros(n)
         starts = list(range(0, n, SEARCH_ROWS)) or [0]
+        model = self.index.model  # an index built with --scorer knn-stacked
+        predictions = []
         for start in starts:
             part = slice(start, min(start + SEARCH_ROWS, n))
             vectors[part] = self.index.vectorizer.transform(featured[part])
@@ -246,12 +248,13 @@ class FraudScorer:
             used[part] = (pos >= 0).sum(axis=1)
             fraud_weight[part] = (sims * (labs == 1)).sum(axis=1)
             total_weight[part] = sims.sum(axis=1)
+            if model is not None:  # its own neighbour search, a search call at a time too
+                predictions.append(_shown_only(
+                    model.predict(featured[part], self.index, self.index.meta), shown))
+                scores[part] = predictions[-1].scores
             if progress is not None:
                 progress("nearest neighbours", part.stop, n)
-        stacked = None
-        if self.index.model is not None:  # an index built with --scorer knn-stacked
-            stacked = self.index.model.predict(featured, self.index, self.index.meta)
-            scores = stacked.scores
+        stacked = _concat_predictions(predictions) if model is not None else None
         frame = featured.select(
             schema.TRANSACTION_ID, schema.TX_TIME, schema.CUSTOMER_ID, schema.TERMINAL_ID,
             schema.AMOUNT,
@@ -418,6 +421,28 @@ class FraudScorer:
             pl.lit(',"vector_f32":"'), pl.col("_vector"), pl.lit('"}'),
         )
         return frame.select(text).to_series().to_list()
+
+
+def _shown_only(prediction: Any, shown: int) -> Any:
+    """A stacked prediction keeping only the neighbours an explanation shows."""
+    from pipeline.stacking import Neighbours, StackedPrediction
+
+    found = prediction.neighbours
+    return StackedPrediction(prediction.scores, prediction.contributions, prediction.inputs,
+                             Neighbours(found.distances[:, :shown], found.positions[:, :shown],
+                                        found.labels[:, :shown]))
+
+
+def _concat_predictions(parts: list[Any]) -> Any:
+    """The stacked predictions of a batch's search calls as one."""
+    from pipeline.stacking import Neighbours, StackedPrediction
+
+    return StackedPrediction(
+        np.concatenate([p.scores for p in parts]),
+        np.concatenate([p.contributions for p in parts]),
+        np.concatenate([p.inputs for p in parts]),
+        Neighbours(*(np.concatenate([getattr(p.neighbours, f) for p in parts])
+                     for f in ("distances", "positions", "labels"))))
 
 
 def _finite(x: pl.Expr) -> pl.Expr:

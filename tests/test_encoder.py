@@ -128,3 +128,25 @@ def test_fp16_can_be_forced_on_the_cpu(encoder, tmp_path):
     assert np.allclose(fp32.encode(texts), v32, atol=1e-6) and fp32.encoded_count == 2
     with pytest.raises(ValueError, match="precision"):
         TextEncoder(device="cpu", precision="bf16")
+
+
+def test_the_cache_does_not_serve_vectors_of_a_model_configured_otherwise(encoder, tmp_path):
+    """The weights hash does not cover how vectors are made from the weights: the pooling
+    (mean or CLS token), the longest text read, the tokenizer. A model changed only there
+    (the same safetensors with another pooling config) used to be served the old model's
+    cached vectors for every text it had seen: the cache key now covers them too."""
+    texts = ["fuel station card payment", "online electronics store"]
+    mean = TextEncoder(cache_dir=tmp_path, device="cpu")
+    mean._model, mean._weights_hash = encoder.model, encoder.weights_hash
+    v_mean = mean.encode(texts)
+    cls = TextEncoder(cache_dir=tmp_path, device="cpu")
+    model = cls.model  # its own copy, loaded from the same weights
+    assert cls.weights_hash == mean.weights_hash
+    model[1].pooling_mode = "cls"  # as a directory whose pooling config says CLS
+    v_cls = cls.encode(texts)
+    assert cls.encoded_count == 2
+    assert not np.allclose(v_cls, v_mean, atol=1e-3)
+    # The same configuration as the first: its cached rows are served.
+    again = TextEncoder(cache_dir=tmp_path, device="cpu")
+    again._model, again._weights_hash = encoder.model, encoder.weights_hash
+    assert np.array_equal(again.encode(texts), v_mean) and again.encoded_count == 0

@@ -104,3 +104,124 @@ def test_alerts_per_day_threshold_is_the_nth_score_of_each_day():
     assert alert_thresholds(frame, ScoringConfig(threshold=0.42)).tolist() == [0.42] * 4
     with pytest.raises(ValueError, match="alerts_per_day"):
         alert_thresholds(frame, ScoringConfig(alerts_per_day=0))
+
+
+def _spread_index(n: int = 400, seed: int = 0) -> tuple[FraudIndex, np.ndarray]:
+    """n 2-d points labelled one hour apart over n hours, from 2024-01-08 (transactions from
+    2024-01-01 with a 7-day label delay)."""
+    rng = np.random.default_rng(seed)
+    points = rng.normal(size=(n, 2)).astype(np.float32)
+    t0 = datetime(2024, 1, 1)
+    times = [t0 + timedelta(hours=i) for i in range(n)]
+    index = faiss.IndexFlatL2(2)
+    index.add(points)
+    meta = pl.DataFrame({
+        schema.TRANSACTION_ID: [f"h{i}" for i in range(n)],
+        schema.TX_TIME: times,
+        "label_time": [t + timedelta(days=7) for t in times],
+        schema.IS_FRAUD: pl.Series(rng.integers(0, 2, n), dtype=pl.Int8),
+        schema.CUSTOMER_ID: ["c"] * n,
+        schema.TERMINAL_ID: ["t"] * n,
+    })
+    return FraudIndex(None, index, meta, meta.head(0), {}, IndexConfig(use_gpu=False)), points
+
+
+def _brute_force(idx: FraudIndex, points, queries, times, ids, k):
+    label_time = idx.meta["label_time"].dt.epoch("us").to_numpy()
+    meta_ids = idx.meta[schema.TRANSACTION_ID].to_numpy()
+    out = []
+    for q, t, i in zip(queries, times, ids, strict=True):
+        ok = np.flatnonzero((label_time <= t) & (meta_ids != i))
+        d = ((points[ok] - q) ** 2).sum(axis=1)
+        out.append(ok[np.argsort(d, kind="stable")][:k].tolist())
+    return out
+
+
+def test_neighbours_of_backfilled_queries_never_search_the_whole_index(monkeypatch):
+    """Scoring transactions older than most of the index's labels (a back-fill, re-scoring
+    history against today's index): a query with no label known at its time, or only a few,
+    used to be searched again and again until the depth was the whole index — rows × index
+    size distances at once (100k rows against a 250k index: 300 GB). A row with no label
+    known is not searched, one with a few stops once it has them all, and no search call
+    holds more than ``NEIGHBOUR_SEARCH_ELEMENTS`` distances; the neighbours are still exactly
+    the brute-force ones."""
+    import pipeline.index as index_module
+
+    idx, points = _spread_index()
+    rng = np.random.default_rng(1)
+    queries = rng.normal(size=(300, 2)).astype(np.float32)
+    t_first = int(idx.meta["label_time"].dt.epoch("us").min())
+    hour = 3_600_000_000
+    # 100 with no label known yet, 100 with 1-5 known, 100 with ~half known; 50 of the
+    # last are indexed rows themselves (their own label must not count).
+    times = np.concatenate([t_first - hour * rng.integers(1, 100, 100),
+                            t_first + hour * rng.integers(0, 5, 100),
+                            t_first + hour * rng.integers(150, 250, 100)])
+    ids = np.array([f"q{i}" for i in range(250)] + [f"h{i}" for i in range(50)], dtype=object)
+    queries[250:] = points[:50]
+    calls: list[tuple[int, int]] = []
+    search = idx.search
+
+    def recorded(vectors, k):
+        calls.append((len(vectors), k))
+        return search(vectors, k)
+
+    monkeypatch.setattr(idx, "search", recorded)
+    monkeypatch.setattr(index_module, "NEIGHBOUR_SEARCH_ELEMENTS", 2_000, raising=False)
+    k = 5
+    d, pos = idx.neighbours(queries, times, ids, k)
+    want = _brute_force(idx, points, queries, times, ids, k)
+    assert [[int(p) for p in row if p >= 0] for row in pos] == want
+    assert all(len(w) == 0 for w in want[:100]) and np.isinf(d[:100]).all()
+    assert max(rows * depth for rows, depth in calls) <= 2_000
+    # The rows with no label known at their time are not searched at all.
+    assert sum(rows for rows, depth in calls if depth == calls[0][1]) == 200
+
+
+def test_a_stacked_index_scores_a_large_batch_one_search_call_at_a_time(monkeypatch):
+    """A --scorer knn-stacked index ran its booster's neighbour search (100 candidates a row,
+    with per-candidate card and terminal strings) over the whole batch at once: memory grew
+    with the file, not with ``SEARCH_ROWS`` as the rest of scoring. It now goes one search
+    call at a time, keeps only the neighbours an explanation shows, and the scores, the
+    contributions (which add up to the score's log-odds) and the explanations are those of
+    the batch scored whole."""
+    import json
+
+    from pipeline import scoring
+    from pipeline.features import compute_features
+    from pipeline.scoring import FraudScorer
+    from pipeline.stacking import build_stacked_index
+    from pipeline.synthetic import SyntheticConfig, generate
+
+    data = generate(SyntheticConfig(n_customers=80, n_terminals=160, n_days=28, seed=7))
+    split = data[schema.TX_TIME].min() + timedelta(days=21)
+    history = compute_features(data.filter(pl.col(schema.TX_TIME) < split))
+    index = build_stacked_index(history, config=IndexConfig(kind="flat", use_gpu=False))
+    batch = data.filter(pl.col(schema.TX_TIME) >= split).head(240)
+    whole = FraudScorer(index).score(batch)
+
+    sizes: list[int] = []
+    predict = index.model.predict
+
+    def recorded(frame, *args, **kwargs):
+        sizes.append(frame.height)
+        return predict(frame, *args, **kwargs)
+
+    monkeypatch.setattr(index.model, "predict", recorded)
+    monkeypatch.setattr(scoring, "SEARCH_ROWS", 100)
+    parts = FraudScorer(index).score(batch)
+    assert sizes == [100, 100, 40]
+    assert np.allclose(parts.scores["score"].to_numpy(), whole.scores["score"].to_numpy(),
+                       atol=1e-6)
+    stacked = parts.evidence.stacked
+    assert stacked.neighbours.positions.shape == (240, 10)
+    margin = stacked.contributions.sum(axis=1)
+    assert np.allclose(1 / (1 + np.exp(-margin)), parts.scores["score"].to_numpy(), atol=1e-5)
+    ours, theirs = parts.explanations, whole.explanations
+    for a, b in zip(ours, theirs, strict=True):
+        assert [n["transaction_id"] for n in a["model"]["neighbours_other_cards_terminals"]] \
+            == [n["transaction_id"] for n in b["model"]["neighbours_other_cards_terminals"]]
+        assert json.dumps(a["model"]["contributions_log_odds"]) \
+            == json.dumps(b["model"]["contributions_log_odds"]) or np.allclose(
+            list(a["model"]["contributions_log_odds"].values()),
+            list(b["model"]["contributions_log_odds"].values()), atol=1e-5)
