@@ -101,7 +101,8 @@ def batch_hash(hashes: list[str]) -> str:
 
 
 def alert_thresholds(scores: pl.DataFrame, config: ScoringConfig) -> np.ndarray:
-    """Per-row threshold: fixed, or per day the score of the N-th highest transaction."""
+    """Per-row threshold: fixed, or per day the score of the N-th highest transaction (an alert
+    is score >= threshold, so scores tied with the N-th alert too: more than N on such days)."""
     if config.alerts_per_day is None:
         return np.full(scores.height, config.threshold)
     n = config.alerts_per_day
