@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import faiss
 import numpy as np
 import polars as pl
 import pytest
@@ -46,6 +47,25 @@ def test_ivf_recall_against_exact_search_on_clustered_data():
     # Probing a single cell of ~566 must lose neighbours: the measure is not always 1.
     ivf.nprobe = 1
     assert measure_recall(ivf, vectors, k=10, queries=500) < recall
+
+
+def test_recall_does_not_count_a_query_finding_itself():
+    """The sample queries are indexed vectors: an index that finds nothing but the query's own
+    vector (as any IVF list or HNSW node it sits in does) has recall 0 for the transactions it
+    will be asked about, not 1/k."""
+    vectors = clustered(n=2_000)
+
+    class OnlyItself:
+        def search(self, queries, k):
+            own = [int(np.flatnonzero((vectors == q).all(axis=1))[0]) for q in queries]
+            positions = np.full((len(queries), k), -1, dtype=np.int64)
+            positions[:, 0] = own
+            return np.zeros((len(queries), k), np.float32), positions
+
+    assert measure_recall(OnlyItself(), vectors, k=10, queries=50) == 0.0
+    exact = faiss.IndexFlatL2(vectors.shape[1])
+    exact.add(vectors)
+    assert measure_recall(exact, vectors, k=10, queries=50) == 1.0
 
 
 def test_auto_picks_ivf_past_ivf_min_and_records_recall():
