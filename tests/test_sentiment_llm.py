@@ -241,7 +241,7 @@ class _RawServer:
     def __init__(self, responses):
         import threading
 
-        self.responses, self.requests = list(responses), []
+        self.responses, self.requests, self.bodies = list(responses), [], []
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -270,6 +270,7 @@ class _RawServer:
                         break
                     body += chunk
                 self.requests.append(head.decode("latin-1"))
+                self.bodies.append(json.loads(body) if body else None)
                 reply = self.responses.pop(0) if self.responses else b""
                 with contextlib.suppress(OSError):
                     conn.sendall(reply)
@@ -509,3 +510,31 @@ def test_text_with_a_lone_surrogate_is_still_classified(local):
     pred = local.classify(["Shares \ud800 fall", "Acme \udcff up 5%"])
     assert [p.failure for p in pred] == [None, None]
     assert "\ufffd" in build_messages("Shares \ud800 fall")[1]["content"]
+
+
+def test_http_server_without_json_schema_support_falls_back_to_json_mode_then_the_prompt():
+    """Servers that refuse `response_format: json_schema` (older llama.cpp, some proxies)
+    answered 400, which is not retried, so every article failed. The client now steps down to
+    JSON mode, then to the prompt alone (answers still validated against the schema), once
+    for the whole client, and each decision records the decoding its answer came from."""
+    refused = json.dumps({"error": {"message": "'response_format' of type 'json_schema' is "
+                                    "not supported"}}).encode()
+    no_json = json.dumps({"error": {"message": "unknown field response_format"}}).encode()
+    server = _RawServer([_http("400 Bad Request", refused), _http("400 Bad Request", no_json),
+                         _http("200 OK", GOOD), _http("200 OK", GOOD),
+                         _http("400 Bad Request", b'{"error": {"message": "bad model"}}')])
+    try:
+        client = HTTPLLMClassifier(server.url, "m", attempts=2, backoff=0.0, timeout=5,
+                                   concurrency=1)
+        first = client.classify(["x"])[0]
+        second = client.classify(["y"])[0]
+        other = client.classify(["z"])[0]  # a 400 about something else is still final
+    finally:
+        server.close()
+    formats = [(b or {}).get("response_format", {}).get("type") for b in server.bodies]
+    assert formats == ["json_schema", "json_object", None, None, None]
+    assert first.label == second.label == "positive"
+    assert first.explanation["decoding"] == second.explanation["decoding"] == "prompt"
+    assert first.explanation["attempts"] == 3  # the two refusals did not use up its attempts
+    assert client.audit_fields()["decoding"] == "prompt"
+    assert other.label is None and other.explanation["attempts"] == 1

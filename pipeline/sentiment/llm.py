@@ -448,6 +448,9 @@ class LocalLLMClassifier:
 
 # --- OpenAI-compatible endpoints --------------------------------------------------------------
 
+# A 400 naming these is about the response_format asked for, not the article or the model.
+_FORMAT_WORDS = re.compile(r"response_format|json_schema|json_object|schema", re.IGNORECASE)
+_STEP_DOWN = {"json_schema": "json_object", "json_object": "prompt"}
 _SECRET_PARAM = re.compile(r"key|token|secret|passw|auth|sig|credential", re.IGNORECASE)
 
 
@@ -489,6 +492,7 @@ class HTTPResult:
     retryable: bool
     model: str | None = None
     retry_after: float | None = None  # seconds the server asked to wait (429, 503)
+    refuses_format: bool = False  # a 400/422 about the response_format the request asked for
 
 
 class HTTPLLMClassifier:
@@ -517,6 +521,9 @@ class HTTPLLMClassifier:
         self.attempts, self.timeout, self.constrained = attempts, timeout, constrained
         self.concurrency, self.max_tokens, self.backoff = concurrency, max_tokens, backoff
         self.max_retry_after = max_retry_after  # the longest Retry-After honoured (seconds)
+        # How answers are asked for; a server that refuses a response_format steps it down
+        # (json_schema -> json_object -> prompt), once for the client (see _one).
+        self.decoding = "json_schema" if constrained else "free"
         import os
 
         self.api_key = api_key or os.environ.get("FINSENTINEL_LLM_API_KEY")
@@ -536,17 +543,21 @@ class HTTPLLMClassifier:
     def audit_fields(self) -> dict[str, Any]:
         return {"backend": self.backend, "model_id": self.model_id, "endpoint": self.recorded_url,
                 "model_name": self.model, "prompt_sha256": prompt_sha256(),
-                "decoding": "json_schema" if self.constrained else "free", "index_version": "-"}
+                "decoding": self.decoding, "index_version": "-"}
 
-    def request_body(self, text: str, attempt: int) -> dict[str, Any]:
+    def request_body(self, text: str, attempt: int, decoding: str | None = None
+                     ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model, "messages": build_messages(text),
             "temperature": 0.0 if attempt == 1 else 0.7, "seed": attempt,
             "max_tokens": self.max_tokens,
         }
-        if self.constrained:
+        decoding = decoding or self.decoding
+        if decoding == "json_schema":
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "news_sentiment", "strict": True, "schema": RESPONSE_SCHEMA}}
+        elif decoding == "json_object":
+            body["response_format"] = {"type": "json_object"}
         return body
 
     def _post(self, body: dict[str, Any]) -> HTTPResult:
@@ -566,8 +577,10 @@ class HTTPLLMClassifier:
             except (OSError, http.client.HTTPException) as read_exc:
                 detail = f"(body unreadable: {type(read_exc).__name__})"
             retryable = exc.code in (408, 409, 429) or exc.code >= 500
+            refuses = exc.code in (400, 422) and "response_format" in body and bool(
+                _FORMAT_WORDS.search(detail))
             return HTTPResult(None, self._redact(f"HTTP {exc.code}: {detail}"), retryable,
-                              retry_after=_retry_after(exc.headers))
+                              retry_after=_retry_after(exc.headers), refuses_format=refuses)
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
             # URLError and timeouts are OSErrors; HTTPException: a broken status line or a
             # body cut short.
@@ -585,30 +598,47 @@ class HTTPLLMClassifier:
         return HTTPResult(content, None, True, model if isinstance(model, str) else None)
 
     def _one(self, text: str) -> Prediction:
+        """Ask until an answer validates, ``attempts`` times at most. A request the server
+        refuses for its response_format (no json_schema support: older llama.cpp, some
+        proxies) steps the client's decoding down and is asked again without counting as an
+        attempt; the answer is validated against the schema whatever the decoding."""
         base = {"prompt_sha256": prompt_sha256(), "endpoint": self.recorded_url,
                 "model_name": self.model}
-        errors = []
-        for attempt in range(1, self.attempts + 1):
-            result = self._post(self.request_body(text, attempt))
+        errors: list[str] = []
+        counted = 0
+        decoding = self.decoding
+        while counted < self.attempts:
+            decoding = self.decoding
+            result = self._post(self.request_body(text, counted + 1, decoding))
+            sent = len(errors) + 1
             if result.error is None:
                 try:
                     answer = validate_answer(result.content)
-                    return _answer_prediction(answer, {**base, "attempts": attempt,
+                    return _answer_prediction(answer, {**base, "decoding": decoding,
+                                                       "attempts": sent,
                                                        "served_model": result.model,
                                                        "raw_answer": result.content[:2000]})
                 except AnswerError as exc:
-                    errors.append(self._redact(f"attempt {attempt}: invalid answer: {exc}"))
+                    errors.append(self._redact(f"attempt {sent}: invalid answer: {exc}"))
             else:
-                errors.append(f"attempt {attempt}: {result.error}")
+                errors.append(f"attempt {sent}: {result.error}")
+                if result.refuses_format and decoding in _STEP_DOWN:
+                    if self.decoding == decoding:  # another article's request may have already
+                        self.decoding = _STEP_DOWN[decoding]
+                        log.warning("llm endpoint %s refused response_format %s: asking with "
+                                    "%s from now on", self.recorded_url, decoding, self.decoding)
+                    continue
                 if not result.retryable:
                     break
-            if attempt < self.attempts:
-                delay = self.backoff * 2 ** (attempt - 1)
+            counted += 1
+            if counted < self.attempts:
+                delay = self.backoff * 2 ** (counted - 1)
                 if result.retry_after is not None:
                     delay = max(delay, min(result.retry_after, self.max_retry_after))
                 time.sleep(delay)
         return _failure(f"no valid answer after {len(errors)} attempt(s): {errors[-1]}",
-                        {**base, "attempts": len(errors), "errors": errors})
+                        {**base, "decoding": decoding, "attempts": len(errors),
+                         "errors": errors})
 
     def classify(self, texts: Sequence[str], *, explain: bool = True) -> list[Prediction]:
         texts = list(texts)
