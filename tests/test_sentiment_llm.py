@@ -538,3 +538,42 @@ def test_http_server_without_json_schema_support_falls_back_to_json_mode_then_th
     assert first.explanation["attempts"] == 3  # the two refusals did not use up its attempts
     assert client.audit_fields()["decoding"] == "prompt"
     assert other.label is None and other.explanation["attempts"] == 1
+
+
+def test_http_a_reply_dripped_slowly_fails_at_the_timeout_not_hours_later():
+    """urllib's timeout bounds each socket read, not the call: a server sending a byte every
+    half timeout held an article (and its batch) for as long as it liked."""
+    import threading
+    import time as _time
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(2)
+    stop = threading.Event()
+
+    def drip():
+        conn, _ = sock.accept()
+        with conn:
+            conn.recv(65536)
+            reply = _http("200 OK", GOOD)
+            head, _, body = reply.partition(b"\r\n\r\n")
+            conn.sendall(head + b"\r\n\r\n")
+            for byte in body:
+                if stop.is_set():
+                    return
+                with contextlib.suppress(OSError):
+                    conn.sendall(bytes([byte]))
+                _time.sleep(0.2)
+
+    threading.Thread(target=drip, daemon=True).start()
+    try:
+        client = HTTPLLMClassifier(f"http://127.0.0.1:{sock.getsockname()[1]}/v1", "m",
+                                   attempts=1, timeout=1.0, concurrency=1)
+        start = _time.monotonic()
+        pred = client.classify(["x"])[0]
+        took = _time.monotonic() - start
+    finally:
+        stop.set()
+        sock.close()
+    assert pred.label is None and "longer than 1 s" in pred.failure
+    assert took < 3  # the whole reply would have taken len(GOOD) x 0.2 s = about 20 s

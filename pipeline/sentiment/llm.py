@@ -451,6 +451,7 @@ class LocalLLMClassifier:
 # A 400 naming these is about the response_format asked for, not the article or the model.
 _FORMAT_WORDS = re.compile(r"response_format|json_schema|json_object|schema", re.IGNORECASE)
 _STEP_DOWN = {"json_schema": "json_object", "json_object": "prompt"}
+MAX_REPLY_BYTES = 8 << 20  # a chat completion of one short answer is a few kB
 _SECRET_PARAM = re.compile(r"key|token|secret|passw|auth|sig|credential", re.IGNORECASE)
 
 
@@ -568,9 +569,10 @@ class HTTPLLMClassifier:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=json.dumps(body).encode(),
                                          headers=headers, method="POST")
+        deadline = time.monotonic() + self.timeout
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
+                raw = self._read_body(response, deadline)
         except urllib.error.HTTPError as exc:
             try:
                 detail = exc.read()[:300].decode("utf-8", "replace")
@@ -596,6 +598,22 @@ class HTTPLLMClassifier:
             return HTTPResult(None, "response has no choices[0].message.content", True)
         model = payload.get("model")
         return HTTPResult(content, None, True, model if isinstance(model, str) else None)
+
+    def _read_body(self, response: Any, deadline: float) -> bytes:
+        """The reply's body, within the call's ``timeout`` as a whole: urllib's timeout bounds
+        each socket read, so a server dripping a byte at a time would hold the call (and its
+        batch) indefinitely; and no more than MAX_REPLY_BYTES."""
+        chunks, size = [], 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the reply took longer than {self.timeout:g} s")
+            chunk = response.read1(65536)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > MAX_REPLY_BYTES:
+                raise ValueError(f"the reply is larger than {MAX_REPLY_BYTES:,} bytes")
+            chunks.append(chunk)
 
     def _one(self, text: str) -> Prediction:
         """Ask until an answer validates, ``attempts`` times at most. A request the server
