@@ -548,3 +548,35 @@ def test_held_out_metrics_report_texts_that_were_also_trained_on(sentiment_model
         [mixed.labels, train.labels[:5]]), mixed.ids + train.ids[:5], "mixed")
     report = evaluate_trained(trained, mixed)
     assert report["overlap_with_training"] == {"rows": 5, "fraction": pytest.approx(5 / 15)}
+
+
+def test_evaluate_an_hf_checkpoint_with_generic_labels_on_numeric_data(hf_checkpoint, tmp_path):
+    """Twitter-style data (0 bearish, 1 bullish, 2 neutral) and a checkpoint whose outputs are
+    LABEL_0..2 need two maps: --label-map reads the data, --model-label-map the checkpoint
+    (one map for both could not say LABEL_0=positive and 0=negative at once)."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    directory = shutil.copytree(hf_checkpoint[0], tmp_path / "generic")
+    config = AutoConfig.from_pretrained(directory)
+    config.id2label = {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    config.save_pretrained(directory)
+    data = tmp_path / "tweets.csv"
+    data.write_text("text,label\nShares slump after the profit warning,0\n"
+                    "Record quarter lifts the stock,1\nThe board meets on Tuesday,2\n")
+    out = tmp_path / "metrics.json"
+    run = _cli("sentiment", "evaluate", "--data", str(data), "--model", str(directory),
+               "--backend", "hf", "--format", "csv", "--label-map",
+               "0=negative,1=positive,2=neutral", "--model-label-map",
+               "LABEL_0=positive,LABEL_1=negative,LABEL_2=neutral", "--output", str(out))
+    assert run.exit_code == 0, run.output
+    report = json.loads(out.read_text())
+    want = HFClassifier(hf_checkpoint[0]).classify(  # the same network, labels named
+        ["Shares slump after the profit warning", "Record quarter lifts the stock",
+         "The board meets on Tuesday"])
+    truth = ["negative", "positive", "neutral"]
+    assert report["n"] == 3
+    assert report["accuracy"] == pytest.approx(
+        sum(p.label == t for p, t in zip(want, truth, strict=True)) / 3)

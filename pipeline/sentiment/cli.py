@@ -178,12 +178,17 @@ def evaluate(
     endpoint: Endpoint = None,
     format: Format = "auto",
     label_map: LabelMap = None,
+    model_label_map: Annotated[str | None, typer.Option(
+        "--model-label-map", help="hf: the checkpoint's output names, e.g. LABEL_0=negative,"
+                                  "LABEL_1=neutral,LABEL_2=positive (default: --label-map)")
+    ] = None,
     lines: Lines = None,
     quantize: bool = typer.Option(False, help="encoder: int8 dynamic quantisation on CPU."),
     root: ModelsRoot = None,
 ) -> None:
     """Accuracy, macro and weighted F1 and the confusion matrix on labelled data. Numeric
-    labels are read with --label-map, else with the map the model was trained with."""
+    labels are read with --label-map, else with the map the model was trained with; an hf
+    checkpoint's outputs with --model-label-map where its names say nothing."""
     from pipeline.cli import check_input, check_output
     from pipeline.sentiment.data import load_labelled
     from pipeline.sentiment.jobs import evaluate as run_evaluation
@@ -191,8 +196,8 @@ def evaluate(
 
     check_input(data, "--data")
     check_output(output, "--output", (".json",), " (the metrics report)")
-    classifier = _load(backend, model, root, endpoint, None if backend != "hf" else label_map,
-                       quantize)
+    classifier = _load(backend, model, root, endpoint,
+                       None if backend != "hf" else model_label_map or label_map, quantize)
     trained_map = (getattr(classifier, "manifest", None) or {}).get("data", {}).get("label_map")
     labelled = load_labelled(data, format=format, label_map=label_map or trained_map,
                              lines=lines)
