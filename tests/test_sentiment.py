@@ -573,6 +573,7 @@ def test_evaluate_an_hf_checkpoint_with_generic_labels_on_numeric_data(hf_checkp
                "LABEL_0=positive,LABEL_1=negative,LABEL_2=neutral", "--output", str(out))
     assert run.exit_code == 0, run.output
     report = json.loads(out.read_text())
+    assert report["data"]["label_map"] == {"0": "negative", "1": "positive", "2": "neutral"}
     want = HFClassifier(hf_checkpoint[0]).classify(  # the same network, labels named
         ["Shares slump after the profit warning", "Record quarter lifts the stock",
          "The board meets on Tuesday"])

@@ -319,7 +319,8 @@ def evaluate(classifier: Classifier, data: LabelledTexts, *, batch_size: int = 2
     seconds = time.perf_counter() - started
     report = classification_report(data.labels, predicted)
     return {**report, "failures": failures, "data": {"source": data.source,
-                                                    "sha256": data.sha256, "rows": len(data)},
+                                                    "sha256": data.sha256, "rows": len(data),
+                                                    "label_map": data.label_map},
             "model": classifier.audit_fields(), "seconds": round(seconds, 2),
             "texts_per_second": round(len(data) / seconds, 1) if seconds else None}
 
