@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 from pydantic import SecretStr
 
+from flows.score_transactions import readable_retry
 from pipeline import jobs
 from pipeline.audit import FeedbackLabels, feedback_labels
 from pipeline.encoder import TextEncoder
@@ -23,7 +24,7 @@ from pipeline.settings import JobSettings
 from pipeline.vectors import VectorConfig
 
 
-@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=readable_retry, cache_policy=NO_CACHE)
 def ingest_history(path: str) -> IngestResult:
     return read_transactions(path, require_labels=True)
 

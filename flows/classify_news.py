@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 from pydantic import SecretStr
 
-from flows.score_transactions import transient_db_error
+from flows.score_transactions import readable_retry, transient_db_error
 from pipeline.inbox import drain, output_for, pending, settle_interval
 from pipeline.ingest import IngestResult, InputError
 from pipeline.ledger import BatchReceipt, Ledger
@@ -40,7 +40,7 @@ from pipeline.settings import SENTIMENT_MODEL_ENV, JobSettings
 from pipeline.tickers import TickerExtractor
 
 
-@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=readable_retry, cache_policy=NO_CACHE)
 def ingest_news(path: str) -> IngestResult:
     return read_news(path)
 

@@ -12,6 +12,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
+from flows.score_transactions import readable_retry
 from pipeline.evaluation import (
     DAY,
     EvaluationReport,
@@ -38,7 +39,7 @@ def latest_test_start(frame, config: ProtocolConfig) -> date:
     return frame[DAY].max() - timedelta(days=config.test_days - 1)
 
 
-@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=readable_retry, cache_policy=NO_CACHE)
 def load(data: str, delay_days: int):
     return load_featured(data, delay_days)
 

@@ -21,7 +21,14 @@ from pipeline.scoring import FraudScorer, ScoredBatch, ScoringConfig
 from pipeline.settings import JobSettings
 
 
-@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def readable_retry(_task: object, _run: object, state: State) -> bool:
+    """Retry a read only for what another attempt can fix (an I/O error on shared storage); an
+    unusable file (InputError: empty, not a table, columns missing) fails the same way every
+    time, so it fails at once and the inbox moves it to ``failed/``."""
+    return not isinstance(state.result(raise_on_failure=False), InputError)
+
+
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=readable_retry, cache_policy=NO_CACHE)
 def ingest_batch(path: str) -> IngestResult:
     return read_transactions(path)
 

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-DATA_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
+DATA_SUFFIXES = (".parquet", ".pq", ".csv", ".jsonl", ".ndjson", ".json")  # what ingest reads
 DONE = "done"
 FAILED = "failed"
 SETTLE_ENV = "FINSENTINEL_INBOX_SETTLE_SECONDS"

@@ -192,3 +192,41 @@ def test_the_checks_catch_a_renamed_command_option_or_variable():
         check_env_name("FINSENTINEL_INBOXES", "test")
     with pytest.raises(AssertionError, match="no Prefect setting"):
         check_env_name("PREFECT_API_ADDRESS", "test")
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+def test_the_image_keeps_its_data_on_its_volume_where_compose_puts_it(dockerfile, compose):
+    """`docker run -v data:/data IMAGE serve` (no compose): the ledger, inbox, scores and
+    models must be under the image's /data volume, not in /app, where they would go with the
+    container; and at the same places compose gives the worker and the dashboard."""
+    steps = parse_dockerfile(DOCKER / dockerfile)
+    env = {}
+    for keyword, args in steps:
+        if keyword == "ENV":
+            env.update(env_assignments(args))
+    [volume] = [json.loads(a) for k, a in steps if k == "VOLUME"]
+    paths = ("FINSENTINEL_WORKDIR", "FINSENTINEL_INDEXES", "FINSENTINEL_MODELS")
+    for name in paths:
+        assert name in env, f"{dockerfile}: {name} not set: it would default to a path in /app"
+        assert any(env[name].startswith(v.rstrip("/") + "/") for v in volume), (name, volume)
+    worker = compose["services"]["worker"]["environment"]
+    assert {n: worker[n] for n in paths} == {n: env[n] for n in paths}
+
+
+def test_compose_passes_the_job_settings_through_to_the_worker(compose):
+    """The worker runs all five schedules; the settings an operator must or may give them
+    (the sentiment model the 15-minute job needs, the index name, the inbox settle interval)
+    reach it from the shell running compose, else the 15-minute job fails every run with no
+    way to fix it but editing compose.yaml. Blank means unset to the jobs."""
+    from pipeline.inbox import DEFAULT_SETTLE_SECONDS, SETTLE_ENV
+    from pipeline.settings import INDEX_NAME_ENV, SENTIMENT_MODEL_ENV, JobSettings
+
+    env = compose["services"]["worker"]["environment"]
+    for name in (SENTIMENT_MODEL_ENV, INDEX_NAME_ENV, SETTLE_ENV):
+        assert name in env, f"compose worker: {name} is not passed through"
+        assert env[name].startswith(f"${{{name}:-"), env[name]
+    defaults = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
+    settings = JobSettings.from_env(defaults)
+    assert settings.sentiment_model is None and settings.index_name == "fraud"
+    assert settings.workdir == Path("/data/work")
+    assert float(defaults[SETTLE_ENV]) == DEFAULT_SETTLE_SECONDS

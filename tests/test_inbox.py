@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.inbox import DEFAULT_SETTLE_SECONDS, SETTLE_ENV, drain, pending, settle_interval
+from pipeline.inbox import (
+    DATA_SUFFIXES,
+    DEFAULT_SETTLE_SECONDS,
+    SETTLE_ENV,
+    drain,
+    pending,
+    settle_interval,
+)
 from pipeline.ingest import InputError
 
 
@@ -176,3 +183,15 @@ def test_inbox_files_taken_by_an_overlapping_run_are_skipped_not_crashed_on(tmp_
     assert sorted(p.name for p in (inbox / "done").iterdir()) == ["d.csv"]
     assert not (inbox / "failed").exists()
     assert sorted(p.name for p in other.iterdir()) == ["a.csv", "b.csv", "c.csv"]
+
+
+def test_the_inbox_takes_every_file_type_the_readers_read(inbox):
+    """A file `finsentinel score` reads (feed.pq, say) must not sit in the inbox forever,
+    neither scored nor moved to failed/: the inbox takes every suffix the readers know."""
+    from pipeline.ingest import _READERS
+
+    assert set(DATA_SUFFIXES) == set(_READERS)
+    (inbox / "feed.pq").write_bytes(b"PAR1")
+    (inbox / "FEED.CSV").write_text("id\n1\n")
+    (inbox / "notes.txt").write_text("not data")
+    assert sorted(p.name for p in pending(inbox)) == ["FEED.CSV", "feed.pq"]

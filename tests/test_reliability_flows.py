@@ -330,3 +330,58 @@ def test_news_inbox_with_a_secret_ledger_url_classifies_and_keeps_the_password(
     child = run_record(children[0].id)
     assert canary not in child
     assert '"db":"**********"' in child.replace(" ", "")
+
+
+def test_an_unusable_inbox_file_is_read_once_not_retried(feeds, prefect_harness, monkeypatch,
+                                                         tmp_path):
+    """A file that cannot be read (InputError) fails the same way every attempt: the ingest
+    tasks fail it at once instead of re-reading it twice with delays (a large broken file read
+    three times per run), while an I/O error that another attempt may fix is still retried."""
+    import flows.build_index as build_flow
+    import flows.classify_news as news_flow
+    import flows.score_transactions as score_flow
+    from pipeline.ingest import InputError
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    for module, reader, run in (
+            (score_flow, "read_transactions", lambda: score_flow.score_transactions(
+                input=str(empty), index="cards", root=str(feeds["root"]),
+                output=str(tmp_path / "out.parquet"),
+                db=f"sqlite:///{tmp_path / 'ledger.sqlite'}")),
+            (news_flow, "read_news", lambda: news_flow.classify_news(
+                input=str(empty), model="m", output=str(tmp_path / "news.parquet"),
+                db=f"sqlite:///{tmp_path / 'ledger.sqlite'}")),
+            (build_flow, "read_transactions", lambda: build_flow.build_index(
+                input=str(empty), name="x", root=str(tmp_path / "indexes"), text_dim=0,
+                db=f"sqlite:///{tmp_path / 'ledger.sqlite'}"))):
+        real = getattr(module, reader)
+        calls = []
+
+        def counting(*args, _real=real, _calls=calls, **kwargs):
+            _calls.append(args)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, reader, counting)
+        with pytest.raises(InputError, match="empty"):
+            run()
+        assert len(calls) == 1, f"{module.__name__}: unusable file read {len(calls)} times"
+
+    # An I/O error is worth another attempt: still retried.
+    from pipeline.ingest import read_transactions
+
+    attempts = []
+
+    def flaky(path, *args, **kwargs):
+        attempts.append(path)
+        if len(attempts) == 1:
+            raise OSError("stale NFS file handle")
+        return read_transactions(path, *args, **kwargs)
+
+    monkeypatch.setattr(score_flow, "ingest_batch",
+                        score_flow.ingest_batch.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(score_flow, "read_transactions", flaky)
+    report = score_flow.score_transactions(
+        input=str(feeds["paths"]["Y"]), index="cards", root=str(feeds["root"]),
+        output=str(tmp_path / "y.parquet"), db=f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    assert len(attempts) == 2 and report.rows_scored == feeds["batches"]["Y"].height
