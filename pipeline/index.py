@@ -33,9 +33,11 @@ META_COLUMNS = (schema.TRANSACTION_ID, schema.TX_TIME, "label_time", schema.IS_F
 
 
 def default_root() -> Path:
+    """``$FINSENTINEL_INDEXES``, else ``./indexes``; a blank value counts as unset (as for
+    every setting, see pipeline.settings), not as the current folder."""
     import os
 
-    return Path(os.environ.get(INDEXES_ENV, "indexes"))
+    return Path(os.environ.get(INDEXES_ENV, "").strip() or "indexes")
 
 
 def gpu_available() -> bool:

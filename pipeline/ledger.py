@@ -520,7 +520,7 @@ def missing_sqlite_ledger(url: str | None = None) -> Path | None:
 
 def _default_db_file(workdir: Path | None = None) -> Path:
     directory = Path(workdir) if workdir is not None else Path(
-        os.environ.get(WORKDIR_ENV) or DEFAULT_WORKDIR)
+        os.environ.get(WORKDIR_ENV, "").strip() or DEFAULT_WORKDIR)  # blank: unset
     return directory / DEFAULT_DB_FILE
 
 

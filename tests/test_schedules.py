@@ -328,3 +328,18 @@ def test_daily_index_build_reads_reviews_from_the_default_ledger(prefect_harness
         ledger.record_feedback(ledger.decisions()[0]["decision_id"], "confirmed-fraud",
                                "chargeback", "ana")
     assert build_index(**kwargs).feedback_applied == 1
+
+
+def test_a_blank_setting_is_unset_for_the_index_root_and_the_ledger_too(monkeypatch):
+    """JobSettings, the dashboard and the CLI take a blank variable (an empty value left in a
+    compose file or a systemd unit) as unset; the index root took it as the current folder and
+    the default ledger as a folder named by spaces."""
+    from pipeline.index import default_root
+    from pipeline.ledger import resolve_db_url
+
+    monkeypatch.delenv("FINSENTINEL_DB", raising=False)
+    monkeypatch.setenv("FINSENTINEL_INDEXES", "")
+    monkeypatch.setenv("FINSENTINEL_WORKDIR", "  ")
+    assert default_root() == Path("indexes")
+    assert resolve_db_url(None).endswith(
+        str(Path(JobSettings.from_env().workdir) / "ledger.sqlite"))
