@@ -650,3 +650,213 @@ def test_models_page_reads_the_weekly_evaluations_under_the_workdir(app_env, mon
     evaluations = _table(at, "file", "scorer")
     assert list(evaluations["file"]) == ["knn-2018-04-22.json"]
     assert evaluations["auc_roc mean"].iloc[0] == report["summary"]["auc_roc"]["mean"]
+
+
+# --- review safety, news cases, missing ledgers, exports -------------------------------------
+
+def _unescaped(markdown: str) -> str:
+    """Markdown text with the backslash escapes of :func:`plain` removed."""
+    import re
+
+    return re.sub(r"\\(.)", r"\1", markdown)
+
+
+def _copy_ledger(seeded, tmp_path, name="copy.sqlite"):
+    """A private copy of the seeded SQLite ledger (tests that write or tamper use it)."""
+    import sqlite3
+
+    source = make_url(seeded["db"]).database
+    target = tmp_path / name
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+    return f"sqlite:///{target}"
+
+
+@pytest.fixture
+def news_env(app_env, tmp_path, monkeypatch):
+    """A ledger with news decisions only: one labelled, one an LLM's failure."""
+    import json
+
+    from dashboard_seed import LexiconClassifier
+
+    from pipeline.news_store import NewsStore
+    from pipeline.sentiment import Prediction
+    from pipeline.sentiment.jobs import classify_file
+
+    class FailsOnProbe(LexiconClassifier):
+        def classify(self, texts, *, explain: bool = True):
+            out = super().classify(texts, explain=explain)
+            return [Prediction(None, {}, {"attempts": 3, "rationale": None},
+                               failure="answer outside the schema after 3 attempts")
+                    if "probe" in text else pred for text, pred in zip(texts, out, strict=True)]
+
+    db = f"sqlite:///{tmp_path / 'news.sqlite'}"
+    news = tmp_path / "news.jsonl"
+    news.write_text("\n".join(json.dumps(r) for r in (
+        {"id": "n-ok", "published": "2024-05-01T10:00:00", "source": "wire",
+         "tickers": ["AAPL"], "headline": "$AAPL beats estimates, shares jump"},
+        {"id": "n-failed", "published": "2024-05-01T11:00:00", "source": "wire",
+         "tickers": ["AAPL"], "headline": "$AAPL faces probe <b>über</b> accounts"})) + "\n")
+    with Ledger(db) as ledger:
+        with NewsStore(ledger.url) as store:
+            classify_file(news, FailsOnProbe(), tmp_path / "n.parquet", ledger=ledger,
+                          store=store)
+        found = {d["subject_id"]: d for d in ledger.decisions(kind="sentiment")}
+    monkeypatch.setenv("FINSENTINEL_DB", db)
+    return {"db": db, "ok": found["n-ok"], "failed": found["n-failed"]}
+
+
+def test_case_page_of_a_news_decision_shows_the_article_not_card_fields(news_env):
+    ok = news_env["ok"]
+    at = _sign_in(_app(page="Case", decision=ok["decision_id"]))
+    assert not at.exception and not at.error
+    shown = _unescaped(" ".join([m.value for m in at.markdown] + [c.value for c in at.caption]))
+    assert "$AAPL beats estimates, shares jump" in shown
+    facts = dict(_table(at, "field", "value").values)
+    assert "card" not in facts and "terminal" not in facts and "amount" not in facts
+    assert facts["source"] == "wire" and facts["model version"] == "lexicon@test"
+    metrics = {m.label: m.value for m in at.metric}
+    assert "Amount" not in metrics and metrics["Label"] == "positive"
+    probabilities = _table(at, "label", "probability")
+    assert dict(probabilities.values) == pytest.approx(ok["explanation"]["probabilities"])
+    words = _table(at, "word", "weight")
+    assert list(words["word"]) == ["beats", "jump"]
+    assert [b.label for b in at.button if b.label != "Sign out"] == ["confirmed", "incorrect"]
+
+
+def test_case_page_of_a_failed_llm_decision_says_why_it_has_no_label(news_env):
+    failed = news_env["failed"]
+    at = _sign_in(_app(page="Case", decision=failed["decision_id"]))
+    assert not at.exception
+    [warning] = at.warning
+    assert "answer outside the schema after 3 attempts" in warning.value
+    assert "No label" in warning.value
+    [headline] = [m.value for m in at.markdown if "faces probe" in m.value]
+    _shown_as_text(headline, "$AAPL faces probe <b>über</b> accounts")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Label"] == "failed" and "Score" not in metrics
+
+
+def test_a_review_of_a_decision_whose_record_fails_its_hash_is_refused(app_env, tmp_path,
+                                                                      monkeypatch):
+    db = _copy_ledger(app_env, tmp_path)
+    with Ledger(db) as ledger:
+        target = ledger.decisions(kind="fraud")[5]
+    engine = sa.create_engine(db)
+    with engine.begin() as conn:  # an edit behind the ledger's back
+        conn.execute(sa.text("UPDATE decisions SET score = 0.01 WHERE decision_id = :d"),
+                     {"d": target["decision_id"]})
+    engine.dispose()
+    monkeypatch.setenv("FINSENTINEL_DB", db)
+    at = _sign_in(_app(page="Case", decision=target["decision_id"]))
+    assert not at.exception
+    assert any("does not match its hash" in e.value for e in at.error)
+    assert not [b for b in at.button if b.label == "false-positive"] or \
+        at.button(key="review_false-positive").disabled
+    with Ledger(db) as ledger:
+        assert ledger.feedback(decision_id=target["decision_id"]) == []
+
+
+def test_a_review_goes_to_the_case_on_screen_not_an_id_edited_with_the_click(app_env, tmp_path,
+                                                                            monkeypatch):
+    """The analyst reads case A, types B into the id box and clicks a review button before
+    B is shown: the browser sends both at once. B was never on screen: nothing is recorded."""
+    db = _copy_ledger(app_env, tmp_path)
+    monkeypatch.setenv("FINSENTINEL_DB", db)
+    with Ledger(db) as ledger:
+        first, second = ledger.decisions(kind="fraud")[:2]
+        before = ledger.feedback()
+    at = _sign_in(_app(page="Case", decision=first["decision_id"]))
+    at.text_input(key="case_id").set_value(second["decision_id"])
+    at.button(key="review_confirmed-fraud").click().run()
+    assert not at.exception
+    with Ledger(db) as ledger:
+        assert ledger.feedback() == before
+    assert any("nothing was recorded" in w.value for w in at.warning)
+    at.button(key="review_confirmed-fraud").click().run()  # now B is on screen
+    with Ledger(db) as ledger:
+        assert [(r["decision_id"], r["label"]) for r in ledger.feedback()[len(before):]] == [
+            (second["decision_id"], "confirmed-fraud")]
+
+
+def test_a_double_click_on_a_review_button_records_one_review(app_env, tmp_path, monkeypatch):
+    db = _copy_ledger(app_env, tmp_path)
+    monkeypatch.setenv("FINSENTINEL_DB", db)
+    with Ledger(db) as ledger:
+        reviewed = {r["decision_id"] for r in ledger.feedback()}
+        target = next(d for d in ledger.decisions(kind="fraud")
+                      if d["decision_id"] not in reviewed)
+    at = _sign_in(_app(page="Case", decision=target["decision_id"]))
+    at.text_area(key="review_comment").input("called the card holder")
+    at.button(key="review_confirmed-fraud").click().run()
+    at.button(key="review_confirmed-fraud").click().run()  # the second click of a double click
+    assert not at.exception
+    with Ledger(db) as ledger:
+        reviews = ledger.feedback(decision_id=target["decision_id"])
+    assert [(r["label"], r["comment"]) for r in reviews] == [
+        ("confirmed-fraud", "called the card holder")]
+    at.button(key="review_false-positive").click().run()  # a different label is a new review
+    with Ledger(db) as ledger:
+        assert len(ledger.feedback(decision_id=target["decision_id"])) == 2
+
+
+def test_a_missing_sqlite_ledger_is_named_not_created(app_env, tmp_path, monkeypatch):
+    missing = tmp_path / "typo" / "ledger.sqlite"
+    monkeypatch.setenv("FINSENTINEL_DB", f"sqlite:///{missing}")
+    at = _sign_in(_app())
+    assert not at.exception
+    [error] = at.error
+    assert _unescaped(error.value).startswith(f"No ledger at {missing} (nothing was created")
+    assert not missing.exists() and not missing.parent.exists()
+
+
+def test_a_ledger_failing_mid_session_shows_an_error_not_a_traceback(app_env, monkeypatch):
+    at = _sign_in(_app())
+    assert at.dataframe
+
+    def unreachable(self, *args, **kwargs):
+        raise sa.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(DashboardQueries, "fraud_days", unreachable)
+    at.run()
+    assert not at.exception
+    assert any("server closed the connection" in e.value for e in at.error)
+
+
+def test_an_export_prepared_for_one_search_is_not_offered_after_the_search_changes(app_env):
+    at = _sign_in(_app(page="Audit"))
+    at.text_input(key="audit_outcome").input("alert").run()
+    at.button(key="export").click().run()
+    assert at.session_state["export_ready"]["rows"] > 0
+    assert [b for b in at.get("download_button")]
+    at.text_input(key="audit_outcome").input("pass").run()
+    assert not at.get("download_button")
+    at.selectbox(key="export_format").select("jsonl").run()
+    assert not at.get("download_button")
+
+
+def test_an_html_export_is_capped_like_the_cli_and_reads_reviews_in_bulk(app_env, monkeypatch):
+    """An HTML case report of thousands of cases is refused (as `audit export` refuses more
+    than 2,000), and the reviews of the cases it does render come in one query per chunk, not
+    one query per decision."""
+    from pipeline import audit
+
+    at = _sign_in(_app(page="Audit"))
+    at.selectbox(key="export_format").select("html").run()
+    at.button(key="export").click().run()
+    assert not at.exception and "export_ready" not in at.session_state
+    [error] = at.error
+    assert "at most 2,000" in _unescaped(error.value)
+
+    calls = []
+    original = Ledger.feedback
+    monkeypatch.setattr(Ledger, "feedback",
+                        lambda self, *a, **k: calls.append(k) or original(self, *a, **k))
+    at.text_input(key="audit_outcome").input("alert").run()
+    at.button(key="export").click().run()
+    assert not at.exception and not at.error
+    ready = at.session_state["export_ready"]
+    page = ready["data"].decode()
+    assert ready["rows"] > 50 and page.count('<section class="case"') == ready["rows"]
+    assert len(calls) <= 1
+    assert audit.render_case_report  # the same renderer as the CLI

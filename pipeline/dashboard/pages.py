@@ -8,7 +8,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.dashboard.auth import AuthConfigError, SignInThrottle, Users
 from pipeline.dashboard.queries import (
@@ -30,6 +31,7 @@ from pipeline.dashboard.queries import (
 EVALUATIONS_ENV = "FINSENTINEL_EVALUATIONS"
 PAGES = ("Alerts", "Case", "Sentiment", "Models and data", "Audit")
 EXPORT_MAX_ROWS = 50_000
+EXPORT_MAX_CASES = 2_000  # an HTML case report: as `finsentinel audit export` (max_cases)
 LABEL_NAMES = {1: "fraud", 0: "genuine"}
 _MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")  # every ASCII punctuation character
 
@@ -68,10 +70,20 @@ class Settings:
                    evaluations=JobSettings.from_env(env).evaluations)
 
 
+class MissingLedger(LookupError):
+    """The database the dashboard was pointed at holds no ledger (nothing is created)."""
+
+
 @st.cache_resource(show_spinner=False)
 def _queries(url: str | None) -> DashboardQueries:
+    from pipeline.audit import missing_ledger
     from pipeline.ledger import Ledger
 
+    # Opening a ledger creates one where there is none: a mistyped --db would show an empty,
+    # "intact" ledger (and leave a new file behind). Not cached when missing: it may appear.
+    where = missing_ledger(url)
+    if where is not None:
+        raise MissingLedger(where)
     return DashboardQueries(Ledger(url))
 
 
@@ -146,16 +158,30 @@ def main() -> None:
         st.markdown(f"Signed in as **{user}**")
         st.button("Sign out", on_click=_sign_out, key="sign_out")
         page = st.radio("Page", PAGES, key="page")
+    from pipeline.privacy import redact_url
+
     try:
         queries = _queries(settings.db)
-    except Exception as exc:  # an unreachable database: say which, without the password
-        from pipeline.privacy import redact_url
-
-        st.error(f"cannot open the ledger {redact_url(settings.db or 'default')}: "
-                 f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+    except MissingLedger as exc:
+        st.error(f"No ledger at {plain(exc.args[0])} (nothing was created there): check "
+                 f"{plain('--db / $FINSENTINEL_DB')}, or score a batch first (`finsentinel "
+                 "score`).")
         st.stop()
-    {"Alerts": alerts_page, "Case": case_page, "Sentiment": sentiment_page,
-     "Models and data": models_page, "Audit": audit_page}[page](queries, settings, user)
+    except Exception as exc:  # an unreachable database: say which, without the password
+        st.error(f"cannot open the ledger {plain(redact_url(settings.db or 'default'))}: "
+                 f"{type(exc).__name__}: {plain(_first_line(exc))}")
+        st.stop()
+    try:
+        {"Alerts": alerts_page, "Case": case_page, "Sentiment": sentiment_page,
+         "Models and data": models_page, "Audit": audit_page}[page](queries, settings, user)
+    except SQLAlchemyError as exc:  # the database went away (or a query failed) mid-session
+        st.error(f"cannot read the ledger {plain(redact_url(queries.ledger.url))}: "
+                 f"{type(exc).__name__}: {plain(_first_line(exc))}. Reload the page to retry.")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 # --- alerts ----------------------------------------------------------------------------------
@@ -243,9 +269,11 @@ def neighbourhood_points(query: dict[str, float], neighbours: list[dict[str, Any
 
 
 def case_page(queries: DashboardQueries, settings: Settings, user: str) -> None:
-    from pipeline.ledger import LedgerError, review_labels
-
     st.header("Case")
+    # The case the analyst had on screen when they clicked (the previous run drew it): a
+    # review button pressed together with an edited id must not land on the new id.
+    on_screen = st.session_state.get("case_on_screen")
+    st.session_state["case_on_screen"] = None
     decision_id = st.text_input("Decision id", key="case_id",
                                 help="Open one from the Alerts page, or paste an id.")
     if not decision_id or not decision_id.strip():
@@ -255,13 +283,22 @@ def case_page(queries: DashboardQueries, settings: Settings, user: str) -> None:
     if case is None:
         st.error(f"No decision {plain(repr(decision_id.strip()))} in the ledger.")
         return
-    explanation, inputs = case["explanation"], case["inputs"] or {}
-    tx = inputs.get("transaction") or {}
-    score, threshold = float(case["score"]), float(case["threshold"])
     reviews = case["reviews"]
     status = reviews[-1]["label"] if reviews else "open"
     st.subheader(f"{plain(case['kind'])} decision on {plain(case['subject_id'])}: "
                  f"{plain(case['decision'].upper())}")
+    if case["kind"] == "fraud":
+        _fraud_case(case, settings, status)
+    else:
+        _news_case(case, status)
+    _reviews(queries, case, user, on_screen)
+    st.session_state["case_on_screen"] = case["decision_id"]
+
+
+def _fraud_case(case: dict[str, Any], settings: Settings, status: str) -> None:
+    explanation, inputs = case["explanation"], case["inputs"] or {}
+    tx = inputs.get("transaction") or {}
+    score, threshold = float(case["score"]), float(case["threshold"])
     m = st.columns(5)
     m[0].metric("Score", f"{score:.4f}")
     m[1].metric("Threshold", f"{threshold:.4f}")
@@ -354,12 +391,82 @@ def case_page(queries: DashboardQueries, settings: Settings, user: str) -> None:
              "contribution": list(model.get("contributions_log_odds", {}).values())}),
             hide_index=True, key="case_model")
 
+
+REPEAT_WINDOW_S = 30.0  # an identical review by the same analyst this soon is a repeated click
+
+
+def _news_case(case: dict[str, Any], status: str) -> None:
+    """A news classification: the article, the label's probabilities and why (the words that
+    moved it, the nearest training texts, an LLM's rationale), or why there is no label."""
+    explanation, inputs = case["explanation"], case["inputs"] or {}
+    failure = explanation.get("failure")
+    st.markdown(f"**{plain(inputs.get('headline') or '(no headline recorded)')}**")
+    body = inputs.get("body") or ""
+    if body:
+        st.caption(plain(body[:600] + ("…" if len(body) > 600 else "")))
+    if failure:
+        st.warning(f"No label: {plain(failure)}")
+    m = st.columns(3)
+    m[0].metric("Label", str(case["decision"]))
+    if not failure:
+        m[1].metric("Confidence", f"{float(case['score']):.4f}")
+        if explanation.get("signed_score") is not None:
+            m[2].metric("Signed score (positive - negative)",
+                        f"{float(explanation['signed_score']):+.3f}")
+    st.metric("Status", status)
+    facts = {"news id": case["subject_id"],
+             "published": inputs.get("published_at") or case.get("subject_time"),
+             "source": inputs.get("source"),
+             "tickers": ", ".join(explanation.get("tickers") or []) or "none found",
+             "texts classified": explanation.get("units"), "batch": case["batch_id"],
+             "recorded at": case["created_at"], "model version": case["model_version"],
+             "decision id": case["decision_id"], "record hash": case["hash"]}
+    st.dataframe(pd.DataFrame({"field": list(facts), "value": [str(v) for v in facts.values()]}),
+                 hide_index=True, key="case_facts")
+    probabilities = explanation.get("probabilities") or {}
+    if probabilities:
+        st.markdown("**Probabilities**")
+        st.dataframe(pd.DataFrame({"label": list(probabilities),
+                                   "probability": [float(p) for p in probabilities.values()]}),
+                     hide_index=True, key="case_probabilities")
+    if explanation.get("rationale"):
+        st.markdown("**The model's rationale**")
+        st.text(str(explanation["rationale"]))
+    attributions = explanation.get("attributions") or {}
+    words = [w for w in attributions.get("words") or [] if isinstance(w, dict)]
+    if words:
+        st.markdown(f"**Words that moved the label** "
+                    f"({plain(attributions.get('method') or 'attribution')})")
+        st.dataframe(pd.DataFrame({"word": [str(w.get("word")) for w in words],
+                                   "weight": [w.get("weight") for w in words]}),
+                     hide_index=True, key="case_words")
+    examples = explanation.get("nearest_training_examples") or []
+    if examples:
+        st.markdown("**Nearest labelled training texts**")
+        st.dataframe(pd.DataFrame(examples), hide_index=True, key="case_examples")
+    st.json({k: v for k, v in explanation.items()
+             if k not in ("probabilities", "attributions", "nearest_training_examples",
+                          "rationale")}, expanded=False)
+
+
+def _reviews(queries: DashboardQueries, case: dict[str, Any], user: str,
+             on_screen: str | None) -> None:
+    from pipeline.ledger import LedgerError, review_labels
+
+    reviews = case["reviews"]
     st.markdown("**Reviews**")
     if reviews:
         st.dataframe(pd.DataFrame(reviews)[["seq", "label", "reviewer", "comment",
                                             "created_at"]], hide_index=True, key="case_reviews")
     else:
         st.caption("Not reviewed yet.")
+    # A review is bound to the decision's hash: never to a record that fails verification
+    # (the review would vouch for the edited contents, and verify against them).
+    problem = queries.record_problem(case["decision_id"])
+    if problem is not None:
+        st.error(f"This decision's ledger record {plain(problem)}. It cannot be reviewed: "
+                 "run the chain verification on the Audit page and report it.")
+        return
     labels = review_labels(case["kind"])
     with st.form("review", clear_on_submit=True):
         comment = st.text_area("Comment", key="review_comment")
@@ -367,20 +474,51 @@ def case_page(queries: DashboardQueries, settings: Settings, user: str) -> None:
         clicked = [cols[i].form_submit_button(label, key=f"review_{label}")
                    for i, label in enumerate(labels)]
     for label, pressed in zip(labels, clicked, strict=True):
-        if pressed:
-            try:
-                # The same code path as `finsentinel audit review`; the reviewer is the
-                # signed-in analyst, never a name typed into the form.
-                receipt = queries.ledger.record_feedback(case["decision_id"], label,
-                                                         comment or None, user)
-            except LedgerError as exc:
-                st.error(str(exc))
-            else:
-                st.session_state["review_done"] = (
-                    f"Review #{receipt.seq} recorded: {receipt.label} by {receipt.reviewer}.")
-                st.rerun()
+        if not pressed:
+            continue
+        if on_screen != case["decision_id"]:
+            st.warning(f"The case changed to {plain(case['decision_id'])} as the "
+                       f"{plain(label)} button was pressed, before it was shown: nothing was "
+                       "recorded. Read this case, then review it.")
+            break
+        if _repeated(reviews, label, comment, user):
+            st.info(f"{plain(label)} by {plain(user)} was just recorded for this decision: "
+                    "not recorded again.")
+            break
+        try:
+            # The same code path as `finsentinel audit review`; the reviewer is the
+            # signed-in analyst, never a name typed into the form.
+            receipt = queries.ledger.record_feedback(case["decision_id"], label,
+                                                     comment or None, user)
+        except LedgerError as exc:
+            st.error(plain(str(exc)))
+        else:
+            st.session_state["review_done"] = (
+                f"Review #{receipt.seq} recorded: {receipt.label} by {receipt.reviewer}.")
+            st.rerun()
     if st.session_state.get("review_done"):
         st.success(st.session_state.pop("review_done"))
+
+
+def _repeated(reviews: list[dict[str, Any]], label: str, comment: str | None,
+              user: str) -> bool:
+    """Whether this review repeats the decision's latest one: the same analyst and label
+    within seconds, with no new comment (the second click of a double click: the form was
+    cleared by the first)."""
+    if not reviews:
+        return False
+    last = reviews[-1]
+    if last["reviewer"] != user.strip() or last["label"] != label:
+        return False
+    if comment and comment.strip() and comment != (last.get("comment") or ""):
+        return False
+    try:
+        recorded = datetime.fromisoformat(last["created_at"])
+    except (TypeError, ValueError):
+        return False
+    if recorded.tzinfo is None:
+        recorded = recorded.replace(tzinfo=UTC)
+    return abs((datetime.now(UTC) - recorded).total_seconds()) < REPEAT_WINDOW_S
 
 
 # --- sentiment -------------------------------------------------------------------------------
@@ -649,6 +787,11 @@ def audit_page(queries: DashboardQueries, settings: Settings, user: str) -> None
     if e3.button("Prepare export of the search", key="export"):
         _prepare_export(queries, flt, fmt, reveal)
     ready = st.session_state.get("export_ready")
+    if ready and ready.get("made_for") != (flt, fmt, bool(reveal)):
+        # Prepared for another search, format or id choice: offering it under the new
+        # filters would hand over other decisions (or raw ids) than the screen says.
+        del st.session_state["export_ready"]
+        ready = None
     if ready:
         st.download_button(f"Download {ready['name']} ({ready['rows']:,} decisions)",
                            ready["data"], file_name=ready["name"], mime=ready["mime"],
@@ -662,9 +805,11 @@ def _prepare_export(queries: DashboardQueries, flt: SearchFilter, fmt: str,
     from pipeline import audit
 
     count = queries.count(flt)
-    if count > EXPORT_MAX_ROWS:
-        st.error(f"{count:,} decisions match; the dashboard exports at most "
-                 f"{EXPORT_MAX_ROWS:,}: narrow the search, or use `finsentinel audit export`.")
+    limit = EXPORT_MAX_CASES if fmt == "html" else EXPORT_MAX_ROWS
+    if count > limit:
+        what = "an HTML case report holds" if fmt == "html" else "the dashboard exports"
+        st.error(f"{count:,} decisions match; {what} at most {limit:,}: narrow the search, "
+                 "or use `finsentinel audit export`.")
         return
     try:
         ids = queries.matching_ids(flt)
@@ -676,8 +821,7 @@ def _prepare_export(queries: DashboardQueries, flt: SearchFilter, fmt: str,
         return
     name = f"finsentinel-decisions.{fmt}"
     if fmt == "html":
-        reviews = {r["decision_id"]: queries.ledger.feedback(decision_id=r["decision_id"])
-                   for r in rows}
+        reviews = queries.reviews_of([r["decision_id"] for r in rows])
         data = audit.render_case_report(rows, reviews, pseudonymised=not reveal).encode()
         mime = "text/html"
     else:
@@ -689,6 +833,6 @@ def _prepare_export(queries: DashboardQueries, flt: SearchFilter, fmt: str,
         mime = {"csv": "text/csv", "jsonl": "application/x-ndjson",
                 "parquet": "application/octet-stream"}[fmt]
     st.session_state["export_ready"] = {"name": name, "data": data, "mime": mime,
-                                        "rows": len(rows)}
+                                        "rows": len(rows), "made_for": (flt, fmt, bool(reveal))}
 
 

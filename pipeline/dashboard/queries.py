@@ -265,6 +265,18 @@ class DashboardQueries:
                 latest[review["decision_id"]] = dict(review)
         return latest
 
+    def reviews_of(self, decision_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """Every review of the given decisions, oldest first, by decision: one query per
+        1,000 ids (an HTML case report's reviews), not one per decision."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        with self.ledger.read() as conn:
+            for start in range(0, len(decision_ids), 1000):
+                query = (sa.select(FEEDBACK).where(FEEDBACK.c.decision_id.in_(
+                    list(decision_ids[start:start + 1000]))).order_by(FEEDBACK.c.seq))
+                for review in conn.execute(query).mappings():
+                    found.setdefault(review["decision_id"], []).append(dict(review))
+        return found
+
     def channels(self) -> list[str]:
         return list(schema.CHANNELS)
 
@@ -277,6 +289,37 @@ class DashboardQueries:
             return None
         record["reviews"] = self.ledger.feedback(decision_id=record["decision_id"])
         return record
+
+    def record_problem(self, decision_id: str) -> str | None:
+        """What is wrong with one decision's ledger record, or None when it is intact: its
+        contents must match its hash, and its hash must link to its neighbours in the chain (a
+        record edited and re-hashed breaks the next record's link). Three rows read, so the
+        Case page can refuse to review a record that fails verification."""
+        from pipeline.ledger import GENESIS_HASH, record_hash
+
+        with self.ledger.read() as conn:
+            row = conn.execute(sa.select(DECISIONS).where(
+                DECISIONS.c.decision_id == decision_id)).mappings().first()
+            if row is None:
+                return "is not in the ledger"
+            seq = int(row["seq"])
+            near = dict(conn.execute(sa.select(DECISIONS.c.seq, DECISIONS.c.hash).where(
+                DECISIONS.c.seq == seq - 1)).all())
+            following = conn.execute(sa.select(DECISIONS.c.prev_hash).where(
+                DECISIONS.c.seq == seq + 1)).scalar()
+        try:
+            if record_hash(row) != row["hash"]:
+                return (f"(seq {seq}) does not match its hash: the record was edited after "
+                        "it was written")
+        except (TypeError, ValueError) as exc:
+            return f"(seq {seq}) does not match its hash: {exc}"
+        expected = near.get(seq - 1, GENESIS_HASH if seq == 1 else None)
+        if row["prev_hash"] != expected:
+            return f"(seq {seq}) does not link to the record before it"
+        if following is not None and following != row["hash"]:
+            return (f"(seq {seq}) does not match its hash as the next record saw it: the "
+                    "record was rewritten")
+        return None
 
     # -- sentiment --
 
