@@ -860,3 +860,29 @@ def test_an_html_export_is_capped_like_the_cli_and_reads_reviews_in_bulk(app_env
     assert ready["rows"] > 50 and page.count('<section class="case"') == ready["rows"]
     assert len(calls) <= 1
     assert audit.render_case_report  # the same renderer as the CLI
+
+
+def test_parallel_sign_in_attempts_cannot_get_past_the_failure_limit():
+    """Checking the count and recording a failure were two steps: password guesses sent in
+    parallel all passed the check before any failure was recorded. An attempt now reserves
+    its place in the count before the password is checked."""
+    import threading
+
+    from pipeline.dashboard.auth import SignInThrottle
+
+    throttle = SignInThrottle(max_failures=5, window_s=600)
+    barrier, allowed = threading.Barrier(20), []
+
+    def guess():
+        barrier.wait()
+        if throttle.attempt("alice") == 0:
+            allowed.append(1)  # the password check would run here, and fail
+
+    threads = [threading.Thread(target=guess) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(allowed) == 5 and throttle.retry_after("alice") > 0
+    throttle.succeeded("alice")  # the right password clears the name's count
+    assert throttle.attempt("alice") == 0

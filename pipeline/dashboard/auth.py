@@ -156,16 +156,31 @@ class SignInThrottle:
                 return 0.0
             return max(0.0, recent[0] + self.window_s - self.clock())
 
+    def attempt(self, name: str) -> float:
+        """Reserve a sign-in attempt for ``name`` before its password is checked: 0 and the
+        attempt counted as a failure (until :meth:`succeeded` clears the name), or the seconds
+        before it may try again. One step under the lock, so guesses sent in parallel cannot
+        all pass the check before any failure is recorded."""
+        with self._lock:
+            recent = self._recent(name.strip())
+            if len(recent) >= self.max_failures:
+                return max(0.0, recent[0] + self.window_s - self.clock())
+            self._record(name.strip())
+            return 0.0
+
     def failed(self, name: str) -> None:
         with self._lock:
-            key = name.strip()
-            if key not in self._failures and len(self._failures) >= self.max_names:
-                for other in list(self._failures):  # forget names whose failures expired
-                    self._recent(other)
-                if len(self._failures) >= self.max_names:  # then the longest quiet one
-                    del self._failures[min(self._failures, key=lambda k: self._failures[k][-1])]
-            self._failures.setdefault(key, deque()).append(self.clock())
-            self._recent(key)
+            self._record(name.strip())
+
+    def _record(self, key: str) -> None:
+        """A failure for ``key`` (the lock held)."""
+        if key not in self._failures and len(self._failures) >= self.max_names:
+            for other in list(self._failures):  # forget names whose failures expired
+                self._recent(other)
+            if len(self._failures) >= self.max_names:  # then the longest quiet one
+                del self._failures[min(self._failures, key=lambda k: self._failures[k][-1])]
+        self._failures.setdefault(key, deque()).append(self.clock())
+        self._recent(key)
 
     def succeeded(self, name: str) -> None:
         with self._lock:

@@ -113,7 +113,7 @@ def _sign_in(users: Users) -> str | None:
         submitted = st.form_submit_button("Sign in", type="primary")
     if submitted:
         throttle = _throttle()
-        wait = throttle.retry_after(name or "")
+        wait = throttle.attempt(name or "")  # counted as a failure until it succeeds
         if wait > 0:
             st.error(f"Too many failed sign-ins for this user: try again in "
                      f"{math.ceil(wait / 60)} minute(s).")
@@ -124,7 +124,6 @@ def _sign_in(users: Users) -> str | None:
             st.session_state["user"] = found
             st.session_state.pop("login_password", None)
             st.rerun()
-        throttle.failed(name or "")
         st.error("Unknown user or wrong password.")
     return None
 
