@@ -147,18 +147,25 @@ def generate(
     seed: int = typer.Option(0, help="Random seed: same seed, same file."),
 ) -> None:
     """Write synthetic labelled transactions (the handbook's simulation, plus merchant text)."""
+    from datetime import date
+
     from rich.progress import Progress
 
-    from pipeline.synthetic import SyntheticConfig, write_parquet
+    from pipeline.synthetic import SyntheticConfig, max_days, write_parquet
 
     for option, value in (("--customers", customers), ("--terminals", terminals),
                           ("--days", days)):
         if value < 1:
             _fail(f"{option}: expected a whole number >= 1, got {value}")
-    try:
-        first_day = datetime.fromisoformat(start).date()
+    if seed < 0:
+        _fail(f"--seed: expected a whole number >= 0, got {seed}")
+    try:  # a day: a time of day (2018-04-01T10:00) would be dropped without a word
+        first_day = date.fromisoformat(start)
     except ValueError:
         _fail(f"--start: expected a day such as 2018-04-01, got {start!r}")
+    if days > max_days(first_day):
+        _fail(f"--days: {days} days from {first_day} end past {date.max}: at most "
+              f"{max_days(first_day)} from that --start")
     check_output(output, "--output", (".parquet",))
     config = SyntheticConfig(n_customers=customers, n_terminals=terminals, n_days=days,
                              start_date=first_day, seed=seed)
@@ -675,8 +682,12 @@ def demo(
     flows, verify the ledger, and report."""
     from pipeline.demo import DemoConfig, run_demo
 
-    report = run_demo(DemoConfig(workdir=workdir, customers=customers, terminals=terminals,
-                                 days=days, seed=seed, db=db), log=console.print)
+    try:  # checked before any work or any file
+        config = DemoConfig(workdir=workdir, customers=customers, terminals=terminals,
+                            days=days, seed=seed, db=db)
+    except ValueError as exc:
+        _fail(str(exc))
+    report = run_demo(config, log=console.print)
     if as_json:
         out.print_json(json.dumps(asdict(report), default=str))
         return

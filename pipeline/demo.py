@@ -30,6 +30,36 @@ class DemoConfig:
     test_days: int = 7
     db: str | None = None
 
+    def __post_init__(self) -> None:
+        problem = demo_config_problem(self)
+        if problem is not None:
+            raise ValueError(f"demo: {problem[0]}: {problem[1]}")
+
+
+def min_demo_days(test_days: int) -> int:
+    """The fewest days a demo may simulate: the scored days, the label delay of the index (the
+    labels of the history it indexes must be known before the scored days start), and one day
+    of labelled history."""
+    from pipeline.index import IndexConfig
+
+    return test_days + IndexConfig.label_delay_days + 1
+
+
+def demo_config_problem(config: DemoConfig) -> tuple[str, str] | None:
+    """(option, message) for the first option of ``config`` the demo cannot run with, checked
+    before any work (a short history used to fail late, inside the index flow)."""
+    for option, value in (("--customers", config.customers), ("--terminals", config.terminals),
+                          ("test_days", config.test_days)):
+        if value < 1:
+            return option, f"expected a whole number >= 1, got {value}"
+    if config.seed < 0:
+        return "--seed", f"expected a whole number >= 0, got {config.seed}"
+    least = min_demo_days(config.test_days)
+    if config.days < least:
+        return "--days", (f"expected at least {least} days ({config.test_days} scored, "
+                          f"history whose labels are known before them), got {config.days}")
+    return None
+
 
 @dataclass
 class DemoReport:

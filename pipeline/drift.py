@@ -2,8 +2,9 @@
 and the reference an index gives its own history.
 
 PSI = sum over bins of (actual share - expected share) * ln(actual share / expected share), with
-bins cut at the reference's quantiles. Read it as the usual rule of thumb: below 0.1 stable,
-0.1-0.25 a moderate shift worth a look, above 0.25 a significant shift (retrain or investigate).
+bins cut at the reference's quantiles (and a bin of its own for a score the reference ties on).
+Read it as the usual rule of thumb: below 0.1 stable, 0.1-0.25 a moderate shift worth a look,
+above 0.25 a significant shift (retrain or investigate).
 """
 
 from __future__ import annotations
@@ -53,9 +54,16 @@ def psi(expected: np.ndarray, actual: np.ndarray, bins: int = 10,
         raise ValueError(f"psi: bins must be >= 2, got {bins}")
     if edges is None:
         cuts = np.quantile(expected, np.linspace(0, 1, bins + 1)[1:-1])
-        edges = np.unique(cuts)
+        # A score holding a bin's worth of the reference or more (tied scores: the cuts collapse
+        # onto it) gets a bin of its own, [v, next float after v): in the bin above, with
+        # everything up to the next cut, a batch that moved off it would not show.
+        values, counts = np.unique(expected, return_counts=True)
+        tied = values[counts >= len(expected) / bins]
+        edges = np.unique(np.concatenate([cuts, tied, np.nextafter(tied, np.inf)]))
     else:
-        edges = np.unique(np.asarray(edges, dtype=np.float64))
+        edges = np.unique(np.asarray(edges, dtype=np.float64).ravel())
+        if not np.isfinite(edges).all():
+            raise ValueError("psi: edges must be finite cut points (the outer bins are open)")
     # Bin i holds values in [edges[i-1], edges[i]); right-closed at the top.
     e_counts = np.bincount(np.searchsorted(edges, expected, side="right"),
                            minlength=len(edges) + 1)
@@ -97,9 +105,18 @@ def index_reference_scores(root: str | Path, index_version: str, *, k: int, smoo
     import polars as pl
 
     stored = faiss.read_index(str(directory / "index.faiss"))
+    # Search as the index scores (FraudIndex.load): nprobe is not kept in the file (faiss
+    # reads 1, a fraction of the lists the batch's scores searched); and IVF lists need a
+    # direct map before their vectors can be read back.
+    config = IndexConfig(**{**manifest.get("index_config", {}), "use_gpu": False})
+    if isinstance(stored, faiss.IndexHNSW):
+        stored.hnsw.efSearch = config.hnsw_ef_search
+    elif isinstance(stored, faiss.IndexIVF):
+        stored.nprobe = config.ivf_nprobe
+        stored.make_direct_map()
     meta = pl.read_parquet(directory / "meta.parquet")
     index = FraudIndex(None, stored, meta, meta.clear(), manifest,  # type: ignore[arg-type]
-                       IndexConfig(use_gpu=False))
+                       config)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(index.size, size=min(sample, index.size), replace=False))
     vectors = np.vstack([stored.reconstruct(int(r)) for r in rows])

@@ -3,8 +3,9 @@ database URLs and messages with their passwords taken out.
 
 Pseudonyms are a keyed HMAC-SHA256 of the id, so they are stable (the same id gives the same
 pseudonym in every log of every run that shares the key) but cannot be reversed or recomputed
-without the key. The key comes from ``$FINSENTINEL_PSEUDONYM_KEY`` only; without it a random
-per-process key is used (pseudonyms then match within one process only) and a warning says so.
+without the key. The key comes from ``$FINSENTINEL_PSEUDONYM_KEY`` only, at least 16 characters;
+without it, or with a shorter one, a random per-process key is used (pseudonyms then match
+within one process only) and a warning says so.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import secrets
 import warnings
 from collections.abc import Iterable
 
+import numpy as np
 import polars as pl
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 PSEUDONYM_KEY_ENV = "FINSENTINEL_PSEUDONYM_KEY"
 PSEUDONYM_CHARS = 16  # 64 bits of HMAC: collisions negligible for any realistic id count
+# A shorter key can be recovered by trying keys against one known id (as audit exports require).
+PSEUDONYM_MIN_KEY_CHARS = 16
 REDACTED = "***"
 
 _process_key: bytes | None = None
@@ -33,36 +37,63 @@ class PseudonymKeyWarning(UserWarning):
 
 
 def pseudonym_key(*, required: bool = False) -> bytes:
-    """The HMAC key from ``$FINSENTINEL_PSEUDONYM_KEY``; with ``required``, a missing key is an
-    error (exports meant to be joined across runs need a stable key)."""
+    """The HMAC key from ``$FINSENTINEL_PSEUDONYM_KEY``; with ``required``, a missing or short
+    key is an error (exports meant to be joined across runs need a stable key). Without
+    ``required``, a short key is not used (a key of a few characters is found by trying short
+    keys against one known id, and then every pseudonym is reversible): the random process key
+    is, with a warning, as when none is set."""
     global _process_key
     configured = os.environ.get(PSEUDONYM_KEY_ENV, "")
-    if configured:
+    if len(configured) >= PSEUDONYM_MIN_KEY_CHARS:
         return configured.encode("utf-8")
+    problem = ("is not set" if not configured
+               else f"is shorter than {PSEUDONYM_MIN_KEY_CHARS} characters")
     if required:
-        raise ValueError(f"${PSEUDONYM_KEY_ENV} is not set: a pseudonym key is needed for "
-                         "pseudonyms that stay the same across runs")
+        raise ValueError(f"${PSEUDONYM_KEY_ENV} {problem}: a secret key of at least "
+                         f"{PSEUDONYM_MIN_KEY_CHARS} characters is needed for pseudonyms that "
+                         "stay the same across runs")
     if _process_key is None:
         _process_key = secrets.token_bytes(32)
-        warnings.warn(f"${PSEUDONYM_KEY_ENV} is not set: pseudonyms in this process use a "
+        warnings.warn(f"${PSEUDONYM_KEY_ENV} {problem}: pseudonyms in this process use a "
                       "random key and will not match other runs' pseudonyms",
                       PseudonymKeyWarning, stacklevel=3)
     return _process_key
 
 
+def _id_text(value: object) -> str:
+    """The text of an id, whatever type it was read as: 7, "7", numpy's 7, b"7" and an integral
+    float 7.0 (an int column with gaps, as pandas reads it) are all "7"."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="surrogateescape")
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def pseudonymise(value: object, *, key: bytes | None = None, prefix: str = "p_") -> str | None:
-    """``prefix`` + the first 16 hex digits of HMAC-SHA256(key, str(value)); None stays None."""
+    """``prefix`` + the first 16 hex digits of HMAC-SHA256(key, the id's text); None stays
+    None."""
     if value is None:
         return None
     key = key if key is not None else pseudonym_key()
-    digest = hmac.new(key, str(value).encode("utf-8"), hashlib.sha256).hexdigest()
+    text = _id_text(value).encode("utf-8", errors="surrogateescape")
+    digest = hmac.new(key, text, hashlib.sha256).hexdigest()
     return prefix + digest[:PSEUDONYM_CHARS]
 
 
-def pseudonymise_column(frame: pl.DataFrame, columns: Iterable[str], *, key: bytes | None = None
-                        ) -> pl.DataFrame:
-    """``frame`` with the named id columns (those present) replaced by their pseudonyms."""
-    present = [c for c in columns if c in frame.columns]
+def _names(names: Iterable[str] | str) -> tuple[str, ...]:
+    """Field names: a string is one name, not its letters (which would match nothing, and the
+    raw ids would go out as they are)."""
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def pseudonymise_column(frame: pl.DataFrame, columns: Iterable[str] | str, *,
+                        key: bytes | None = None) -> pl.DataFrame:
+    """``frame`` with the named id columns (those present) replaced by their pseudonyms; one
+    name may be given as a string."""
+    present = [c for c in _names(columns) if c in frame.columns]
     if not present:
         return frame
     key = key if key is not None else pseudonym_key()
@@ -72,10 +103,11 @@ def pseudonymise_column(frame: pl.DataFrame, columns: Iterable[str], *, key: byt
     )
 
 
-def pseudonymise_records(records: list[dict], fields: Iterable[str], *,
+def pseudonymise_records(records: list[dict], fields: Iterable[str] | str, *,
                          key: bytes | None = None) -> list[dict]:
-    """Copies of ``records`` (dicts) with the named id fields pseudonymised."""
-    fields = tuple(fields)
+    """Copies of ``records`` (dicts) with the named id fields pseudonymised; one name may be
+    given as a string."""
+    fields = _names(fields)
     if not records:
         return []
     key = key if key is not None else pseudonym_key()

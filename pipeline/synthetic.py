@@ -126,6 +126,12 @@ _STREAMS = ("customers", "terminals", "merchants", "days", "terminal_leaks", "cu
             "card_fraud", "reroute")  # fmt: skip
 
 
+def max_days(start: dt.date) -> int:
+    """The most days a simulation from ``start`` may cover: its payments' times must stay
+    datetimes (up to 9999-12-31, the last day Python and the readers of the file know)."""
+    return (dt.date.max - start).days + 1
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """What to simulate. Defaults are the handbook's (5000 customers, 10000 terminals, 183 days
@@ -187,6 +193,12 @@ class SyntheticConfig:
             )
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"SyntheticConfig.seed: expected an int >= 0, got {self.seed!r}")
+        # Checked before any work: the schedule alone is drawn day by day for every day.
+        if self.n_days > max_days(self.start_date):
+            raise ValueError(
+                f"SyntheticConfig.n_days: {self.n_days} days from {self.start_date} end past "
+                f"{dt.date.max} (at most {max_days(self.start_date)} days from that start)"
+            )
 
 
 @dataclass(frozen=True, eq=False)

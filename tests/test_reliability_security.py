@@ -308,19 +308,22 @@ def reference(key: bytes, value: str) -> str:
     return "p_" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:16]
 
 
+K1 = b"k1-0123456789abcdef"  # keys of 16+ characters: shorter ones are not used
+
+
 def test_pseudonyms_are_a_keyed_hmac_from_the_environment(monkeypatch):
-    monkeypatch.setenv(privacy.PSEUDONYM_KEY_ENV, "k1")
-    assert privacy.pseudonymise("cust-42") == reference(b"k1", "cust-42")
+    monkeypatch.setenv(privacy.PSEUDONYM_KEY_ENV, K1.decode())
+    assert privacy.pseudonymise("cust-42") == reference(K1, "cust-42")
     assert privacy.pseudonymise(42) == privacy.pseudonymise("42")
     assert privacy.pseudonymise(None) is None
     frame = pl.DataFrame({"customer_id": ["a", "b", None], "amount": [1.0, 2.0, 3.0]})
     out = privacy.pseudonymise_column(frame, ["customer_id", "absent"])
-    assert out["customer_id"].to_list() == [reference(b"k1", "a"), reference(b"k1", "b"), None]
+    assert out["customer_id"].to_list() == [reference(K1, "a"), reference(K1, "b"), None]
     assert out["amount"].to_list() == [1.0, 2.0, 3.0]
     records = privacy.pseudonymise_records([{"customer_id": "a", "score": 0.9}], ["customer_id"])
-    assert records == [{"customer_id": reference(b"k1", "a"), "score": 0.9}]
-    monkeypatch.setenv(privacy.PSEUDONYM_KEY_ENV, "k2")
-    assert privacy.pseudonymise("cust-42") != reference(b"k1", "cust-42")
+    assert records == [{"customer_id": reference(K1, "a"), "score": 0.9}]
+    monkeypatch.setenv(privacy.PSEUDONYM_KEY_ENV, "k2-0123456789abcdef")
+    assert privacy.pseudonymise("cust-42") != reference(K1, "cust-42")
 
 
 def test_without_a_key_pseudonyms_use_a_process_key_and_say_so(monkeypatch):
@@ -334,6 +337,44 @@ def test_without_a_key_pseudonyms_use_a_process_key_and_say_so(monkeypatch):
         warnings.simplefilter("error")  # warned once per process, not per id
         assert privacy.pseudonymise("cust-42") == first
     assert first != reference(b"", "cust-42") and len(first) == 18
+
+
+def test_a_short_pseudonym_key_is_refused_not_used(monkeypatch):
+    """A key of a few characters is found by trying short keys against one known id, and then
+    every pseudonym made with it is reversible: it is treated as no key (and said so)."""
+    monkeypatch.setenv(privacy.PSEUDONYM_KEY_ENV, "k1")
+    monkeypatch.setattr(privacy, "_process_key", None)
+    with pytest.raises(ValueError, match="shorter than 16 characters"):
+        privacy.pseudonym_key(required=True)
+    with pytest.warns(privacy.PseudonymKeyWarning, match="shorter than 16 characters"):
+        shown = privacy.pseudonymise("cust-42")
+    assert shown != reference(b"k1", "cust-42")
+    monkeypatch.setenv(privacy.PSEUDONYM_KEY_ENV, "k" * 16)
+    assert privacy.pseudonymise("cust-42") == reference(b"k" * 16, "cust-42")
+
+
+def test_one_id_column_named_as_a_string_is_pseudonymised(monkeypatch):
+    """A single name given as a string used to be read as its letters: no column matched, and
+    the raw ids went out as they were."""
+    monkeypatch.setenv(privacy.PSEUDONYM_KEY_ENV, K1.decode())
+    frame = privacy.pseudonymise_column(pl.DataFrame({"customer_id": ["c1"]}), "customer_id")
+    assert frame["customer_id"].to_list() == [reference(K1, "c1")]
+    records = privacy.pseudonymise_records([{"customer_id": "c1"}], "customer_id")
+    assert records == [{"customer_id": reference(K1, "c1")}]
+
+
+def test_pseudonyms_do_not_depend_on_the_ids_type(monkeypatch):
+    """The same id read as a string, an int, a numpy scalar, bytes or an integral float (an int
+    column with gaps, as pandas reads it) gets the same pseudonym."""
+    key = b"0123456789abcdef"
+    same = {privacy.pseudonymise(v, key=key)
+            for v in ("7", 7, np.int64(7), b"7", 7.0, np.float64(7.0), np.str_("7"))}
+    assert same == {reference(key, "7")}
+    assert privacy.pseudonymise(7.5, key=key) == reference(key, "7.5")
+    monkeypatch.setenv(privacy.PSEUDONYM_KEY_ENV, key.decode())
+    floats = privacy.pseudonymise_column(pl.DataFrame({"customer_id": [7.0, None]}),
+                                         ["customer_id"])
+    assert floats["customer_id"].to_list() == [reference(key, "7"), None]
 
 
 def test_urls_and_messages_are_redacted():

@@ -379,3 +379,62 @@ def test_write_parquet_leaves_the_old_file_when_interrupted(tmp_path: Path) -> N
 def test_bad_config_names_the_field(kwargs, error, field) -> None:
     with pytest.raises(error, match=field):
         SyntheticConfig(**kwargs)
+
+
+def test_days_past_the_last_calendar_day_are_refused() -> None:
+    """Times after 9999-12-31 cannot be read back as datetimes: a config reaching past it is
+    refused by name, before any (possibly hours of) work."""
+    with pytest.raises(ValueError, match="n_days"):
+        SyntheticConfig(start_date=dt.date(9999, 12, 20), n_days=30)
+    with pytest.raises(ValueError, match="n_days"):
+        SyntheticConfig(n_days=100_000_000)
+    last = SyntheticConfig(start_date=dt.date(9999, 12, 1), n_days=31, n_customers=5,
+                           n_terminals=5)
+    assert last.n_days == 31
+
+
+# --- CLI: generate and demo options ------------------------------------------------------------
+
+
+def _run_cli(*args: str) -> tuple[int, str]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from reliability_workers import run_cli
+
+    code, out, err = run_cli(*args)
+    return code, " ".join((out + err).split())
+
+
+def _refused(code: int, text: str, *expected: str) -> None:
+    assert code == 2, text
+    assert "error:" in text and "Traceback" not in text, text
+    for piece in expected:
+        assert piece in text, (piece, text)
+
+
+def test_generate_refuses_nonsense_options_by_name(tmp_path: Path) -> None:
+    target = str(tmp_path / "g.parquet")
+    _refused(*_run_cli("generate", "-o", target, "--days", "100000000"), "--days")
+    _refused(*_run_cli("generate", "-o", target, "--start", "9999-12-20", "--days", "30"),
+             "--days", "9999-12-31")
+    _refused(*_run_cli("generate", "-o", target, "--seed", "-1"), "--seed", ">= 0")
+    # A time of day would be dropped without a word: --start is a day.
+    _refused(*_run_cli("generate", "-o", target, "--start", "2018-04-01T10:00"), "--start",
+             "'2018-04-01T10:00'")
+    assert not (tmp_path / "g.parquet").exists()
+
+
+def test_demo_refuses_too_few_days_or_cards_before_any_work(tmp_path: Path) -> None:
+    from pipeline.demo import DemoConfig
+
+    work = tmp_path / "demo"
+    # The index needs labels known before the scored week: 7 scored days + 7 days' label delay
+    # leave no history to index in 10 days (the flow used to fail late, on the index cutoff).
+    _refused(*_run_cli("demo", "--workdir", str(work), "--days", "10"), "--days", "15")
+    _refused(*_run_cli("demo", "--workdir", str(work), "--customers", "0"), "--customers")
+    _refused(*_run_cli("demo", "--workdir", str(work), "--terminals", "-3"), "--terminals")
+    assert not work.exists()
+    with pytest.raises(ValueError, match="days"):
+        DemoConfig(workdir=work, days=14)
+    assert DemoConfig(workdir=work, days=15).days == 15
