@@ -682,7 +682,8 @@ def _drift(queries: DashboardQueries, settings: Settings, batch: dict[str, Any],
     c3.metric("Batch rows", f"{result.actual_n:,}")
     st.caption(f"Batch {plain(batch['batch_id'])} (recorded {batch['created_at']}) against "
                f"{source}; "
-               "kNN scores, in ten bins cut at the reference's deciles.")
+               "kNN scores, in bins cut at the reference's deciles (a score held by a tenth "
+               "of the reference or more gets a bin of its own).")
     labels = [f"{_edge(lo)}-{_edge(hi)}" for lo, hi in zip(result.edges[:-1], result.edges[1:],
                                                            strict=True)]
     frame = pd.DataFrame({"bin": labels * 2, "order": list(range(len(labels))) * 2,
