@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring
 from numbers import Real
 from operator import itemgetter
@@ -67,6 +67,8 @@ BUSY_TIMEOUT_S = 30.0
 # pg_advisory_xact_lock key shared by every ledger writer in a database ("FSLEDGER" in ASCII).
 PG_LOCK_KEY = 0x46534C4544474552
 INSERT_CHUNK = 5000
+# Ids per IN (...) list in one read query (PostgreSQL allows 65,535 parameters a statement).
+ID_CHUNK = 10_000
 
 # Fields hashed into each record, in the order the canonical JSON sorts them anyway.
 HASHED_FIELDS = ("batch_id", "created_at", "decision", "decision_id", "explanation",
@@ -215,19 +217,39 @@ MIGRATIONS: tuple[Migration, ...] = (
 # --- records ------------------------------------------------------------------------------
 
 def _check_text(name: str, value: Any, where: str = "") -> str:
-    """Non-empty str without NUL (PostgreSQL text cannot hold NUL; SQLite would, silently)."""
+    """Non-empty str without NUL (PostgreSQL text cannot hold NUL; SQLite would, silently)
+    and without lone surrogates (neither database can store them)."""
     prefix = f"{where}: " if where else ""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{prefix}{name} must be a non-empty string, got {value!r}")
     if "\x00" in value:
         raise ValueError(f"{prefix}{name} contains a NUL character, which cannot be stored")
+    _check_utf8(name, value, where)
     return value
+
+
+def _check_utf8(name: str, text: str, where: str = "", verb: str = "contains") -> None:
+    """Refuse text that has no UTF-8 form: a lone surrogate (bytes decoded with
+    surrogateescape, a surrogate pair cut in half), which neither database can store and the
+    record hash cannot be made of."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{name} {verb} a lone surrogate "
+                         f"({text[exc.start]!r} at position {exc.start}), which cannot be "
+                         "stored as UTF-8") from None
 
 
 def _finite_float(name: str, value: Any, where: str) -> float:
     if type(value) is not float and (isinstance(value, bool) or not isinstance(value, Real)):
         raise ValueError(f"{where}: {name} must be a real number, got {value!r}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int (or Fraction) beyond the largest float
+        number = math.inf if value > 0 else -math.inf
     if not math.isfinite(number):
         raise ValueError(f"{where}: {name} must be finite, got {number!r} (NaN/inf scores "
                          "cannot be audited)")
@@ -254,6 +276,7 @@ def _object_text(name: str, text: Any, where: str) -> str:
     """A producer's ready-made JSON object text, as it will be stored and hashed."""
     if not (isinstance(text, str) and text.startswith("{") and "\x00" not in text):
         raise ValueError(f"{where}: encoded {name} must be a JSON object's text")
+    _check_utf8(f"encoded {name}", text, where)
     return text
 
 
@@ -261,24 +284,28 @@ def explanation_json(explanation: Mapping[str, Any], where: str = "explanation")
     if not isinstance(explanation, Mapping):
         raise ValueError(f"{where}: explanation must be a dict, got {type(explanation).__name__}")
     try:
-        return canonical_json(dict(explanation))
+        text = canonical_json(dict(explanation))
     except ValueError as exc:  # allow_nan=False
         raise ValueError(f"{where}: explanation contains NaN or infinity ({exc}); "
                          "replace it with null or a finite number") from exc
     except TypeError as exc:
         raise ValueError(f"{where}: explanation is not JSON-serialisable ({exc})") from exc
+    _check_utf8("explanation", text, where)
+    return text
 
 
 def inputs_json(inputs: Mapping[str, Any], where: str = "inputs") -> str:
     if not isinstance(inputs, Mapping):
         raise ValueError(f"{where}: inputs must be a dict, got {type(inputs).__name__}")
     try:
-        return canonical_json(dict(inputs))
+        text = canonical_json(dict(inputs))
     except ValueError as exc:
         raise ValueError(f"{where}: inputs contain NaN or infinity ({exc}); record them as "
                          "null") from exc
     except TypeError as exc:
         raise ValueError(f"{where}: inputs are not JSON-serialisable ({exc})") from exc
+    _check_utf8("inputs", text, where, verb="contain")
+    return text
 
 
 def decision_id_for(kind: str, batch_id: str, subject_id: str) -> str:
@@ -429,6 +456,7 @@ class QuarantinedRow:
             _check_text(name, getattr(self, name), where)
         if not isinstance(self.raw, str) or "\x00" in self.raw:
             raise ValueError(f"{where}: raw must be JSON text without NUL characters")
+        _check_utf8("raw", self.raw, where)
 
 
 @dataclass(frozen=True)
@@ -725,6 +753,26 @@ def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+def _stamp_after(previous: str | None) -> str:
+    """The time stamp of a record appended after one stamped ``previous`` (under the append
+    lock): now, but never earlier than, nor equal to, ``previous`` — writers on hosts whose
+    clocks disagree (or a clock stepped back) still stamp in chain order, and two batches never
+    share a stamp."""
+    now = _utc_now()
+    if previous is None:
+        return now
+    try:
+        last = datetime.fromisoformat(previous)
+        if last.tzinfo is None:
+            last = last.replace(tzinfo=UTC)
+        if datetime.fromisoformat(now) > last:
+            return now
+        return (last + timedelta(microseconds=1)).astimezone(UTC).isoformat(
+            timespec="microseconds")
+    except (ValueError, OverflowError):  # a stamp this code did not write: keep the clock's
+        return now
+
+
 # --- the ledger ---------------------------------------------------------------------------
 
 class Ledger:
@@ -916,8 +964,9 @@ class Ledger:
                 ).scalar_one()
                 return BatchReceipt(batch_id, 0, present, held, self._head(conn)[1])
 
-            seq, prev_hash = self._head(conn)
-            now = _utc_now()
+            seq, prev_hash, last_at = self._append_point(conn, _DECISION_CHAIN)
+            latest = conn.execute(sa.select(sa.func.max(BATCHES.c.created_at))).scalar()
+            now = _stamp_after(max(filter(None, (last_at, latest)), default=None))
             conn.execute(BATCHES.insert().values(
                 batch_id=batch_id, kind=kind, input_hash=input_hash, rows_in=rows_in,
                 rows_scored=stream.count, rows_quarantined=len(quarantined), created_at=now))
@@ -951,6 +1000,30 @@ class Ledger:
                 conn.execute(LEDGER_META.update().where(LEDGER_META.c.key == key)
                              .values(value=value))
             return BatchReceipt(batch_id, written, 0, len(quarantined), prev_hash)
+
+    @staticmethod
+    def _append_point(conn: Connection, chain: _ChainSpec) -> tuple[int, str, str | None]:
+        """(seq, hash, created_at) of the chain's last record, where the next one links on
+        (0, genesis, None for an empty chain), checked against the head ledger_meta recorded
+        with it. Carrying on from a table whose end was cut off (or extended outside the
+        ledger) would renumber over the hole and move the recorded head past it, and the
+        ledger would verify again: the evidence is kept instead, and nothing is written."""
+        table = chain.table
+        last = conn.execute(sa.select(table.c.seq, table.c.hash, table.c.created_at)
+                            .order_by(table.c.seq.desc()).limit(1)).first()
+        seq, hash_, created_at = ((0, GENESIS_HASH, None) if last is None
+                                  else (int(last.seq), last.hash, last.created_at))
+        meta = dict(conn.execute(sa.select(LEDGER_META.c.key, LEDGER_META.c.value)
+                                 .where(LEDGER_META.c.key.in_(chain.head_keys))).all())
+        head_seq, head_hash = (meta.get(key) for key in chain.head_keys)
+        if (head_seq is not None and head_seq != str(seq)) or (
+                head_hash is not None and head_hash != hash_):
+            raise LedgerError(
+                f"the {chain.name} chain ends at seq {seq} (hash {hash_[:16]}…) but its recorded "
+                f"head is seq {head_seq} (hash {(head_hash or '?')[:16]}…): records were "
+                "deleted or added outside the ledger; nothing was written — run "
+                "`finsentinel audit verify` and restore the ledger before appending")
+        return seq, hash_, created_at
 
     @staticmethod
     def _head(conn: Connection, table: sa.Table = DECISIONS) -> tuple[int, str]:
@@ -994,11 +1067,12 @@ class Ledger:
                 raise LedgerError(f"review of decision {decision_id}: label {label!r} is not "
                                   f"one for a {target.kind} decision; expected one of "
                                   f"{', '.join(allowed)}")
-            seq, prev_hash = self._head(conn, FEEDBACK)
+            seq, prev_hash, last_at = self._append_point(conn, _FEEDBACK_CHAIN)
             row = {"feedback_id": str(uuid.uuid4()), "decision_id": decision_id,
                    "decision_hash": target.hash, "kind": target.kind,
                    "subject_id": target.subject_id, "label": label, "comment": comment,
-                   "reviewer": reviewer, "created_at": _utc_now(), "prev_hash": prev_hash}
+                   "reviewer": reviewer, "created_at": _stamp_after(last_at),
+                   "prev_hash": prev_hash}
             row["hash"] = feedback_hash(row)
             row["seq"] = seq + 1
             conn.execute(FEEDBACK.insert().values(**row))
@@ -1285,10 +1359,17 @@ class Ledger:
         if kind is not None:
             query = query.where(DECISIONS.c.kind == kind)
         query = _created_between(query, DECISIONS.c.created_at, since, until)
-        if decision_ids is not None:
-            query = query.where(DECISIONS.c.decision_id.in_(list(decision_ids)))
-        with self._read() as conn:
-            rows = [dict(r) for r in conn.execute(query).mappings()]
+        if decision_ids is None:
+            pieces = [query]
+        else:  # PostgreSQL takes at most 65,535 bind parameters in one statement
+            wanted = list(dict.fromkeys(decision_ids))
+            pieces = [query.where(DECISIONS.c.decision_id.in_(wanted[start:start + ID_CHUNK]))
+                      for start in range(0, len(wanted), ID_CHUNK)] or [
+                          query.where(DECISIONS.c.decision_id.in_([]))]
+        with self._read() as conn:  # one snapshot for every piece
+            rows = [dict(r) for piece in pieces for r in conn.execute(piece).mappings()]
+        if len(pieces) > 1:
+            rows.sort(key=itemgetter("seq"))
         for row in rows if parse else ():
             row["explanation"] = json.loads(row["explanation"])
             row["inputs"] = None if row["inputs"] is None else json.loads(row["inputs"])

@@ -791,3 +791,130 @@ def test_decision_id_is_uuid5_of_kind_batch_and_subject(kind, batch_id, subject_
     namespace = uuid.uuid5(uuid.NAMESPACE_URL, "https://finsentinel/ledger/decision")
     assert ledger_mod.decision_id_for(kind, batch_id, subject_id) == str(
         uuid.uuid5(namespace, f"{kind}:{batch_id}:{subject_id}"))
+
+
+# --- head tracking and time stamps (regressions) ------------------------------------------
+
+def test_an_append_after_the_tail_was_deleted_does_not_hide_the_deletion(db_url, raw):
+    """Batch b2 (seq 6-8) is deleted whole, batch row included: verify names the records
+    missing below the recorded head. The next append must not carry on from the truncated
+    table (renumbering seq 6.. and moving the head over the hole), which would leave a ledger
+    that verifies: it is refused, and the evidence stays."""
+    with Ledger(db_url) as ledger:
+        record_two_batches(ledger)
+        with raw.begin() as conn:
+            conn.execute(sa.text("DELETE FROM decisions WHERE batch_id = 'b2'"))
+            conn.execute(sa.text("DELETE FROM batches WHERE batch_id = 'b2'"))
+        assert "deleted from the end" in ledger.verify().reason
+        with pytest.raises(LedgerError, match="recorded head"):
+            ledger.record_batch("b3", "fraud", "in-3", 2, make_decisions("b3", 2, start=40))
+        report = ledger.verify()
+        assert not report.ok and "deleted from the end" in report.reason
+        assert ledger.count() == 5 and ledger.meta()["head_seq"] == "8"
+
+
+def test_an_append_after_a_record_was_added_outside_the_ledger_does_not_adopt_it(db_url, raw):
+    with Ledger(db_url) as ledger:
+        record_two_batches(ledger)
+        rows = rows_by_seq(raw)
+        with raw.begin() as conn:
+            conn.execute(INSERT_SQL, forged_after(rows[8], 9, "tx-forged"))
+        with pytest.raises(LedgerError, match="recorded head"):
+            ledger.record_batch("b3", "fraud", "in-3", 2, make_decisions("b3", 2, start=40))
+        report = ledger.verify()
+        assert (report.ok, report.first_bad_seq) == (False, 9)
+        assert "inserted outside the ledger" in report.reason
+
+
+def test_a_review_after_the_review_tail_was_deleted_does_not_hide_the_deletion(db_url, raw):
+    with Ledger(db_url) as ledger:
+        record_two_batches(ledger)
+        first = ledger.decisions()[0]["decision_id"]
+        for label in ("confirmed-fraud", "false-positive"):
+            ledger.record_feedback(first, label, None, "ana")
+        with raw.begin() as conn:
+            conn.execute(sa.text("DELETE FROM feedback WHERE seq = 2"))
+        with pytest.raises(LedgerError, match="recorded head"):
+            ledger.record_feedback(first, "confirmed-fraud", None, "bo")
+        report = ledger.verify()
+        assert not report.ok and report.chain == "feedback"
+
+
+def test_created_at_follows_the_chain_when_a_writer_clock_is_behind(db_url, monkeypatch):
+    """Writers on two hosts (or one whose clock was stepped back) append in turn under the
+    lock: a batch recorded after another must not carry an earlier created_at, or the
+    ledger's time order (batches(), day anchors, range verification, the news store's
+    'classified by a later batch') disagrees with its chain order. Equal clocks too: each
+    batch is strictly later than the one before."""
+    ahead = "2999-01-01T00:00:00.000000+00:00"
+    with Ledger(db_url) as ledger:
+        monkeypatch.setattr(ledger_mod, "_utc_now", lambda: ahead)
+        ledger.record_batch("b1", "fraud", "in-1", 2, make_decisions("b1", 2))
+        ledger.record_batch("b2", "fraud", "in-2", 2, make_decisions("b2", 2, start=10))
+        first = ledger.decisions()[0]["decision_id"]
+        ledger.record_feedback(first, "confirmed-fraud", None, "ana")
+        monkeypatch.undo()  # the next writer's clock is centuries behind
+        ledger.record_batch("b3", "fraud", "in-3", 2, make_decisions("b3", 2, start=20))
+        ledger.record_batch("b4", "fraud", "in-4", 1, [],
+                            [QuarantinedRow(0, "amount", "amount: bad", "{}")])
+        ledger.record_feedback(first, "false-positive", None, "bo")
+        rows = ledger.decisions()
+        batches = {b["batch_id"]: b["created_at"] for b in ledger.batches()}
+        reviews = [r["created_at"] for r in ledger.feedback()]
+        assert ledger.verify().ok
+        assert [a.last_seq for a in ledger.anchors() if a.chain == "decisions"] == [6]
+    stamps = [r["created_at"] for r in rows]
+    assert stamps == sorted(stamps)
+    order = [batches[b] for b in ("b1", "b2", "b3", "b4")]
+    assert order == sorted(order) and len(set(order)) == 4, order
+    assert reviews == sorted(reviews) and len(set(reviews)) == 2
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"subject_id": "tx-\ud800"}, "subject_id contains a lone surrogate"),
+    ({"model_version": "m\udcff"}, "model_version contains a lone surrogate"),
+    ({"explanation": {"why": "bad \udcff byte"}}, "explanation contains a lone surrogate"),
+    ({"inputs": {"\ud83d": 1}}, "inputs contain a lone surrogate"),
+    ({"explanation": None, "encoded": ('{"w":"\udcff"}', None)}, "explanation .* surrogate"),
+    ({"score": 10**400}, "score must be finite"),
+    ({"threshold": -(10**400)}, "threshold must be finite"),
+])
+def test_text_that_cannot_be_stored_is_refused_when_the_decision_is_made(change, expected):
+    """Text with a lone surrogate (bytes decoded with surrogateescape, a pair cut in half)
+    cannot be written as UTF-8 by either database: like a NUL, it is refused with the field
+    named when the Decision is made, not as a bare UnicodeEncodeError from the middle of a
+    batch's transaction. An int too large for a float is 'not finite', not an
+    OverflowError."""
+    fields = dict(batch_id="b", kind="fraud", subject_id="tx", score=0.1, threshold=0.5,
+                  decision="pass", model_version="m", index_version="i@1", input_hash="h",
+                  explanation={})
+    with pytest.raises(ValueError, match=expected):
+        Decision(**{**fields, **change})
+
+
+def test_a_quarantined_row_with_a_lone_surrogate_is_refused_up_front(db_url):
+    with pytest.raises(ValueError, match="reason contains a lone surrogate"):
+        QuarantinedRow(0, "amount", "amount: not a number '\udcff'", "{}")
+    with pytest.raises(ValueError, match="raw .* surrogate"):
+        QuarantinedRow(0, "amount", "amount: bad", '{"amount": "\udcff"}')
+    with Ledger(db_url) as ledger:  # escaped in the JSON, it is stored as it is
+        ledger.record_batch("q", "fraud", "in", 1, [],
+                            [QuarantinedRow(0, "amount", "amount: bad", '{"a":"\\udcff"}')])
+        assert ledger.quarantined()[0]["raw"] == '{"a":"\\udcff"}' and ledger.verify().ok
+
+
+def test_decisions_by_a_long_list_of_ids_is_not_limited_by_bind_parameters(db_url):
+    """PostgreSQL takes at most 65,535 parameters in one statement (SQLite builds allow
+    32,766 or 250,000): a long list of decision ids is read in pieces, in one snapshot, and
+    still comes back in ledger order with nothing repeated."""
+    with Ledger(db_url) as ledger:
+        record_two_batches(ledger)
+        recorded = [d["decision_id"] for d in ledger.decisions()]
+        wanted = [str(uuid.uuid4()) for _ in range(70_000)]
+        wanted[10] = recorded[6]
+        wanted[-1] = recorded[1]
+        wanted[40_000] = recorded[4]
+        wanted.append(recorded[4])
+        found = ledger.decisions(decision_ids=wanted)
+    assert [d["decision_id"] for d in found] == [recorded[1], recorded[4], recorded[6]]
+    assert isinstance(found[0]["explanation"], dict)
