@@ -691,15 +691,7 @@ def quarantine_rows(ledger: Ledger, since: datetime | None = None,
 
 def read_quarantine_export(path: str | Path, format: str | None = None) -> pl.DataFrame:
     """Read an export's quarantine file back with its exact column types."""
-    path = Path(path)
-    format = format or _format_of(path)
-    if format == "csv":
-        return pl.read_csv(path, schema=QUARANTINE_EXPORT_SCHEMA)
-    if format == "jsonl":
-        return pl.read_ndjson(path, schema=QUARANTINE_EXPORT_SCHEMA)
-    if format == "parquet":
-        return pl.read_parquet(path).cast(QUARANTINE_EXPORT_SCHEMA)
-    raise ValueError(f"{path}: cannot read back format {format!r}; expected csv, jsonl or parquet")
+    return _read_table(path, format, QUARANTINE_EXPORT_SCHEMA)
 
 
 def export_rows(ledger: Ledger, since: datetime | None = None, until: datetime | None = None, *,
@@ -795,14 +787,19 @@ def export_frame(rows: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
 
 def read_export(path: str | Path, format: str | None = None) -> pl.DataFrame:
     """Read a CSV / JSON-lines / Parquet export back with its exact column types."""
+    return _read_table(path, format, EXPORT_SCHEMA)
+
+
+def _read_table(path: str | Path, format: str | None, columns: dict[str, pl.DataType]
+                ) -> pl.DataFrame:
     path = Path(path)
     format = format or _format_of(path)
     if format == "csv":
-        return pl.read_csv(path, schema=EXPORT_SCHEMA)
+        return pl.read_csv(path, schema=columns)
     if format == "jsonl":
-        return pl.read_ndjson(path, schema=EXPORT_SCHEMA)
+        return pl.read_ndjson(path, schema=columns)
     if format == "parquet":
-        return pl.read_parquet(path).cast(EXPORT_SCHEMA)
+        return pl.read_parquet(path).cast(columns)
     raise ValueError(f"{path}: cannot read back format {format!r}; expected csv, jsonl or parquet")
 
 

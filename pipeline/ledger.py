@@ -552,6 +552,18 @@ def _default_db_file(workdir: Path | None = None) -> Path:
     return directory / DEFAULT_DB_FILE
 
 
+def naming_sqlite_file(file: Path | None, fn: Callable[[], T]) -> T:
+    """Call ``fn``; a SQLite error that does not say which file or why (a folder or file that
+    cannot be written) is raised as a LedgerError naming ``file`` and the cause."""
+    try:
+        return fn()
+    except OperationalError as exc:
+        error = _sqlite_error(file, exc) if file is not None else None
+        if error is None:
+            raise
+        raise error from exc
+
+
 def is_transient(exc: BaseException) -> bool:
     """Errors worth retrying: locks, serialization failures, deadlocks, dropped connections."""
     if not isinstance(exc, OperationalError):
@@ -802,15 +814,7 @@ class Ledger:
         return f"Ledger({make_url(self.url).render_as_string(hide_password=True)!r})"
 
     def _named(self, fn: Callable[[], T]) -> T:
-        """Call ``fn``; a SQLite error that does not say which file or why (a folder or file
-        that cannot be written) is raised as a LedgerError naming the file and the cause."""
-        try:
-            return fn()
-        except OperationalError as exc:
-            error = _sqlite_error(self._file, exc) if self._file is not None else None
-            if error is None:
-                raise
-            raise error from exc
+        return naming_sqlite_file(self._file, fn)
 
     def _write(self) -> AbstractContextManager[Connection]:
         """One serialised write transaction: no other writer runs until it commits."""

@@ -15,14 +15,13 @@ from datetime import UTC, date, datetime
 from typing import TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.exc import OperationalError
 
 from pipeline.ledger import (
     BATCHES,
     DECISIONS,
-    _sqlite_error,
     _sqlite_file,
     engine_for,
+    naming_sqlite_file,
     resolve_db_url,
     retry_transient,
     write_transaction,
@@ -97,16 +96,8 @@ class NewsStore:
             raise
 
     def _named(self, fn: Callable[[], T]) -> T:
-        """Call ``fn``; a SQLite error that names neither the file nor the cause (a read-only
-        file or folder, a folder at the path) is raised as a LedgerError naming both, as the
-        ledger does for the same database."""
-        try:
-            return fn()
-        except OperationalError as exc:
-            error = _sqlite_error(self._file, exc) if self._file is not None else None
-            if error is None:
-                raise
-            raise error from exc
+        """``fn()``, its SQLite errors naming the file and the cause, as the ledger's do."""
+        return naming_sqlite_file(self._file, fn)
 
     def _create_tables(self) -> None:
         with write_transaction(self._engine, lock_key=PG_LOCK_KEY) as conn:
