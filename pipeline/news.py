@@ -3,26 +3,32 @@ row is either accepted or quarantined with its row number, field and reason (row
 + quarantined), and a file that cannot be used at all raises :class:`InputError`.
 
 Columns (any case; aliases in ``ALIASES``): ``news_id``, ``published_at`` (ISO-8601, as for
-transactions), ``source``, ``headline`` required; ``body`` and ``tickers`` optional. Tickers may
-be a list, a JSON array text, or text separated by commas, semicolons, spaces or ``|``; a leading
-``$`` is dropped and symbols are upper-cased. A row whose tickers are not symbols is quarantined.
+transactions, or RSS's RFC 2822; from 1950 to before 2200), ``source``, ``headline`` required;
+``body`` and ``tickers`` optional. Tickers may be a list, a JSON array text (null entries
+skipped), or text separated by commas, semicolons, spaces or ``|``; a leading ``$`` is
+dropped and symbols are upper-cased. A row whose tickers are not symbols is quarantined.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import polars as pl
 
 from pipeline.ingest import (
     _READERS,
+    MAX_TIME,
+    MIN_TIME,
     QUARANTINE_SCHEMA,
     ROW_FIELD,
     IngestResult,
     InputError,
     _encode_rows,
+    _json_records,
     _parse_times,
     _Read,
     _shown,
@@ -59,11 +65,51 @@ def read_news(path: str | Path) -> IngestResult:
         raise InputError(f"{source}: no such file")
     if path.stat().st_size == 0:
         raise InputError(f"{source}: file is empty; expected at least a header or a record")
-    return _validate(reader(path, source), source)
+    read = reader(path, source)
+    if path.suffix.lower() in _JSON_SUFFIXES and read.raw is None and _may_hold_json(read.frame):
+        # polars read the lines fast, but an object or array in a text field became a nested
+        # column (which would refuse the file) or text (accepted as a headline): read the
+        # lines one by one so each such value is its own row's problem, kept as it was.
+        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+        read = _json_records((line for line in data.split(b"\n") if line.strip()), source)
+    return _validate(read, source)
 
 
 def validate_news(frame: pl.DataFrame, *, source: str = "<frame>") -> IngestResult:
     return _validate(_Read(frame), source)
+
+
+_JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
+_TEXT_FIELDS = (NEWS_ID, SOURCE, HEADLINE, BODY)
+
+
+def _may_hold_json(frame: pl.DataFrame) -> bool:
+    """Whether a column read from JSON lines may hold an object or array where text belongs."""
+    for name, dtype in frame.schema.items():
+        field = ALIASES.get(name.strip().lower())
+        if field is None or field == TICKERS:
+            continue
+        if dtype.is_nested():
+            return True
+        if dtype == pl.String and frame[name].str.strip_chars_start().str.contains(
+                r"^[\[{]").any():
+            return True
+    return False
+
+
+def _json_values(raw: str | None, names: dict[str, str]) -> list[tuple[str, str]]:
+    """(field, reason) for each text field that the original JSON record gives as an object
+    or array."""
+    try:
+        record = json.loads(raw) if raw is not None else None
+    except json.JSONDecodeError:
+        return []
+    if not isinstance(record, dict):
+        return []
+    return [(f, f"{f}: expected text, got a JSON "
+                f"{'object' if isinstance(record[names[f]], dict) else 'array'}")
+            for f in _TEXT_FIELDS
+            if f in names and isinstance(record.get(names[f]), dict | list)]
 
 
 def _mapping(columns: list[str], source: str) -> dict[str, str]:
@@ -105,9 +151,10 @@ def _split_tickers(text: str | None) -> tuple[list[str], str | None]:
             parsed = json.loads(stripped)
         except json.JSONDecodeError:
             return [], f"tickers: {stripped[:60]!r} is not a valid JSON array"
-        if not isinstance(parsed, list) or not all(isinstance(p, str) for p in parsed):
+        # null entries are skipped, as a list column's are
+        if not isinstance(parsed, list) or not all(isinstance(p, str | None) for p in parsed):
             return [], f"tickers: expected a JSON array of strings, got {stripped[:60]!r}"
-        items = parsed
+        items = [p for p in parsed if p is not None]
     else:
         items = re.split(r"[,;|\s]+", stripped)
     out = []
@@ -140,11 +187,23 @@ def _validate(read: _Read, source: str) -> IngestResult:
     published = _parse_times(frame[names[PUBLISHED_AT]])
     published_text = pl.select(_text(pl.lit(frame[names[PUBLISHED_AT]]),
                                      frame.schema[names[PUBLISHED_AT]])).to_series()
+    rss = (published.is_null() & published_text.str.contains(r"^[^\d]*\d{1,2} [A-Za-z]{3} ")
+           ).arg_true()
+    if len(rss):  # RSS feeds' RFC 2822 dates
+        published = published.scatter(rss, pl.Series(
+            [_rfc2822(t) for t in published_text.gather(rss).to_list()],
+            dtype=pl.Datetime("us")))
+    # Placeholders (0001-01-01, 1900-01-01) and times past year 9999 in UTC (which Python
+    # cannot even hold) are set aside, as transactions' are, before any value is taken out.
+    out_of_range = (published.is_not_null()
+                    & ~published.is_between(MIN_TIME, MAX_TIME, closed="left")).to_list()
+    published = published.set(pl.Series(out_of_range, dtype=pl.Boolean), None)
     tickers_raw = (_tickers_text(frame[names[TICKERS]]) if TICKERS in names
                    else pl.Series([None] * n, dtype=pl.String))
     parsed_tickers = [_split_tickers(t) for t in tickers_raw.to_list()]
 
     unreadable = read.unreadable.to_list() if read.unreadable is not None else [None] * n
+    raw_text = read.raw.to_list() if read.raw is not None else [None] * n
     fields, reasons = [], []
     seen: dict[str, int] = {}
     for i in range(n):
@@ -153,6 +212,9 @@ def _validate(read: _Read, source: str) -> IngestResult:
             problems.append((ROW_FIELD, unreadable[i]))
         elif all(text[f][i] is None for f in text) and published_text[i] is None:
             problems.append((ROW_FIELD, "empty record: no values"))
+        elif nested := (_json_values(raw_text[i], names) if any(
+                (text[f][i] or "")[:1] in ("{", "[") for f in _TEXT_FIELDS) else []):
+            problems.extend(nested)
         else:
             for field in (NEWS_ID, SOURCE, HEADLINE):
                 if text[field][i] is None:
@@ -161,7 +223,11 @@ def _validate(read: _Read, source: str) -> IngestResult:
                 if text[field][i] is not None and "\x00" in text[field][i]:
                     problems.append((field, f"{field}: contains a NUL character (expected "
                                      "printable text)"))
-            if published[i] is None:
+            if out_of_range[i]:
+                problems.append((PUBLISHED_AT, "published_at: expected a date-time from "
+                                 f"{MIN_TIME:%Y-%m-%d} to before {MAX_TIME:%Y-%m-%d}, got "
+                                 f"{_quote(published_text[i] or '')}"))
+            elif published[i] is None:
                 shown = published_text[i]
                 problems.append((PUBLISHED_AT, "published_at: missing value (expected an "
                                  "ISO-8601 date-time)" if shown is None else
@@ -196,6 +262,17 @@ def _validate(read: _Read, source: str) -> IngestResult:
         "raw": raw,
     }, schema=QUARANTINE_SCHEMA)
     return IngestResult(accepted, quarantined, n, source)
+
+
+def _rfc2822(text: str) -> datetime | None:
+    """An RFC 2822 date-time ("Tue, 24 Nov 2026 10:00:00 GMT") as naive UTC, else None."""
+    try:
+        parsed = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is not None:  # "-0000" (zone unknown) parses naive: taken as UTC
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed
 
 
 def _quote(value: str) -> str:

@@ -82,6 +82,75 @@ def test_a_file_without_headlines_is_refused_naming_the_column(tmp_path):
         read_news(tmp_path / "n.csv")
 
 
+def test_an_object_in_one_items_text_field_quarantines_that_item_not_the_file(tmp_path):
+    """A feed item whose body (or source, headline) is a JSON object or array is one bad row:
+    quarantined with its field named, the other items read, as a bad row anywhere else is."""
+    rows = [
+        {"id": "a", "published": "2024-05-01", "source": "wire", "headline": "ok one"},
+        {"id": "b", "published": "2024-05-01", "source": "wire", "headline": "bad body",
+         "body": {"p": "nested"}},
+        {"id": "c", "published": "2024-05-01", "source": {"name": "Reuters"}, "headline": "x"},
+        {"id": "d", "published": "2024-05-01", "source": "wire", "headline": ["a", "b"]},
+        {"id": "e", "published": "2024-05-01", "source": "wire", "headline": "[Update] ok two"},
+    ]
+    for only in ([0, 1], [0, 2, 4], [0, 3, 4], [0, 1, 2, 3, 4]):
+        path = _write_jsonl(tmp_path / "n.jsonl", [rows[i] for i in only])
+        result = read_news(path)
+        assert result.rows_in == len(only)
+        accepted = result.accepted["news_id"].to_list()
+        assert accepted == [rows[i]["id"] for i in only if i in (0, 4)]
+        q = {r["row_number"]: r for r in result.quarantined.iter_rows(named=True)}
+        for n, i in enumerate(only):
+            if i in (1, 2, 3):
+                field = {1: "body", 2: "source", 3: "headline"}[i]
+                assert q[n]["field"] == field and "JSON" in q[n]["reason"], q[n]
+                assert json.loads(q[n]["raw"]) == rows[i]
+
+
+def test_placeholder_and_out_of_range_times_are_quarantined_not_fatal(tmp_path):
+    """9999-12-31 with a western offset is year 10000 in UTC: it crashed the whole read
+    (ValueError); 0001-01-01 and 1900-01-01 are placeholders, set aside as for transactions."""
+    times = ["9999-12-31T23:59:59-05:00", "0001-01-01", "1900-01-01", "2024-05-01T10:00:00Z"]
+    rows = [{"id": str(i), "published": t, "source": "s", "headline": "h"}
+            for i, t in enumerate(times)]
+    result = read_news(_write_jsonl(tmp_path / "n.jsonl", rows))
+    assert result.accepted["news_id"].to_list() == ["3"]
+    q = {r["row_number"]: r for r in result.quarantined.iter_rows(named=True)}
+    assert sorted(q) == [0, 1, 2]
+    for i in (0, 1, 2):
+        assert q[i]["field"] == "published_at" and times[i][:10] in q[i]["reason"], q[i]
+        assert json.loads(q[i]["raw"]) == rows[i]
+
+
+def test_rss_dates_are_read_as_utc(tmp_path):
+    """RSS feeds give pubDate in RFC 2822 ("Tue, 24 Nov 2026 10:00:00 GMT"): every item of
+    such a feed was quarantined."""
+    times = ["Tue, 24 Nov 2026 10:00:00 GMT", "Tue, 24 Nov 2026 12:30:00 +0200",
+             "24 Nov 2026 10:00 -0000", "Tue, 31 Nov 2026 10:00:00 GMT"]
+    rows = [{"id": str(i), "published": t, "source": "s", "headline": "h"}
+            for i, t in enumerate(times)]
+    result = read_news(_write_jsonl(tmp_path / "n.jsonl", rows))
+    assert result.accepted["published_at"].to_list() == [
+        datetime(2026, 11, 24, 10, 0), datetime(2026, 11, 24, 10, 30),
+        datetime(2026, 11, 24, 10, 0)]
+    assert result.quarantined["row_number"].to_list() == [3]
+
+
+def test_null_entries_in_a_tickers_list_are_skipped_in_every_format(tmp_path):
+    """["aapl", null] is AAPL whether the list is a JSON array, JSON text or a Parquet list:
+    the same item must not be accepted from one file and quarantined from another."""
+    item = {"id": "a", "published": "2024-05-01", "source": "wire", "headline": "h"}
+    plain = {**item, "id": "b", "tickers": "MSFT"}  # makes the column text in the JSON file
+    lists = _write_jsonl(tmp_path / "l.jsonl", [{**item, "tickers": ["aapl", None]}])
+    mixed = _write_jsonl(tmp_path / "m.jsonl", [{**item, "tickers": ["aapl", None]}, plain])
+    text = _write_jsonl(tmp_path / "t.jsonl", [{**item, "tickers": '["$aapl", null]'}])
+    pl.DataFrame([{**item, "tickers": ["aapl", None]}]).write_parquet(tmp_path / "p.parquet")
+    for path in (lists, mixed, text, tmp_path / "p.parquet"):
+        result = read_news(path)
+        assert result.quarantined.height == 0, (path, result.quarantined.to_dicts())
+        assert result.accepted["tickers"][0].to_list() == ["AAPL"], path
+
+
 # --- tickers and articles ---------------------------------------------------------------------
 
 def test_tickers_from_cashtags_crypto_and_company_names(tmp_path):
