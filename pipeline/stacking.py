@@ -286,6 +286,9 @@ class StackedModel:
         from xgboost import XGBClassifier
 
         y = train[schema.IS_FRAUD].cast(pl.Int8).to_numpy()
+        if len(np.unique(y)) < 2:  # a constant booster would give every decision one score
+            raise ValueError(f"the stacked model needs both classes in its training rows, got "
+                             f"{len(y)} rows with is_fraud in {sorted(set(y.tolist()))}")
         self.prior = float(y.mean())
         x, _ = self.design(train, index, labelled, training=True)
         model = XGBClassifier(**self.config.booster, n_jobs=n_jobs, verbosity=0)

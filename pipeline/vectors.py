@@ -8,6 +8,7 @@ share merchant type, channel and geography, which numbers alone do not express.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,8 +39,8 @@ def description_expr(columns: list[str] | tuple[str, ...]) -> pl.Expr:
         parts.append(pl.lit("; currency ") + pl.col(schema.CURRENCY))
     if schema.DESCRIPTION in columns:
         parts.append(pl.lit("; ") + pl.col(schema.DESCRIPTION))
-    if not parts:
-        return pl.lit("").alias("text")
+    if not parts:  # one empty text per row (a bare literal would be a single row in select)
+        return pl.repeat(pl.lit("", dtype=pl.String), pl.len()).alias("text")
     return (
         pl.concat_str([p.fill_null("") for p in parts], separator=" ")
         .str.replace_all(r"\s+", " ")
@@ -74,6 +75,19 @@ class VectorConfig:
         "CUSTOMER_ID_AVG_AMOUNT_30DAY_WINDOW",
     )
 
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.numeric_weights) - set(self.numeric_features))
+        if unknown:
+            raise ValueError(f"feature weights for features the vector does not have: {unknown}")
+        bad = {name: w for name, w in self.numeric_weights.items()
+               if not (math.isfinite(w) and w >= 0)}
+        if bad:
+            raise ValueError(f"feature weights must be finite and >= 0, got {bad}")
+        if not (math.isfinite(self.text_weight) and self.text_weight >= 0):
+            raise ValueError(f"text_weight must be finite and >= 0, got {self.text_weight}")
+        if self.text_dim < 0:
+            raise ValueError(f"text_dim must be >= 0, got {self.text_dim}")
+
 
 class TransactionVectorizer:
     """``fit`` on labelled history, then ``transform`` any frame with the same features."""
@@ -104,7 +118,15 @@ class TransactionVectorizer:
              else pl.col(c).cast(pl.Float64)).alias(c)
             for c in self.config.numeric_features
         ]
-        return frame.select(exprs).to_numpy().astype(np.float64)
+        x = frame.select(exprs).to_numpy().astype(np.float64)
+        finite = np.isfinite(x)
+        if not finite.all():
+            # A null (NaN here) or infinite feature would make the fitted mean NaN, or a query
+            # vector non-finite, and its neighbours meaningless.
+            bad = [f"{c!r} ({int((~finite[:, j]).sum())} rows)"
+                   for j, c in enumerate(self.config.numeric_features) if not finite[:, j].all()]
+            raise ValueError(f"cannot vectorise: missing or non-finite values in {', '.join(bad)}")
+        return x
 
     def _weights(self) -> np.ndarray:
         return np.array([self.config.numeric_weights.get(c, 1.0)

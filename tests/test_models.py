@@ -359,3 +359,88 @@ def test_evaluate_flow_matches_the_library(synthetic, prefect_harness, tmp_path)
     for metric in ("auc_roc", "average_precision", "card_precision_at_k"):
         assert got["folds"][0][metric] == pytest.approx(getattr(direct.folds[0], metric))
     assert got["settings"]["data_sha256"] and got["settings"]["scorer"] == "logreg"
+
+
+# --- the vectorizer and the stacked model: regressions ------------------------------------------
+
+
+class _HashEncoder:
+    """A deterministic stand-in for the sentence encoder: a unit vector from each text's hash."""
+
+    def encode(self, texts):
+        import hashlib
+
+        out = np.zeros((len(texts), 16), dtype=np.float32)
+        for i, text in enumerate(texts):
+            v = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], dtype=np.uint8)
+            out[i] = v / np.linalg.norm(v.astype(np.float64))
+        return out
+
+
+def _text_vectorizer():
+    from pipeline.vectors import TransactionVectorizer
+
+    fit = pl.DataFrame({schema.AMOUNT: [1.0, 2.0, 3.0, 4.0],
+                        schema.MERCHANT_NAME: ["Ann", "Bob", "Cat", "Dan"],
+                        schema.CHANNEL: ["card-present", "card-not-present"] * 2})
+    config = VectorConfig(numeric_features=(schema.AMOUNT,), log_features=(schema.AMOUNT,),
+                          text_dim=2)
+    return TransactionVectorizer(config, _HashEncoder()).fit(fit)
+
+
+def test_vectorizer_with_text_transforms_a_batch_without_text_columns():
+    """An index fitted with merchant text scoring a batch that has none of the descriptive
+    columns: every row gets the empty text's vector (a one-row literal made the text part a
+    single row, and a batch of more than one row failed to stack)."""
+    vectorizer = _text_vectorizer()
+    batch = pl.DataFrame({schema.AMOUNT: [1.0, 2.5, 9.0]})
+    vectors = vectorizer.transform(batch)
+    assert vectors.shape == (3, vectorizer.dimension)
+    for row in range(3):  # the same vector as the row alone (an audit replays one row)
+        np.testing.assert_array_equal(vectors[row], vectorizer.transform(batch[row:row + 1])[0])
+    np.testing.assert_array_equal(vectors[0, 1:], vectors[2, 1:])
+    assert vectorizer.transform(batch.head(0)).shape == (0, vectorizer.dimension)
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+def test_vectorizer_refuses_missing_or_non_finite_features(bad):
+    """A null, NaN or infinite feature made the fitted mean NaN (every vector of the index NaN)
+    or a query vector non-finite (its neighbours meaningless): refused, naming the column."""
+    from pipeline.vectors import TransactionVectorizer
+
+    config = VectorConfig(numeric_features=(schema.AMOUNT, "X"), log_features=(schema.AMOUNT,),
+                          text_dim=0)
+    good = pl.DataFrame({schema.AMOUNT: [1.0, 2.0, 3.0], "X": [0.5, 0.25, 1.0]})
+    broken = good.with_columns(pl.Series("X", [0.5, bad, 1.0], dtype=pl.Float64))
+    with pytest.raises(ValueError, match="'X'"):
+        TransactionVectorizer(config).fit(broken)
+    vectorizer = TransactionVectorizer(config).fit(good)
+    with pytest.raises(ValueError, match="'X'"):
+        vectorizer.transform(broken)
+    assert np.isfinite(vectorizer.transform(good)).all()
+
+
+@pytest.mark.parametrize("weights", [{schema.AMOUNT: -1.0}, {schema.AMOUNT: float("nan")},
+                                     {schema.AMOUNT: float("inf")}, {"AMOUNTT": 2.0}])
+def test_vector_config_refuses_bad_feature_weights(weights):
+    """A NaN or infinite weight made every vector non-finite, a negative one is no weight of a
+    distance, and a weight for a feature the vector lacks (a typo) was silently ignored."""
+    with pytest.raises(ValueError, match="weight"):
+        VectorConfig(numeric_features=(schema.AMOUNT,), numeric_weights=weights)
+    with pytest.raises(ValueError, match="text_weight"):
+        VectorConfig(text_weight=float("nan"))
+    with pytest.raises(ValueError, match="text_dim"):
+        VectorConfig(text_dim=-1)
+    zero = VectorConfig(numeric_features=(schema.AMOUNT,), numeric_weights={schema.AMOUNT: 0.0})
+    assert zero.numeric_weights == {schema.AMOUNT: 0.0}
+
+
+def test_stacked_model_refuses_a_window_with_one_class():
+    """Trained directly (the knn-stacked scorer of `evaluate` does) on a window with no fraud,
+    the booster learned a constant and every decision got the same score: refused as
+    build_stacked_index refuses it."""
+    from pipeline.stacking import StackedModel
+
+    frame = pl.DataFrame({schema.TRANSACTION_ID: ["a", "b"], schema.IS_FRAUD: [0, 0]})
+    with pytest.raises(ValueError, match="both classes"):
+        StackedModel().fit(frame, index=None, labelled=frame)
