@@ -771,13 +771,25 @@ def _export_row(d: Mapping[str, Any], history: list[dict[str, Any]], pseudo: Pse
     }
 
 
-def _reviews_by_decision(ledger: Ledger, wanted: set[str]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    if wanted:
-        for review in ledger.feedback():
-            if review["decision_id"] in wanted:
-                out.setdefault(review["decision_id"], []).append(review)
-    return out
+def reviews_by_decision(ledger: Ledger, decision_ids: Sequence[str]
+                        ) -> dict[str, list[dict[str, Any]]]:
+    """Every review of the given decisions, oldest first, by decision: one query per 1,000
+    ids (an HTML case report's reviews), not the whole review chain nor a query a decision."""
+    with ledger.read() as conn:
+        return reviews_in(conn, decision_ids)
+
+
+def reviews_in(conn: sa.Connection, decision_ids: Sequence[str]
+               ) -> dict[str, list[dict[str, Any]]]:
+    """:func:`reviews_by_decision` on an open connection (inside a caller's snapshot)."""
+    wanted = list(dict.fromkeys(decision_ids))
+    found: dict[str, list[dict[str, Any]]] = {}
+    for start in range(0, len(wanted), 1000):
+        query = (sa.select(FEEDBACK).where(FEEDBACK.c.decision_id.in_(
+            wanted[start:start + 1000])).order_by(FEEDBACK.c.seq))
+        for review in conn.execute(query).mappings():
+            found.setdefault(review["decision_id"], []).append(dict(review))
+    return found
 
 
 def export_frame(rows: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
@@ -858,7 +870,7 @@ def export(ledger: Ledger, out: str | Path, format: str, since: datetime | None 
                 raise ValueError(f"more than {max_cases:,} decisions selected for an HTML case "
                                  "report: narrow it with --batch, --decision, --alerts-only or "
                                  "--from/--to, or export csv/jsonl/parquet")
-        reviews = _reviews_by_decision(ledger, {r["decision_id"] for r in rows})
+        reviews = reviews_by_decision(ledger, [r["decision_id"] for r in rows])
         page = render_case_report(rows, reviews, verified=verified, since=since, until=until,
                                   pseudonymised=not reveal)
         artifacts.atomic_write_bytes(out, page.encode("utf-8"))

@@ -821,7 +821,7 @@ def _prepare_export(queries: DashboardQueries, flt: SearchFilter, fmt: str,
         return
     name = f"finsentinel-decisions.{fmt}"
     if fmt == "html":
-        reviews = queries.reviews_of([r["decision_id"] for r in rows])
+        reviews = audit.reviews_by_decision(queries.ledger, [r["decision_id"] for r in rows])
         data = audit.render_case_report(rows, reviews, pseudonymised=not reveal).encode()
         mime = "text/html"
     else:

@@ -22,7 +22,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from pipeline import schema
-from pipeline.ledger import BATCHES, DECISIONS, FEEDBACK, LEDGER_META, Ledger, _iso_bound
+from pipeline.audit import reviews_in
+from pipeline.ledger import BATCHES, DECISIONS, LEDGER_META, Ledger, _iso_bound
 from pipeline.news_store import ARTICLES, DAILY
 
 FRAUD = "fraud"
@@ -257,25 +258,7 @@ class DashboardQueries:
     @staticmethod
     def _latest_reviews(conn: sa.Connection, decision_ids: Sequence[str]
                         ) -> dict[str, dict[str, Any]]:
-        latest: dict[str, dict[str, Any]] = {}
-        for start in range(0, len(decision_ids), 1000):
-            query = (sa.select(FEEDBACK).where(FEEDBACK.c.decision_id.in_(
-                list(decision_ids[start:start + 1000]))).order_by(FEEDBACK.c.seq))
-            for review in conn.execute(query).mappings():
-                latest[review["decision_id"]] = dict(review)
-        return latest
-
-    def reviews_of(self, decision_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-        """Every review of the given decisions, oldest first, by decision: one query per
-        1,000 ids (an HTML case report's reviews), not one per decision."""
-        found: dict[str, list[dict[str, Any]]] = {}
-        with self.ledger.read() as conn:
-            for start in range(0, len(decision_ids), 1000):
-                query = (sa.select(FEEDBACK).where(FEEDBACK.c.decision_id.in_(
-                    list(decision_ids[start:start + 1000]))).order_by(FEEDBACK.c.seq))
-                for review in conn.execute(query).mappings():
-                    found.setdefault(review["decision_id"], []).append(dict(review))
-        return found
+        return {d: reviews[-1] for d, reviews in reviews_in(conn, decision_ids).items()}
 
     def channels(self) -> list[str]:
         return list(schema.CHANNELS)
