@@ -230,37 +230,23 @@ class NewsStore:
 
 def _classified_since(conn: sa.Connection, batch_id: str, news_ids: set[str]) -> set[str]:
     """The articles among ``news_ids`` that a ledger batch recorded after ``batch_id`` (by the
-    batches' creation times) has classified since: those whose stored rows come from such a
-    batch, and those such a batch gave a label (not a failure) in the ledger, whatever rows
-    it left here (none, when the later classification named no ticker)."""
+    batches' creation times) gave a label (not a failure), whatever rows it left here (none,
+    when that classification named no ticker). The article rows here come from such ledger
+    batches (same database), so the ledger alone says which classification is the latest."""
     ids = sorted(news_ids)
     if not ids:
         return set()
     mine = conn.execute(sa.select(BATCHES.c.created_at).where(
         BATCHES.c.kind == "sentiment",  # pipeline.sentiment.jobs.KIND
         BATCHES.c.batch_id == batch_id)).scalar_one_or_none() or ""
-    later = set()
+    later: set[str] = set()
     for start in range(0, len(ids), PAIRS_PER_QUERY):
-        chunk = ids[start:start + PAIRS_PER_QUERY]
-        owners: dict[str, set[str]] = {}
-        for news_id, owner in conn.execute(
-                sa.select(ARTICLES.c.news_id, ARTICLES.c.batch_id).distinct().where(
-                    ARTICLES.c.news_id.in_(chunk))):
-            if owner != batch_id:
-                owners.setdefault(news_id, set()).add(owner)
-        if owners:
-            created = dict(conn.execute(
-                sa.select(BATCHES.c.batch_id, BATCHES.c.created_at).where(
-                    BATCHES.c.kind == "sentiment",
-                    BATCHES.c.batch_id.in_(sorted({b for f in owners.values() for b in f})))
-            ).all())
-            later |= {news_id for news_id, found in owners.items()
-                      if any(created.get(b, "") > mine for b in found)}
         later.update(conn.execute(
             sa.select(DECISIONS.c.subject_id).distinct()
             .join(BATCHES, sa.and_(BATCHES.c.batch_id == DECISIONS.c.batch_id,
                                    BATCHES.c.kind == DECISIONS.c.kind))
-            .where(DECISIONS.c.kind == "sentiment", DECISIONS.c.subject_id.in_(chunk),
+            .where(DECISIONS.c.kind == "sentiment",
+                   DECISIONS.c.subject_id.in_(ids[start:start + PAIRS_PER_QUERY]),
                    DECISIONS.c.batch_id != batch_id,
                    DECISIONS.c.decision != "failed",  # pipeline.sentiment.jobs.FAILED
                    BATCHES.c.created_at > mine)).scalars())
