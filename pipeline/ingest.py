@@ -57,6 +57,7 @@ MAX_AMOUNT = 1e12  # beyond any single card payment: a unit or parsing error ups
 # an offset, 9999 plus the label delay) cannot be Python datetimes downstream.
 MIN_TIME = datetime(1950, 1, 1)
 MAX_TIME = datetime(2200, 1, 1)  # exclusive
+TIME_RANGE = f"a date-time from {MIN_TIME:%Y-%m-%d} to before {MAX_TIME:%Y-%m-%d}"
 ROW_FIELD = "row"  # the quarantine `field` for problems with a whole record (bad JSON, bad CSV)
 QUARANTINE_SCHEMA = {
     "row_number": pl.Int64(),
@@ -404,8 +405,7 @@ def _rule(field: str, dtype: pl.DataType, require_labels: bool) -> _Rule:
             .then(
                 pl.concat_str(
                     pl.lit(
-                        f"tx_time: expected a date-time from {MIN_TIME:%Y-%m-%d} to before "
-                        f"{MAX_TIME:%Y-%m-%d}, got "
+                        f"tx_time: expected {TIME_RANGE}, got "
                     ),
                     _shown(text),
                 )

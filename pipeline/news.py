@@ -25,6 +25,7 @@ from pipeline.ingest import (
     MIN_TIME,
     QUARANTINE_SCHEMA,
     ROW_FIELD,
+    TIME_RANGE,
     IngestResult,
     InputError,
     _encode_rows,
@@ -224,8 +225,7 @@ def _validate(read: _Read, source: str) -> IngestResult:
                     problems.append((field, f"{field}: contains a NUL character (expected "
                                      "printable text)"))
             if out_of_range[i]:
-                problems.append((PUBLISHED_AT, "published_at: expected a date-time from "
-                                 f"{MIN_TIME:%Y-%m-%d} to before {MAX_TIME:%Y-%m-%d}, got "
+                problems.append((PUBLISHED_AT, f"published_at: expected {TIME_RANGE}, got "
                                  f"{_quote(published_text[i] or '')}"))
             elif published[i] is None:
                 shown = published_text[i]
