@@ -63,7 +63,6 @@ VECTOR_TOLERANCE = 1e-4
 # another merchant's text (median nearest 0.1-0.4). The numeric part keeps VECTOR_TOLERANCE.
 FP16_EMBEDDING_TOLERANCE = 0.01
 ID_FIELDS = (schema.CUSTOMER_ID, schema.TERMINAL_ID)  # card and merchant ids: pseudonymised
-MIN_KEY_CHARS = 16
 FEEDBACK_LABELS = {"confirmed-fraud": 1, "false-positive": 0}
 ANCHOR_FORMAT = "finsentinel-ledger-anchors/1"
 ExportFormat = Literal["csv", "jsonl", "parquet", "html"]
@@ -145,18 +144,15 @@ def pseudonymiser(reveal: bool = False) -> Pseudonymiser:
     """Card (customer) and terminal ids -> keyed HMAC-SHA256 pseudonyms, the same ones
     :mod:`pipeline.privacy` writes to logs; identity with ``reveal``. The key comes from
     ``$FINSENTINEL_PSEUDONYM_KEY`` only and is never written anywhere."""
-    from pipeline.privacy import PSEUDONYM_KEY_ENV, pseudonymise
+    from pipeline.privacy import pseudonym_key, pseudonymise
 
     if reveal:
         return lambda value: value
-    key = os.environ.get(PSEUDONYM_KEY_ENV, "")
-    if len(key) < MIN_KEY_CHARS:
-        problem = "is not set" if not key else f"is shorter than {MIN_KEY_CHARS} characters"
-        raise ValueError(f"${PSEUDONYM_KEY_ENV} {problem}: audit exports replace card and "
-                         "terminal ids with a keyed hash (HMAC-SHA256) and need a secret key of "
-                         f"at least {MIN_KEY_CHARS} characters; or pass --reveal to export the "
-                         "raw ids")
-    secret = key.encode("utf-8")
+    try:  # the key rules are privacy's (set, and long enough not to be found by trying)
+        secret = pseudonym_key(required=True)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; audit exports replace card and terminal ids with a keyed "
+                         "hash (HMAC-SHA256), or pass --reveal to export the raw ids") from None
     return lambda value: None if value is None else pseudonymise(value, key=secret)
 
 
