@@ -93,7 +93,7 @@ def index_reference_scores(root: str | Path, index_version: str, *, k: int, smoo
     import faiss
 
     from pipeline import artifacts, schema
-    from pipeline.index import FraudIndex, IndexConfig
+    from pipeline.index import FraudIndex, IndexConfig, set_search_settings
     from pipeline.scoring import knn_score, similarity
 
     name, _, version = index_version.rpartition("@")
@@ -105,14 +105,11 @@ def index_reference_scores(root: str | Path, index_version: str, *, k: int, smoo
     import polars as pl
 
     stored = faiss.read_index(str(directory / "index.faiss"))
-    # Search as the index scores (FraudIndex.load): nprobe is not kept in the file (faiss
-    # reads 1, a fraction of the lists the batch's scores searched); and IVF lists need a
-    # direct map before their vectors can be read back.
+    # Search as the index scores (FraudIndex.load); IVF lists need a direct map before their
+    # vectors can be read back.
     config = IndexConfig(**{**manifest.get("index_config", {}), "use_gpu": False})
-    if isinstance(stored, faiss.IndexHNSW):
-        stored.hnsw.efSearch = config.hnsw_ef_search
-    elif isinstance(stored, faiss.IndexIVF):
-        stored.nprobe = config.ivf_nprobe
+    set_search_settings(stored, config)
+    if isinstance(stored, faiss.IndexIVF):
         stored.make_direct_map()
     meta = pl.read_parquet(directory / "meta.parquet")
     index = FraudIndex(None, stored, meta, meta.clear(), manifest,  # type: ignore[arg-type]

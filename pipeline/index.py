@@ -74,6 +74,16 @@ def _choose_kind(config: IndexConfig, n: int, on_gpu: bool) -> str:
     return "ivf" if on_gpu or n > config.ivf_min else "hnsw"
 
 
+def set_search_settings(index: faiss.Index, config: IndexConfig) -> faiss.Index:
+    """An index read from its file searched as built: faiss does not keep HNSW's efSearch nor
+    IVF's nprobe in the file (it reads back its defaults: 16 and 1)."""
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = config.hnsw_ef_search
+    elif isinstance(index, faiss.IndexIVF):
+        index.nprobe = config.ivf_nprobe
+    return index
+
+
 def _make_index(kind: str, vectors: np.ndarray, config: IndexConfig) -> faiss.Index:
     dim = vectors.shape[1]
     if kind == "flat":
@@ -313,10 +323,7 @@ class FraudIndex:
         config = IndexConfig(**{**manifest["index_config"], "use_gpu": use_gpu})
         if gpu_float16 is not None:
             config = replace(config, gpu_float16=gpu_float16)
-        if isinstance(index, faiss.IndexHNSW):
-            index.hnsw.efSearch = config.hnsw_ef_search
-        elif isinstance(index, faiss.IndexIVF):
-            index.nprobe = config.ivf_nprobe
+        set_search_settings(index, config)
         meta = pl.read_parquet(directory / "meta.parquet")
         context = pl.read_parquet(directory / "context.parquet")
         loaded = cls(vectorizer, index, meta, context, manifest, config)
