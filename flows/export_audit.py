@@ -54,11 +54,7 @@ def export_audit(month: str | None = None, format: str = "jsonl",
     audit.month_range(month)  # a malformed month fails here, before any work
     if format not in audit.FORMATS:
         raise ValueError(f"format: expected one of {', '.join(audit.FORMATS)}, got {format!r}")
-    missing = audit.missing_ledger(db)
-    if missing is not None:  # opening it would create an empty ledger that "verifies"
-        raise LedgerError(f"no ledger at {missing}: the audit export needs an existing ledger "
-                          "database (check db or $FINSENTINEL_DB; a ledger is created by "
-                          "`finsentinel score`)")
+    audit.require_ledger(db, "the audit export", "db")  # else an empty ledger "verifies"
     out = Path(out_dir) / f"ledger-{month}.{format}"
     report = export_month(db, month, format, str(out), reveal)
     create_table_artifact(

@@ -606,6 +606,19 @@ def missing_ledger(url: str | None) -> str | None:
     return parsed.render_as_string(hide_password=True)
 
 
+
+def require_ledger(url: str | None, what: str, option: str = "--db") -> str:
+    """The resolved URL of the existing ledger ``url`` names; :class:`LedgerError` naming
+    where none is (see :func:`missing_ledger`) and what ``what`` needed it for."""
+    from pipeline.ledger import resolve_db_url
+
+    missing = missing_ledger(url)
+    if missing is not None:
+        raise LedgerError(f"no ledger at {missing}: {what} needs an existing ledger database "
+                          f"(check {option} or $FINSENTINEL_DB; a ledger is created by "
+                          "`finsentinel score`)")
+    return resolve_db_url(url)
+
 # --- anchors ---------------------------------------------------------------------------------
 
 def write_anchors(path: str | Path, anchors: Sequence[Anchor]) -> Path:
@@ -712,6 +725,18 @@ def iter_export_rows(ledger: Ledger, since: datetime | None = None,
     """The rows of :func:`export_rows`, ``chunk_rows`` (default EXPORT_CHUNK_ROWS) at a time,
     streamed from one query in one snapshot (decisions and reviews agree): an export of any
     size never holds more than a chunk of decisions in memory."""
+    for rows, _ in _export_chunks(ledger, since, until, reveal=reveal, batch_id=batch_id,
+                                  decision_ids=decision_ids, alerts_only=alerts_only,
+                                  chunk_rows=chunk_rows):
+        yield rows
+
+
+def _export_chunks(ledger: Ledger, since: datetime | None, until: datetime | None, *,
+                   reveal: bool, batch_id: str | None, decision_ids: Sequence[str] | None,
+                   alerts_only: bool, chunk_rows: int | None = None
+                   ) -> Iterator[tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]]:
+    """Chunks of export rows with every review of the chunk's decisions (oldest first), all
+    read in one snapshot."""
     pseudo = pseudonymiser(reveal)
     table = DECISIONS
     query = sa.select(table).order_by(table.c.seq)
@@ -734,8 +759,10 @@ def iter_export_rows(ledger: Ledger, since: datetime | None = None,
         result = conn.execution_options(yield_per=size).execute(query)
         try:
             for part in result.mappings().partitions(size):
-                yield [_export_row(d, reviews.get(d["decision_id"], []), pseudo, reveal)
-                       for d in part]
+                found = {d["decision_id"]: reviews[d["decision_id"]] for d in part
+                         if d["decision_id"] in reviews}
+                yield ([_export_row(d, reviews.get(d["decision_id"], []), pseudo, reveal)
+                        for d in part], found)
         finally:
             result.close()
 
@@ -855,23 +882,26 @@ def export(ledger: Ledger, out: str | Path, format: str, since: datetime | None 
             f"the ledger does not verify ({verified.chain} seq {verified.first_bad_seq}: "
             f"{verified.reason}); the existing export {out} and its anchors {anchors_path} "
             "were kept, nothing was written", verified)
-    chunks = iter_export_rows(ledger, since, until, reveal=reveal, batch_id=batch_id,
-                              decision_ids=decision_ids, alerts_only=alerts_only)
     if format == "html":
         rows: list[dict[str, Any]] = []
-        for chunk in chunks:
+        reviews: dict[str, list[dict[str, Any]]] = {}
+        parts = _export_chunks(ledger, since, until, reveal=reveal, batch_id=batch_id,
+                               decision_ids=decision_ids, alerts_only=alerts_only)
+        for chunk, found in parts:
             rows += chunk
+            reviews |= found
             if len(rows) > max_cases:
-                chunks.close()
+                parts.close()
                 raise ValueError(f"more than {max_cases:,} decisions selected for an HTML case "
                                  "report: narrow it with --batch, --decision, --alerts-only or "
                                  "--from/--to, or export csv/jsonl/parquet")
-        reviews = reviews_by_decision(ledger, [r["decision_id"] for r in rows])
         page = render_case_report(rows, reviews, verified=verified, since=since, until=until,
                                   pseudonymised=not reveal)
         artifacts.atomic_write_bytes(out, page.encode("utf-8"))
         count = len(rows)
     else:
+        chunks = iter_export_rows(ledger, since, until, reveal=reveal, batch_id=batch_id,
+                                  decision_ids=decision_ids, alerts_only=alerts_only)
         with artifacts.atomic_path(out) as tmp:
             count = _write_table(tmp, format, chunks)
     held, held_path = 0, quarantine_export_path(out)

@@ -59,14 +59,14 @@ def existing_ledger(db: str | None, what: str) -> str:
     """The ledger URL for a command that reads an existing ledger: a SQLite file that is not
     there, or a database without a ledger in it, is refused (opening it would create an empty
     ledger, and a typo would verify as an intact empty chain)."""
-    from pipeline.audit import missing_ledger
-    from pipeline.ledger import resolve_db_url
+    from pipeline.audit import require_ledger
+    from pipeline.ledger import LedgerError
 
-    missing = missing_ledger(db)
-    if missing is not None:
-        _fail(f"no ledger at {missing}: {what} needs an existing ledger database (check --db "
-              f"or $FINSENTINEL_DB; a ledger is created by `finsentinel score`)")
-    return resolve_db_url(db)
+    try:
+        return require_ledger(db, what)
+    except LedgerError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
 
 
 def check_input(path: Path | None, option: str) -> None:
