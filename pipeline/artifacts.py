@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -54,12 +55,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write a file so that readers see either the old or the new content, never a torn one."""
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> Path:
+    """Write a file so that readers see either the old or the new content, never a torn one.
+    ``mode``: its permission bits (default: mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_owned(path.name), suffix=".tmp")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -112,13 +116,19 @@ def check_name(value: str, what: str = "artifact name") -> str:
 @contextmanager
 def publish(root: str | Path, name: str, manifest: dict[str, Any]) -> Iterator[Path]:
     """Write a new version of artifact ``name``: the caller fills the yielded directory; on
-    success the files are hashed into the manifest, fsynced, and CURRENT is switched to it."""
+    success the files are hashed into the manifest, fsynced, and CURRENT is switched to it.
+    ``manifest`` is then updated with what was written (name, version, files): the caller's
+    own version, whatever a concurrent publish has made CURRENT since. The version folder and
+    CURRENT take the permissions of the artifact's folder (``root/name``)."""
+    keep = keep_versions()  # a bad setting refuses the publish, before anything is live
     base = Path(root) / check_name(name)
     base.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(base)
     version = new_version()
+    folder_mode = stat.S_IMODE(base.stat().st_mode)
     staging = Path(tempfile.mkdtemp(dir=base, prefix=_owned(version)))
     try:
+        staging.chmod(folder_mode)  # not mkdtemp's 0700: readable by whoever reads the folder
         yield staging
         files = {}
         for file in sorted(p for p in staging.rglob("*") if p.is_file()):
@@ -127,15 +137,19 @@ def publish(root: str | Path, name: str, manifest: dict[str, Any]) -> Iterator[P
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
         full = {**manifest, "name": name, "version": version, "files": files}
-        (staging / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+        with open(staging / MANIFEST, "w") as handle:
+            handle.write(json.dumps(full, indent=2, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         _fsync_dir(staging)
         os.replace(staging, base / version)
         _fsync_dir(base)
-        atomic_write_bytes(base / CURRENT, (version + "\n").encode())
+        atomic_write_bytes(base / CURRENT, (version + "\n").encode(), mode=folder_mode & 0o666)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _prune(base, keep=keep_versions())
+    manifest.update(name=name, version=version, files=files)
+    _prune(base, keep=keep)
 
 
 _HOST = socket.gethostname().replace(".", "_").replace("/", "_") or "localhost"
@@ -221,7 +235,7 @@ def resolve(root: str | Path, name: str, version: str | None = None, *, verify: 
     if not manifest_path.exists():
         raise ArtifactError(f"artifact {name!r} version {version} is missing its manifest "
                             f"({manifest_path})")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)
     unlisted = [rel for rel in require if rel not in manifest.get("files", {})]
     if unlisted:
         raise ArtifactError(f"artifact {name!r} version {version}: {', '.join(unlisted)} not "
@@ -229,6 +243,24 @@ def resolve(root: str | Path, name: str, version: str | None = None, *, verify: 
     if verify:
         verify_files(directory, manifest)
     return directory, manifest
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A manifest, or an ArtifactError naming it where it is not one (cut short by a crash or a
+    full disk, or of another shape): a JSON object whose ``files`` maps each file to its
+    sha256."""
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not a readable manifest ({exc}); the artifact is "
+                            "incomplete or corrupted") from exc
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(meta, dict) and isinstance(meta.get("sha256"), str)
+            for meta in files.values()):
+        raise ArtifactError(f"{path}: expected a JSON object whose 'files' maps each file to "
+                            "its sha256; the artifact is incomplete or corrupted")
+    return manifest
 
 
 def verify_files(directory: Path, manifest: dict[str, Any]) -> None:

@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -56,39 +57,60 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+class EmbeddingCacheError(ValueError):
+    """The embedding cache file cannot be used (not a SQLite database, or a damaged one)."""
+
+
 class EmbeddingCache:
     """Embeddings keyed by (model weights hash, text hash) in one SQLite file.
 
-    SQLite gives atomic, concurrent-safe writes for free; vectors are float32 blobs.
+    SQLite gives atomic, concurrent-safe writes for free; vectors are float32 blobs. A file
+    SQLite cannot use is an :class:`EmbeddingCacheError` naming it.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.path, timeout=30)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS embeddings (model TEXT NOT NULL, text_sha TEXT NOT NULL, "
-            "vector BLOB NOT NULL, PRIMARY KEY (model, text_sha))"
-        )
-        self._conn.commit()
+        with self._errors():
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS embeddings (model TEXT NOT NULL, "
+                "text_sha TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (model, text_sha))"
+            )
+            self._conn.commit()
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """sqlite3's errors ("file is not a database", "database disk image is malformed")
+        as an EmbeddingCacheError naming the file."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            raise EmbeddingCacheError(
+                f"embedding cache {self.path}: {exc}; it holds only cached vectors: delete it "
+                f"(or point ${CACHE_ENV} elsewhere) and they are encoded again") from exc
 
     def get_many(self, model: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """The cached vectors of ``keys``; a row that is not float32 bytes (damaged) is left
+        out, to be encoded again and replaced."""
         found: dict[str, np.ndarray] = {}
-        for start in range(0, len(keys), 500):
-            chunk = list(keys[start : start + 500])
-            marks = ",".join("?" * len(chunk))
-            rows = self._conn.execute(
-                "SELECT text_sha, vector FROM embeddings "
-                f"WHERE model = ? AND text_sha IN ({marks})",
-                [model, *chunk],
-            )
-            for key, blob in rows:
-                found[key] = np.frombuffer(blob, dtype=np.float32)
+        with self._errors():
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                rows = self._conn.execute(
+                    "SELECT text_sha, vector FROM embeddings "
+                    f"WHERE model = ? AND text_sha IN ({marks})",
+                    [model, *chunk],
+                )
+                for key, blob in rows:
+                    if isinstance(blob, bytes) and len(blob) % 4 == 0:
+                        found[key] = np.frombuffer(blob, dtype=np.float32)
         return found
 
     def put_many(self, model: str, items: dict[str, np.ndarray]) -> None:
-        with self._conn:
+        with self._errors(), self._conn:
             self._conn.executemany(
                 "INSERT OR REPLACE INTO embeddings (model, text_sha, vector) VALUES (?, ?, ?)",
                 [(model, k, np.ascontiguousarray(v, dtype=np.float32).tobytes())
@@ -96,7 +118,8 @@ class EmbeddingCache:
             )
 
     def __len__(self) -> int:
-        return self._conn.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+        with self._errors():
+            return self._conn.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
 
     def close(self) -> None:
         self._conn.close()

@@ -10,8 +10,9 @@ index's vectors there in half precision (brute force at half the memory traffic,
 
 from __future__ import annotations
 
+import logging
 import platform
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,8 @@ import polars as pl
 from pipeline import artifacts, schema
 from pipeline.encoder import TextEncoder
 from pipeline.vectors import TransactionVectorizer, VectorConfig
+
+log = logging.getLogger(__name__)
 
 INDEXES_ENV = "FINSENTINEL_INDEXES"
 # Every file FraudIndex.load reads: each must be in the manifest, with its hash checked first.
@@ -156,8 +159,10 @@ NEIGHBOUR_SEARCH_ELEMENTS = 1 << 25
 
 def _to_gpu(index: faiss.Index, float16: bool = False) -> faiss.Index:
     """A GPU copy of a flat or IVF index (sharded over every GPU when there are several);
-    HNSW has no GPU version in faiss and is returned as it is."""
+    HNSW has no GPU version in faiss (its cloner raises): returned as it is, and said so."""
     if isinstance(index, faiss.IndexHNSW):
+        log.warning("HNSW index: faiss has no GPU version of HNSW, so it is searched on the "
+                    "CPU (build it with --kind flat or --kind ivf to search on the GPU)")
         return index
     if faiss.get_num_gpus() > 1:
         options = faiss.GpuMultipleClonerOptions()
@@ -290,6 +295,8 @@ class FraudIndex:
     def save(self, name: str, root: str | Path | None = None) -> str:
         """Write atomically as a new version of ``root/name`` and return the version."""
         root = Path(root) if root else default_root()
+        # publish() updates self.manifest with what it wrote: this version, not CURRENT's,
+        # which a concurrent build of the same name may have switched already.
         with artifacts.publish(root, name, self.manifest) as directory:
             faiss.write_index(self.index, str(directory / "index.faiss"))
             self.meta.write_parquet(directory / "meta.parquet")
@@ -297,9 +304,7 @@ class FraudIndex:
             self.vectorizer.save(directory)
             if self.model is not None:
                 self.model.save(directory)
-        _, manifest = artifacts.resolve(root, name, verify=False)
-        self.manifest = manifest
-        return manifest["version"]
+        return self.manifest["version"]
 
     @classmethod
     def load(cls, name: str, root: str | Path | None = None, *, version: str | None = None,
@@ -319,12 +324,13 @@ class FraudIndex:
                     f"{recorded['weights_sha256'][:12]}…, but the encoder given has "
                     f"{encoder.weights_hash[:12]}…")
         vectorizer = TransactionVectorizer.load(directory, encoder if recorded else None)
-        index = faiss.read_index(str(directory / "index.faiss"))
-        config = IndexConfig(**{**manifest["index_config"], "use_gpu": use_gpu})
+        index = _read_index(directory, manifest)
+        config = IndexConfig(**{**_recorded_config(directory, manifest), "use_gpu": use_gpu})
         if gpu_float16 is not None:
             config = replace(config, gpu_float16=gpu_float16)
         set_search_settings(index, config)
         meta = pl.read_parquet(directory / "meta.parquet")
+        _check_contents(directory, manifest, index, vectorizer.dimension, meta.height)
         context = pl.read_parquet(directory / "context.parquet")
         loaded = cls(vectorizer, index, meta, context, manifest, config)
         if manifest.get("model"):  # a stacked model: its files were hash-checked with the rest
@@ -339,11 +345,23 @@ class FraudIndex:
         return loaded
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Squared L2 distances and row positions in ``meta`` (-1 where fewer than k exist).
-        On a GPU index, a k beyond faiss's GPU limit is searched on the CPU copy."""
-        k = min(k, self.size)
-        index = self._search_index if k <= GPU_MAX_K else self.index
-        return index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        """Squared L2 distances and row positions in ``meta``, k columns (-1 positions where
+        fewer than k exist; inf distances past the index's size). ValueError for query vectors
+        of another dimension or not finite. On a GPU index, a k beyond faiss's GPU limit is
+        searched on the CPU copy."""
+        vectors = _check_queries(vectors, int(self.index.d), self.version)
+        depth = min(k, self.size)
+        if depth < 1 or len(vectors) == 0:
+            distances = np.empty((len(vectors), 0), dtype=np.float32)
+            positions = np.empty((len(vectors), 0), dtype=np.int64)
+        else:
+            index = self._search_index if depth <= GPU_MAX_K else self.index
+            distances, positions = index.search(vectors, depth)
+        if depth < k:
+            pad = ((0, 0), (0, k - max(depth, 0)))
+            distances = np.pad(distances, pad, constant_values=np.inf)
+            positions = np.pad(positions, pad, constant_values=-1)
+        return distances, positions
 
     def neighbours(self, vectors: np.ndarray, tx_time_us: np.ndarray, tx_ids: np.ndarray, k: int
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -361,6 +379,7 @@ class FraudIndex:
         out_p = np.full((n, k), -1, dtype=np.int64)
         if n == 0 or k == 0 or self.size == 0:
             return out_d, out_p
+        vectors = _check_queries(vectors, int(self.index.d), self.version)
         tx_time_us = np.asarray(tx_time_us)
         latest_label = self._label_time.max()
         depth = k + 1 if tx_time_us.min() >= latest_label else 2 * k + 1
@@ -410,6 +429,66 @@ class FraudIndex:
 
     def labels_at(self, positions: np.ndarray) -> np.ndarray:
         return np.where(positions >= 0, self._labels[np.where(positions >= 0, positions, 0)], 0)
+
+
+def _check_queries(vectors: np.ndarray, dimension: int, version: str) -> np.ndarray:
+    """``vectors`` as float32 rows, refused where they cannot be searched: another dimension
+    than the index's (faiss: a bare AssertionError), or NaN/inf (faiss: no neighbour found,
+    so a score of the prior, silently)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != dimension:
+        raise ValueError(f"query vectors of dimension {vectors.shape[-1] if vectors.ndim else 0}"
+                         f" (shape {vectors.shape}), but index {version} holds "
+                         f"{dimension}-dimensional vectors")
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad):
+        raise ValueError(f"{len(bad)} query vector(s) with NaN or infinite values (first: row "
+                         f"{bad[0]}): index {version} cannot search them")
+    return vectors
+
+
+def _read_index(directory: Path, manifest: dict[str, Any]) -> faiss.Index:
+    """The FAISS file, or an ArtifactError naming it where this faiss cannot read it (one
+    written by another faiss version)."""
+    path = directory / "index.faiss"
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        built = (manifest.get("libraries") or {}).get("faiss", "an unrecorded version")
+        raise artifacts.ArtifactError(
+            f"{path}: not an index faiss {faiss.__version__} can read (written with faiss "
+            f"{built}): {exc}") from exc
+
+
+def _recorded_config(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's index_config, refused (naming the manifest) where this version cannot
+    search as the index was built: missing, or with settings it does not know."""
+    path = directory / artifacts.MANIFEST
+    recorded = manifest.get("index_config")
+    if not isinstance(recorded, dict):
+        raise artifacts.ArtifactError(
+            f"{path}: no index_config (the settings the index was built with); written by "
+            "another finsentinel version, or not a fraud index")
+    unknown = sorted(set(recorded) - {f.name for f in fields(IndexConfig)})
+    if unknown:
+        raise artifacts.ArtifactError(
+            f"{path}: written by another finsentinel version: index_config has settings this "
+            f"version does not know ({', '.join(unknown)}); load it with that version")
+    return recorded
+
+
+def _check_contents(directory: Path, manifest: dict[str, Any], index: faiss.Index,
+                    vector_dimension: int, meta_rows: int) -> None:
+    """The FAISS file holds what the manifest, meta.parquet and the vectorizer describe: a
+    position must name its metadata row, a query the index's dimension."""
+    count, dimension = int(index.ntotal), int(index.d)
+    expected = (manifest.get("vector_count"), manifest.get("dimension"))
+    if ((count, dimension) != expected or meta_rows != count
+            or vector_dimension != dimension):
+        raise artifacts.ArtifactError(
+            f"{directory / 'index.faiss'}: {count} vectors of dimension {dimension}, but the "
+            f"manifest records {expected[0]} of dimension {expected[1]}, meta.parquet has "
+            f"{meta_rows} rows and the vectorizer makes {vector_dimension}-dimensional vectors")
 
 
 def _library_versions() -> dict[str, str]:

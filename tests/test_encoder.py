@@ -150,3 +150,49 @@ def test_the_cache_does_not_serve_vectors_of_a_model_configured_otherwise(encode
     again = TextEncoder(cache_dir=tmp_path, device="cpu")
     again._model, again._weights_hash = encoder.model, encoder.weights_hash
     assert np.array_equal(again.encode(texts), v_mean) and again.encoded_count == 0
+
+
+def test_a_cache_row_of_any_length_or_type_is_encoded_again(encoder, tmp_path):
+    """A row cut at a length that is no multiple of 4 bytes (or stored as text) raised numpy's
+    "buffer size must be a multiple of element size" (or a TypeError) in every encode of that
+    text, instead of being encoded again and replaced."""
+    import sqlite3
+
+    texts = ["fuel station card payment", "grocery at Northgate"]
+    first = TextEncoder(cache_dir=tmp_path, device="cpu")
+    first._model, first._weights_hash = encoder.model, encoder.weights_hash
+    expected = first.encode(texts)
+    first.cache.close()
+    with sqlite3.connect(tmp_path / "embeddings.sqlite") as conn:
+        conn.execute("UPDATE embeddings SET vector = substr(vector, 1, 101) WHERE text_sha = ?",
+                     (text_hash(texts[0]),))
+        conn.execute("UPDATE embeddings SET vector = 'not a vector' WHERE text_sha = ?",
+                     (text_hash(texts[1]),))
+    second = TextEncoder(cache_dir=tmp_path, device="cpu")
+    second._model, second._weights_hash = encoder.model, encoder.weights_hash
+    assert np.allclose(second.encode(texts), expected, atol=1e-6)
+    assert second.encoded_count == 2
+    third = TextEncoder(cache_dir=tmp_path, device="cpu")
+    third._model, third._weights_hash = encoder.model, encoder.weights_hash
+    assert np.allclose(third.encode(texts), expected, atol=1e-6) and third.encoded_count == 0
+
+
+def test_a_corrupt_cache_file_is_a_clear_error_naming_it(encoder, tmp_path):
+    """A cache file that is not a SQLite database (overwritten, cut short by a full disk)
+    raised sqlite3's "file is not a database" / "database disk image is malformed", naming no
+    file and escaping the CLI's error handling as a traceback."""
+    from pipeline.encoder import EmbeddingCacheError
+
+    path = tmp_path / "embeddings.sqlite"
+    path.write_bytes(b"not a database " * 500)
+    with pytest.raises(EmbeddingCacheError, match=rf"{path}.*file is not a database.*delete"):
+        TextEncoder(cache_dir=tmp_path, device="cpu")
+
+    path.unlink()
+    cache = EmbeddingCache(path)
+    cache.put_many("m", {text_hash(str(i)): np.ones(384, np.float32) for i in range(3000)})
+    cache._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    cache.close()
+    path.write_bytes(path.read_bytes()[:12288])  # the first pages only
+    with pytest.raises(EmbeddingCacheError, match=rf"{path}.*malformed"):
+        TextEncoder(cache_dir=tmp_path, device="cpu")

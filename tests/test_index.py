@@ -3,6 +3,7 @@
 import json
 from datetime import timedelta
 
+import faiss
 import numpy as np
 import polars as pl
 import pytest
@@ -229,3 +230,114 @@ def test_index_names_and_versions_cannot_leave_the_root(tmp_path):
     with pytest.raises(artifacts.ArtifactError, match="expected a plain name"):
         artifacts.resolve(root, "fraud", "../../elsewhere")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["indexes"]
+
+
+def _rehash(directory):
+    """The manifest's hashes made to match the files again: what a file swapped in together
+    with its hash looks like (another version's file, another faiss's format)."""
+    manifest = json.loads((directory / artifacts.MANIFEST).read_text())
+    for rel in manifest["files"]:
+        manifest["files"][rel]["sha256"] = artifacts.sha256_file(directory / rel)
+    (directory / artifacts.MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def small_index(history):
+    return FraudIndex.build(history.head(3000), encoder=None,
+                            vector_config=VectorConfig(text_dim=0))
+
+
+def test_save_returns_its_own_version_when_another_publish_switches_current(small_index,
+                                                                            history, tmp_path,
+                                                                            monkeypatch):
+    """save() read back whatever version CURRENT named after its publish: a second build of
+    the same name finishing in between (the daily job and a manual rebuild) made the report
+    name the other build's version and the index carry the other build's manifest."""
+    other = FraudIndex.build(history.head(1000), encoder=None,
+                             vector_config=VectorConfig(text_dim=0))
+    real_prune, done = artifacts._prune, []
+
+    def another_build_finishes_first(base, keep):
+        if not done:
+            done.append(None)  # once: the other build's own publish prunes as usual
+            done[0] = other.save("cards", tmp_path)
+        real_prune(base, keep)
+
+    monkeypatch.setattr(artifacts, "_prune", another_build_finishes_first)
+    version = small_index.save("cards", tmp_path)
+    assert version != done[0]
+    assert small_index.manifest["version"] == version
+    assert small_index.manifest["vector_count"] == small_index.size == 3000
+    assert FraudIndex.load("cards", tmp_path, version=version).size == 3000
+
+
+def test_an_index_config_from_another_version_is_refused_naming_the_manifest(small_index,
+                                                                            tmp_path):
+    """A manifest written by another finsentinel version: an index_config setting this one does
+    not know raised IndexConfig's TypeError, a manifest without one a KeyError."""
+    version = small_index.save("cards", tmp_path)
+    path = tmp_path / "cards" / version / artifacts.MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["index_config"]["hnsw_ef_construction"] = 200
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(artifacts.ArtifactError,
+                       match=rf"{path}.*another finsentinel version.*hnsw_ef_construction"):
+        FraudIndex.load("cards", tmp_path)
+    del manifest["index_config"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(artifacts.ArtifactError, match=rf"{path}.*index_config"):
+        FraudIndex.load("cards", tmp_path)
+
+
+def test_an_index_file_this_faiss_cannot_read_is_an_artifact_error(small_index, tmp_path):
+    """An index.faiss in a format this faiss does not know (written by another faiss) raised
+    faiss's RuntimeError ("Index type 0x... not recognized") naming no file."""
+    version = small_index.save("cards", tmp_path)
+    directory = tmp_path / "cards" / version
+    data = (directory / "index.faiss").read_bytes()
+    (directory / "index.faiss").write_bytes(b"IwXX" + data[4:])
+    _rehash(directory)
+    with pytest.raises(artifacts.ArtifactError,
+                       match=rf"{directory / 'index.faiss'}.*faiss {faiss.__version__}"):
+        FraudIndex.load("cards", tmp_path)
+
+
+@pytest.mark.parametrize("vectors, dim", [(10, 15), (3000, 7)])
+def test_an_index_file_that_does_not_match_its_manifest_is_refused(small_index, tmp_path,
+                                                                   vectors, dim):
+    """An index.faiss holding other vectors than the manifest and meta.parquet describe loaded
+    without a word: 10 vectors searched gave positions 0-9 of 3,000 metadata rows (the wrong
+    labels, silently), 7-dimensional ones a bare AssertionError at the first search."""
+    version = small_index.save("cards", tmp_path)
+    directory = tmp_path / "cards" / version
+    swapped = faiss.IndexFlatL2(dim)
+    swapped.add(np.random.default_rng(0).normal(size=(vectors, dim)).astype(np.float32))
+    faiss.write_index(swapped, str(directory / "index.faiss"))
+    _rehash(directory)
+    with pytest.raises(artifacts.ArtifactError,
+                       match=rf"{directory / 'index.faiss'}: {vectors} vectors of dimension "
+                             rf"{dim}.*3000 of dimension 15"):
+        FraudIndex.load("cards", tmp_path)
+
+
+def test_search_checks_its_queries_and_keeps_k_columns(small_index):
+    """Query vectors of another dimension raised faiss's bare AssertionError; a NaN query found
+    no neighbour at all (scored as the prior, silently); k = 0 raised AssertionError; a k
+    beyond the index's size gave fewer columns than k."""
+    queries = small_index.vectorizer.transform(small_index.meta.head(4))
+    with pytest.raises(ValueError, match=r"dimension 14 .*holds 15-dimensional"):
+        small_index.search(queries[:, :14], 5)
+    broken = queries.copy()
+    broken[2, 3] = np.nan
+    with pytest.raises(ValueError, match="row 2"):
+        small_index.search(broken, 5)
+    with pytest.raises(ValueError, match="row 2"):
+        small_index.neighbours(broken, np.full(4, np.iinfo(np.int64).max),
+                               np.array(["a", "b", "c", "d"]), 5)
+    d, p = small_index.search(queries, 0)
+    assert d.shape == p.shape == (4, 0)
+    d, p = small_index.search(queries, small_index.size + 2)
+    assert p.shape == (4, small_index.size + 2)
+    assert (p[:, -2:] == -1).all() and np.isinf(d[:, -2:]).all()
+    assert sorted(p[0, :-2].tolist()) == list(range(small_index.size))

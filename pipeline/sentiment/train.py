@@ -133,9 +133,7 @@ class TrainedClassifier:
             save_classifier(staging, self.model, self.tokenizer, self.head)
             save_examples(staging, pooled, train)
             (staging / "README.md").write_text(model_card(output.name, manifest))
-        from pipeline.artifacts import current_version
-
-        version = current_version(output.parent, output.name)
+        version = manifest["version"]  # this publish's, whatever CURRENT names by now
         return version, output / version
 
 
