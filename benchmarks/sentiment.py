@@ -160,6 +160,44 @@ def _short(report: dict[str, Any]) -> dict[str, Any]:
             for k in ("n", "accuracy", "macro_f1", "weighted_f1")}
 
 
+def seed_study(name: str, train, tests: dict[str, Any], seeds: list[int], threads: int
+               ) -> dict[str, Any]:
+    """The spread of held-out metrics over training seeds (the seed draws the validation
+    split, the head's initial weights and the batch order), and the metrics of the seeds'
+    averaged probabilities: what the default recipe reaches, not one lucky or unlucky run."""
+    import numpy as np
+
+    from pipeline.sentiment.calibration import softmax
+    from pipeline.sentiment.model import predict_logits
+    from pipeline.sentiment.train import TrainConfig, train_classifier
+
+    runs, probabilities = [], {key: [] for key in tests}
+    for seed in seeds:
+        print(f"[{name}] seed {seed}: training on {len(train)} texts", flush=True)
+        trained = train_classifier(train, TrainConfig(seed=seed, threads=threads))
+        run: dict[str, Any] = {"seed": seed, "train_seconds": round(trained.seconds),
+                               "val_accuracy": trained.validation.get("accuracy")}
+        for key, data in tests.items():
+            logits, _ = predict_logits(trained.model, trained.tokenizer, data.texts,
+                                       trained.head.max_length)
+            probs = softmax(logits, trained.head.temperature)
+            probabilities[key].append(probs)
+            run[key] = _short(_report(data.labels, probs.argmax(1)))
+        print(f"[{name}] {json.dumps(run)}", flush=True)
+        runs.append(run)
+    ensemble = {key: _short(_report(data.labels, np.mean(probabilities[key], 0).argmax(1)))
+                for key, data in tests.items()}
+    return {"seeds": seeds, "runs": runs, "ensemble": ensemble,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "load_average": os.getloadavg()}
+
+
+def _report(labels, predicted) -> dict[str, Any]:
+    from pipeline.sentiment.metrics import classification_report
+
+    return classification_report(labels, predicted)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--write-only", action="store_true",
@@ -173,6 +211,10 @@ def main() -> None:
     parser.add_argument("--throughput-only", action="store_true",
                         help="time the network with random weights (no training) and update "
                              "the throughput line")
+    parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")],
+                        help="train once per seed (comma-separated) and report the spread of "
+                             "the held-out metrics and of the seeds' averaged probabilities "
+                             "(no model is published)")
     args = parser.parse_args()
     if args.throughput_only:
         torch.set_num_threads(args.threads)
@@ -185,31 +227,31 @@ def main() -> None:
     if args.write_only:
         write_section(json.loads((REPO / "docs" / "benchmarks-sentiment.json").read_text()))
         return
-    from pipeline.sentiment.data import load_labelled, read_phrasebank, stratified_split
-
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"machine": machine(args.threads),
                                "date": datetime.now(UTC).isoformat(timespec="seconds"),
                                "command": "python -m benchmarks.sentiment " + " ".join(
                                    sys.argv[1:]),
                                "commit": _commit()}
-    if not args.skip_fpb:
-        splits = FPB / "splits"
-        train = load_labelled(FPB / "Sentences_50Agree.txt",
-                              lines=splits / "fingpt_seed42_50agree_train_line_numbers.txt")
-        test = load_labelled(FPB / "Sentences_50Agree.txt",
-                             lines=splits / "fingpt_seed42_50agree_test_line_numbers.txt")
-        all_agree = set(read_phrasebank(FPB / "Sentences_AllAgree.txt").texts)
-        agree = test.subset([i for i, t in enumerate(test.texts) if t in all_agree])
-        results["fpb"] = run_task("fpb-fingpt", train, test, args.models, args.threads,
-                                  {"test_all_agree": agree}, reuse=args.reuse)
-        gpu = gpu_throughput(args.models / "fpb-fingpt", test.texts)
-        results["gpu"] = gpu
-    if not args.skip_twitter:
-        data = load_labelled(TWITTER, format="twitter")
-        keep, held = stratified_split(data.labels, 0.15, seed=42)
-        results["twitter"] = run_task("twitter", data.subset(keep), data.subset(held),
-                                      args.models, args.threads, reuse=args.reuse)
+    if args.seeds:
+        out = REPO / "docs" / "benchmarks-sentiment.json"
+        merged = json.loads(out.read_text()) if out.exists() else {}
+        study = merged.get("seed_study", {})
+        study["machine"], study["commit"] = machine(args.threads), _commit()
+        study["command"] = "python -m benchmarks.sentiment " + " ".join(sys.argv[1:])
+        for name, train, tests in _tasks(args.skip_fpb, args.skip_twitter):
+            study[name] = seed_study(name, train, tests, args.seeds, args.threads)
+        merged["seed_study"] = study
+        out.write_text(json.dumps(merged, indent=2) + "\n")
+        write_section(merged)
+        return
+    for name, train, tests in _tasks(args.skip_fpb, args.skip_twitter):
+        test = tests.pop("test")
+        model = {"fpb": "fpb-fingpt", "twitter": "twitter"}[name]
+        results[name] = run_task(model, train, test, args.models, args.threads, tests,
+                                 reuse=args.reuse)
+        if name == "fpb":
+            results["gpu"] = gpu_throughput(args.models / model, test.texts)
     out = REPO / "docs" / "benchmarks-sentiment.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     merged = {**previous, **results}
@@ -218,12 +260,67 @@ def main() -> None:
     write_section(merged)
 
 
+def _tasks(skip_fpb: bool, skip_twitter: bool) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(name, training data, {test name: data}) of the benchmark's tasks."""
+    from pipeline.sentiment.data import load_labelled, read_phrasebank, stratified_split
+
+    tasks = []
+    if not skip_fpb:
+        splits = FPB / "splits"
+        train = load_labelled(FPB / "Sentences_50Agree.txt",
+                              lines=splits / "fingpt_seed42_50agree_train_line_numbers.txt")
+        test = load_labelled(FPB / "Sentences_50Agree.txt",
+                             lines=splits / "fingpt_seed42_50agree_test_line_numbers.txt")
+        all_agree = set(read_phrasebank(FPB / "Sentences_AllAgree.txt").texts)
+        agree = test.subset([i for i, t in enumerate(test.texts) if t in all_agree])
+        tasks.append(("fpb", train, {"test": test, "test_all_agree": agree}))
+    if not skip_twitter:
+        data = load_labelled(TWITTER, format="twitter")
+        keep, held = stratified_split(data.labels, 0.15, seed=42)
+        tasks.append(("twitter", data.subset(keep), {"test": data.subset(held)}))
+    return tasks
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _seed_lines(study: dict[str, Any] | None) -> list[str]:
+    if not study:
+        return []
+    m = study["machine"]
+    lines = ["", "### Spread over training seeds", "",
+             "The default recipe trained once per seed (the seed draws the validation split, "
+             "the head's initial weights and the batch order), each run scored on the same "
+             "held-out lines, and the average of the seeds' calibrated probabilities (an "
+             "ensemble: as many forward passes per text as seeds). No seed is picked on the "
+             f"test lines. Command: `{study['command']}`, commit {study['commit']}, "
+             f"{m['cpu']}, {m['torch_threads']} threads.", "",
+             "| task | held-out lines | per seed: accuracy / weighted F1 | mean accuracy "
+             "(min–max) | mean weighted F1 | ensemble accuracy / weighted F1 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    names = {"fpb": "PhraseBank (FinGPT split)", "twitter": "Twitter (15 % held out)"}
+    for task in ("fpb", "twitter"):
+        if task not in study:
+            continue
+        t = study[task]
+        for key in t["ensemble"]:
+            runs = [run[key] for run in t["runs"]]
+            accuracy = [x["accuracy"] for x in runs]
+            weighted = [x["weighted_f1"] for x in runs]
+            each = "; ".join(f"seed {run['seed']}: {run[key]['accuracy']:.4f} / "
+                             f"{run[key]['weighted_f1']:.4f}" for run in t["runs"])
+            e = t["ensemble"][key]
+            label = names[task] + (", all-agree lines" if key == "test_all_agree" else "")
+            lines.append(f"| {label} | {runs[0]['n']} | {each} | {sum(accuracy) / len(runs):.4f}"
+                         f" ({min(accuracy):.4f}–{max(accuracy):.4f}) | "
+                         f"{sum(weighted) / len(runs):.4f} | {e['accuracy']:.4f} / "
+                         f"{e['weighted_f1']:.4f} |")
+    return lines
 
 
 def write_section(r: dict[str, Any]) -> None:
@@ -284,6 +381,7 @@ def write_section(r: dict[str, Any]) -> None:
                   f"{speed['load_average_before'][0]:.1f} before, "
                   f"{speed['load_average_after'][0]:.1f} after): {rates}. Target ≥ 200 "
                   "headlines/s on 2 CPU cores."]
+    lines += _seed_lines(r.get("seed_study"))
     gpu = r.get("gpu")
     lines += ["", f"GPU fp16 throughput: {gpu['fp16_per_s']} headlines/s on {gpu['device']}."
               if gpu else "GPU fp16 throughput: not measured (no GPU on the benchmark machine; "

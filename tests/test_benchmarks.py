@@ -149,3 +149,34 @@ def test_end_to_end_scores_and_records_every_row(tmp_path):
     assert sum(run["stages"].values()) <= run["seconds"] * 1.01
     text = e2e.section({"result": res})
     assert "| 400 |" in text
+
+
+def test_sentiment_seed_study_reports_each_seed_and_their_ensemble():
+    from pipeline.sentiment.data import LabelledTexts
+
+    sentiment = load("sentiment")
+    words = {0: ["loss widened", "sales fell", "profit dropped", "shares plunged"],
+             1: ["meeting was held", "report was published", "office moved", "board met"],
+             2: ["profit rose", "sales grew", "shares jumped", "revenue climbed"]}
+    texts, labels = [], []
+    for label, phrases in words.items():
+        for i, phrase in enumerate(phrases * 6):
+            texts.append(f"The company's {phrase} in quarter {i % 4 + 1} of year {2000 + i}.")
+            labels.append(label)
+    data = LabelledTexts(texts, np.array(labels), [str(i) for i in range(len(texts))], "toy")
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(texts))
+    train, test = data.subset(order[:54]), data.subset(order[54:])
+
+    study = sentiment.seed_study("toy", train, {"test": test}, [0, 1], threads=2)
+
+    assert [run["seed"] for run in study["runs"]] == [0, 1]
+    for run in study["runs"]:
+        assert run["test"]["n"] == 18 and run["test"]["accuracy"] > 0.5  # chance: 1/3
+    assert study["ensemble"]["test"]["n"] == 18
+    lines = sentiment._seed_lines({**{"toy": study}, "fpb": study, "machine": {
+        "cpu": "cpu", "torch_threads": 2}, "command": "cmd", "commit": "abc"})
+    row = next(line for line in lines if line.startswith("| PhraseBank"))
+    accuracies = [run["test"]["accuracy"] for run in study["runs"]]
+    assert f"{sum(accuracies) / 2:.4f} ({min(accuracies):.4f}–{max(accuracies):.4f})" in row
+    assert f"{study['ensemble']['test']['accuracy']:.4f}" in row
