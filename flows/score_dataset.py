@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -27,7 +28,7 @@ from pipeline.partitions import (
 )
 from pipeline.privacy import flow_db_url
 from pipeline.scoring import ScoringConfig
-from pipeline.settings import JobSettings
+from pipeline.settings import DASK_ADDRESS_ENV, JobSettings
 
 
 def _transient(_task: object, _run: object, state: State) -> bool:
@@ -51,9 +52,11 @@ def score_dataset(input: str, index: str, output: str, partitions: int = 8,
                   batch_id: str | None = None) -> DatasetReport:
     """Score ``input`` in ``partitions`` time partitions, in parallel on the flow's task runner
     (see :func:`dask_runner`), against one version of index ``index`` (the current one when
-    the run starts, for every partition), then join the scores into ``output``."""
+    the run starts, for every partition), then join the scores into ``output``. Relative
+    paths are taken from this process's folder: the workers run in folders of their own."""
     db = flow_db_url(db)
-    root = str(root or default_root())
+    input, output = str(Path(input).resolve()), str(Path(output).resolve())
+    root = str(Path(root or default_root()).resolve())
     version = current_version(root, index)
     config = ScoringConfig(k=k, threshold=threshold, alerts_per_day=alerts_per_day)
     plan = plan_partitions(input, partitions)
@@ -74,13 +77,70 @@ def score_dataset(input: str, index: str, output: str, partitions: int = 8,
     return report
 
 
+def dask_address(address: str | None = None) -> str | None:
+    """The scheduler to run on: ``address``, else ``$FINSENTINEL_DASK_ADDRESS``; blank is
+    unset (None: a local cluster)."""
+    return (address or "").strip() or JobSettings.from_env().dask_address
+
+
+def check_scheduler(address: str, timeout: float | None = None) -> None:
+    """Refuse ``address`` unless a Dask scheduler answers there within ``timeout`` seconds
+    (default: dask's ``distributed.comm.timeouts.connect``, 30 s): distributed's client
+    waits without a limit on a port that accepts connections but never answers (a proxy,
+    another server), and retries a closed one until its timeout with the flow already
+    started. ConnectionError (ValueError for an address that is no address), naming it."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dask
+    from dask.utils import parse_timedelta
+    from distributed.comm import connect
+
+    if timeout is None:
+        timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+    where = f"Dask scheduler {address}"
+    given = f"(set by --dask-address or ${DASK_ADDRESS_ENV})"
+
+    async def identity() -> dict:
+        # connect() retries a refused connection until `timeout`, then raises; its handshake
+        # with a silent peer has no limit of its own.
+        comm = await asyncio.wait_for(connect(address, timeout=timeout), timeout + 1)
+        try:
+            await comm.write({"op": "identity"})
+            return await asyncio.wait_for(comm.read(), timeout)
+        finally:
+            comm.abort()
+
+    try:  # in a thread of its own: the caller may be running an event loop (a notebook)
+        with ThreadPoolExecutor(1) as thread:
+            info = thread.submit(asyncio.run, identity()).result()
+    except TimeoutError:
+        raise ConnectionError(f"{where}: no answer within {timeout:g} s; is a Dask scheduler "
+                              f"listening there? {given}") from None
+    except ValueError as exc:  # distributed's parser: no port, an unknown scheme
+        raise ValueError(f"{where}: {exc}; expected tcp://HOST:PORT {given}") from None
+    except OSError as exc:
+        root: BaseException = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        reason = getattr(root, "strerror", None) or str(root) or type(root).__name__
+        raise ConnectionError(f"{where}: cannot connect within {timeout:g} s ({reason}) "
+                              f"{given}") from None
+    if not isinstance(info, dict) or info.get("type") != "Scheduler":
+        kind = info.get("type") if isinstance(info, dict) else None
+        raise ConnectionError(f"{where}: answered, but is not a Dask scheduler"
+                              + (f" (a {kind})" if kind else "") + f" {given}")
+
+
 def dask_runner(address: str | None = None, workers: int = 2):
     """A DaskTaskRunner: on the scheduler at ``address`` (default ``$FINSENTINEL_DASK_ADDRESS``),
-    else on a local cluster of ``workers`` single-threaded worker processes."""
+    checked to answer first (:func:`check_scheduler`), else on a local cluster of ``workers``
+    single-threaded worker processes."""
     from prefect_dask import DaskTaskRunner
 
-    address = address or JobSettings.from_env().dask_address
+    address = dask_address(address)
     if address:
+        check_scheduler(address)
         return DaskTaskRunner(address=address)
     if workers < 1:
         raise ValueError(f"workers: expected a whole number >= 1, got {workers}")
@@ -124,7 +184,7 @@ def score_dataset_on_dask(*, address: str | None = None, workers: int = 2,
     """Run the flow on the Dask scheduler at ``address``, else on a local cluster of
     ``workers`` processes that report to this process's Prefect API. (Workers of a remote
     cluster report to the ``PREFECT_API_URL`` of their own environment.)"""
-    address = address or JobSettings.from_env().dask_address
+    address = dask_address(address)
     run = score_dataset.with_options(task_runner=dask_runner(address, workers))
     if address:
         return run(**parameters)

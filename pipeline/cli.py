@@ -350,6 +350,8 @@ def _score_partitioned(input: Path, index: str, output: Path, partitions: int,
 
     if partitions < 1:
         _fail(f"--partitions: expected a whole number >= 1, got {partitions}")
+    if dask_workers < 1:
+        _fail(f"--dask-workers: expected a whole number >= 1, got {dask_workers}")
     if history is not None:
         _fail("--history cannot be combined with --partitions: each partition reads the "
               "history its windows need from the input itself")
@@ -367,11 +369,13 @@ def _score_partitioned(input: Path, index: str, output: Path, partitions: int,
         alerts_per_day=config.alerts_per_day, k=config.k, batch_id=batch_id)
     console.print(f"rows in {report.rows_in:,} = scored {report.rows_scored:,} + quarantined "
                   f"{report.rows_quarantined:,}")
+    batches = [b for r in report.partitions for b in r.batch_ids]  # none for an empty file
+    span = f" {batches[0]} … {batches[-1]}" if len(batches) > 1 else "".join(
+        f" {b}" for b in batches)
     out.print(f"{len(report.partitions)} partitions: {report.alerts:,} alerts; ledger "
               f"+{report.ledger_added:,} records ({report.ledger_already_present:,} already "
-              f"present) in {sum(len(r.batch_ids) for r in report.partitions):,} daily batches "
-              f"{report.partitions[0].batch_ids[0]} … {report.partitions[-1].batch_ids[-1]}; "
-              f"scores in {report.output}", markup=False)
+              f"present) in {len(batches):,} daily batches{span}; scores in {report.output}",
+              markup=False)
     if report.quarantine:
         out.print(f"quarantined rows in {report.quarantine}", markup=False)
     _ledger_kept(jobs.ledger_warning(report), report.ledger_differing)
@@ -776,8 +780,14 @@ def serve(
     from prefect import serve as prefect_serve
 
     from flows.deployments import build_deployments, select
+    from pipeline.artifacts import keep_versions
+    from pipeline.inbox import settle_interval
 
     chosen = select(only)
+    # The runs read these when they start: a bad value is refused now, not by every run.
+    check_db_url(None)
+    settle_interval()
+    keep_versions()
     table = Table(title="finsentinel schedules (UTC)")
     for col in ("deployment", "cron", "flow"):
         table.add_column(col)

@@ -31,9 +31,12 @@ from pipeline.artifacts import atomic_path
 from pipeline.features import LABEL_DELAY_DAYS
 from pipeline.index import FraudIndex
 from pipeline.ingest import (
+    MAX_TIME,
+    MIN_TIME,
     IngestResult,
     InputError,
     _text,
+    _unknown_zone_timestamps,
     canonical_columns,
     validate_transactions,
     write_quarantine,
@@ -56,7 +59,8 @@ def history_margin(label_delay_days: int = LABEL_DELAY_DAYS) -> timedelta:
 @dataclass(frozen=True)
 class Partition:
     """Rows with ``start <= tx_time < end`` (whole days); the first partition also takes the
-    rows without a time, so that each row of the file belongs to exactly one partition."""
+    rows without a usable time (missing, or out of range: quarantined), so that each row of
+    the file belongs to exactly one partition."""
 
     number: int
     start: datetime
@@ -107,14 +111,34 @@ class DatasetReport:
     ledger_batches_added: int = 0
 
 
+def _scan(path: Path) -> pl.LazyFrame:
+    """The lazy scan of a Parquet file. A timestamp column whose zone polars cannot resolve
+    (a fixed offset such as "+05:30", valid Arrow) is read as UTC, as the whole-file reader
+    reads it (its values are UTC instants whatever the zone says): polars' own scan panics on
+    such a zone, so the file is scanned through pyarrow, in batches."""
+    odd = _unknown_zone_timestamps(path)
+    if not odd:
+        return pl.scan_parquet(path)
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    fields = [pa.field(f.name, pa.timestamp(f.type.unit, "UTC"), f.nullable) if f.name in odd
+              else f for f in pq.read_schema(path)]
+    return pl.scan_pyarrow_dataset(ds.dataset(path, schema=pa.schema(fields),
+                                              format="parquet"))
+
+
 def _time_column(path: Path) -> tuple[pl.LazyFrame, pl.Expr]:
-    """The lazy scan of ``path`` and its tx_time as naive UTC microseconds (found by alias)."""
+    """The lazy scan of ``path`` and its tx_time as naive UTC microseconds (found by alias);
+    null where validation will quarantine the time as out of range (a placeholder such as
+    0001-01-01 or 9999-12-31): such rows have no day, as rows without a time."""
     if path.suffix.lower() not in (".parquet", ".pq"):
         raise InputError(f"{path}: partitioned scoring reads Parquet files, got "
                          f"'{path.suffix or '(no suffix)'}'; convert it, or score it whole")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    scan = pl.scan_parquet(path)
+    scan = _scan(path)
     columns = scan.collect_schema()
     found = [src for src, canonical in canonical_columns(list(columns)).items()
              if canonical == schema.TX_TIME]
@@ -128,21 +152,25 @@ def _time_column(path: Path) -> tuple[pl.LazyFrame, pl.Expr]:
     time = pl.col(name)
     if dtype.time_zone is not None:
         time = time.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
-    return scan, time.cast(pl.Datetime("us"))
+    time = time.cast(pl.Datetime("us"))
+    return scan, pl.when(time.is_between(pl.lit(MIN_TIME), pl.lit(MAX_TIME),
+                                         closed="left")).then(time)
 
 
 def plan_partitions(path: str | Path, partitions: int) -> list[Partition]:
     """Split ``path`` into at most ``partitions`` runs of whole days with about equal row
-    counts (reading the time column only)."""
+    counts (reading the time column only). A file with no usable time at all (empty, or every
+    time missing or out of range) is one partition of those rows, all to be quarantined."""
     if partitions < 1:
         raise ValueError(f"partitions: expected a whole number >= 1, got {partitions}")
     scan, time = _time_column(Path(path))
     per_day = (scan.select(time.dt.truncate("1d").alias(_DAY)).group_by(_DAY)
                .agg(pl.len().alias("rows")).sort(_DAY, nulls_last=True).collect())
-    nulls = per_day.filter(pl.col(_DAY).is_null())["rows"].sum()
+    nulls = int(per_day.filter(pl.col(_DAY).is_null())["rows"].sum())
     days = per_day.filter(pl.col(_DAY).is_not_null())
-    if days.height == 0:
-        raise InputError(f"{path}: no row has a transaction time; nothing to partition")
+    if days.height == 0:  # nothing to cut by time: an empty range, taking the timeless rows
+        return [Partition(number=0, start=MIN_TIME, end=MIN_TIME, rows=nulls,
+                          takes_null_times=nulls > 0)]
     total = int(days["rows"].sum())
     # Day i opens a new partition where the rows before it pass the next equal share.
     before = days["rows"].cum_sum() - days["rows"]
@@ -152,7 +180,7 @@ def plan_partitions(path: str | Path, partitions: int) -> list[Partition]:
         pl.col(_DAY).min().alias("start"), pl.col(_DAY).max().alias("last"),
         pl.col("rows").sum())
     return [Partition(number=i, start=row["start"], end=row["last"] + timedelta(days=1),
-                      rows=int(row["rows"]) + (int(nulls) if i == 0 else 0),
+                      rows=int(row["rows"]) + (nulls if i == 0 else 0),
                       takes_null_times=(i == 0 and nulls > 0))
             for i, row in enumerate(cuts.iter_rows(named=True))]
 
@@ -310,7 +338,7 @@ def merge_parts(input: str | Path, reports: list[PartitionReport], output: str |
     was scored or quarantined exactly once."""
     output = Path(output)
     reports = sorted(reports, key=lambda r: r.number)
-    file_rows = pl.scan_parquet(input).select(pl.len()).collect().item()
+    file_rows = _scan(Path(input)).select(pl.len()).collect().item()
     rows_in = sum(r.rows_in for r in reports)
     if rows_in != file_rows:
         raise RuntimeError(f"{input}: {file_rows} rows in the file but the partitions read "

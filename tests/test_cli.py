@@ -308,3 +308,23 @@ def test_sentiment_messages_stay_on_one_line():
         written = io.StringIO()
         Console(width=80, soft_wrap=console.soft_wrap, file=written).print(long, markup=False)
         assert written.getvalue() == long + "\n"
+
+
+def test_serve_refuses_a_bad_job_setting_before_it_starts(monkeypatch):
+    """The scheduled runs read these at run time: serve used to start on a bad value, and
+    every run of the hourly, 15-minute and daily jobs then failed in the background."""
+    import prefect
+
+    served = []
+    monkeypatch.setattr(prefect, "serve", lambda *deployments, **_: served.append(deployments))
+    for name, value in (("FINSENTINEL_INBOX_SETTLE_SECONDS", "soon"),
+                        ("FINSENTINEL_INBOX_SETTLE_SECONDS", "-5"),
+                        ("FINSENTINEL_KEEP_INDEX_VERSIONS", "ten"),
+                        ("FINSENTINEL_DB", "ledger.sqlite")):
+        text = refused(*run_cli("serve", "--only", "score-hourly", env={name: value}),
+                       f"${name}", repr(value))
+        assert "finsentinel schedules" not in text  # refused before the table, before serving
+    assert served == []
+    code, out, err = run_cli("serve", "--only", "score-hourly",
+                             env={"FINSENTINEL_INBOX_SETTLE_SECONDS": " "})  # blank: unset
+    assert code == 0 and len(served) == 1 and len(served[0]) == 1, flat(out + err)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
-from datetime import timedelta
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +29,13 @@ from pipeline.partitions import (
     score_dataset,
     score_partition,
 )
+from pipeline.scoring import ScoringConfig
 from pipeline.synthetic import SyntheticConfig, generate
 from pipeline.vectors import VectorConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reliability_workers import run_cli  # noqa: E402
+from test_audit import flat  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -312,3 +319,220 @@ def test_flow_rerun_against_a_copied_index_folder_reports_no_version_change(
     assert first.index_version == again.index_version == dataset["index"].version
     assert again.ledger_added == 0 and again.ledger_already_present == first.rows_scored
     assert jobs.ledger_warning(again) is None
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - datetime(1970, 1, 1)) // timedelta(microseconds=1)
+
+
+def _with_times(feed: pl.DataFrame, times: dict[int, int]) -> pl.DataFrame:
+    """``feed`` with the rows numbered in ``times`` stamped at those microseconds since 1970
+    (any year, as a writer outside Python's date range stores them)."""
+    micros = feed[schema.TX_TIME].dt.epoch("us").to_list()
+    for row, value in times.items():
+        micros[row] = value
+    return feed.with_columns(pl.Series(schema.TX_TIME, micros, pl.Int64).cast(
+        pl.Datetime("us")))
+
+
+def _same_quarantine(whole_report, parts_report) -> None:
+    whole = pl.read_parquet(whole_report.quarantine).select("row_number", "field")
+    parts = pl.read_parquet(parts_report.quarantine).select("row_number", "field")
+    assert parts.to_dicts() == whole.to_dicts()
+
+
+def test_placeholder_and_out_of_range_times_are_quarantined_as_scoring_whole(dataset,
+                                                                            tmp_path):
+    """Scored whole, a placeholder time (0001-01-01, 1900-01-01, 9999-12-31) or one past
+    Python's dates (year 10000) is one more quarantined row. Partitioned, 9999-12-31 crashed
+    the plan (OverflowError: its partition ended on a day past the calendar), year 10000 too
+    (ValueError), and 0001-01-01 crashed its partition (its margin began before year 1)."""
+    feed = pl.read_parquet(dataset["feed"])
+    path = tmp_path / "placeholders.parquet"
+    _with_times(feed, {10: _micros(datetime(1, 1, 1)), 2000: _micros(datetime(1900, 1, 1)),
+                       3000: _micros(datetime(9999, 12, 31, 12)),
+                       4000: _micros(datetime(9999, 12, 31)) + 400 * 86_400 * 10**6}
+                ).write_parquet(path)
+    whole = _whole(path, tmp_path / "whole.parquet", dataset["index"],
+                   f"sqlite:///{tmp_path / 'whole.sqlite'}")
+    assert (whole.rows_scored, whole.rows_quarantined) == (dataset["rows"] - 8, 8)
+    plan = plan_partitions(path, 3)
+    assert sum(p.rows for p in plan) == dataset["rows"]
+    first_day = feed[schema.TX_TIME].min().replace(hour=0, minute=0, second=0, microsecond=0)
+    assert plan[0].start == first_day  # the placeholders make no partition of their own
+    db = f"sqlite:///{tmp_path / 'parts.sqlite'}"
+    out = tmp_path / "parts.parquet"
+    report = score_dataset(path, "fraud", out, partitions=3, db=db, root=str(dataset["root"]))
+    assert (report.rows_in, report.rows_scored, report.rows_quarantined) == (
+        whole.rows_in, whole.rows_scored, whole.rows_quarantined)
+    _same_scores(whole.output, out)
+    _same_quarantine(whole, report)
+    with Ledger(db) as ledger:
+        assert ledger.verify().ok
+        # The rows without a usable time share the undated batch (five: the null one too).
+        undated = [b for r in report.partitions for b in r.batch_ids if "-undated-" in b]
+        assert len(undated) == 1 and len(ledger.quarantined(undated[0])) == 5
+        assert sum(b["rows_in"] for b in ledger.batches()) == report.rows_in
+
+
+def test_a_fixed_offset_time_zone_is_read_as_scoring_whole_reads_it(dataset, tmp_path):
+    """A timestamp column whose zone is a fixed offset ("+05:30", written by pyarrow and
+    pandas) reads as UTC instants when the file is scored whole; partitioned, polars'
+    lazy scan panicked on the zone (a Rust backtrace, not a message)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pl.read_parquet(dataset["feed"]).to_arrow()
+    i = table.schema.get_field_index(schema.TX_TIME)
+    zoned = table.column(i).cast(pa.timestamp("us", "UTC")).cast(pa.timestamp("us", "+05:30"))
+    path = tmp_path / "offset.parquet"
+    pq.write_table(table.set_column(i, schema.TX_TIME, zoned), path)
+    whole = _whole(path, tmp_path / "whole.parquet", dataset["index"],
+                   f"sqlite:///{tmp_path / 'whole.sqlite'}")
+    assert whole.rows_quarantined == 4
+    assert [p.rows for p in plan_partitions(path, 3)] == [
+        p.rows for p in plan_partitions(dataset["feed"], 3)]
+    out = tmp_path / "parts.parquet"
+    report = score_dataset(path, "fraud", out, partitions=3,
+                           db=f"sqlite:///{tmp_path / 'parts.sqlite'}",
+                           root=str(dataset["root"]))
+    assert (report.rows_in, report.rows_scored, report.rows_quarantined) == (
+        whole.rows_in, whole.rows_scored, whole.rows_quarantined)
+    _same_scores(whole.output, out)
+    _same_quarantine(whole, report)
+
+
+def test_a_file_without_a_usable_time_or_without_rows_is_scored_as_whole(dataset, tmp_path,
+                                                                         monkeypatch):
+    """Scored whole, a file whose rows all lack a usable time has them all quarantined, and
+    an empty file scores nothing: rows in = scored + quarantined. Partitioned, both were
+    refused ("no row has a transaction time"), the bad rows recorded nowhere."""
+    feed = pl.read_parquet(dataset["feed"]).head(5)
+    timeless = tmp_path / "timeless.parquet"
+    _with_times(feed.with_columns(pl.lit(None, pl.Datetime("us")).alias(schema.TX_TIME)),
+                {0: _micros(datetime(9999, 12, 31))}).write_parquet(timeless)
+    empty = tmp_path / "empty.parquet"
+    feed.head(0).write_parquet(empty)
+    for path, quarantined in ((timeless, 5), (empty, 0)):
+        whole = _whole(path, tmp_path / f"whole-{path.name}", dataset["index"],
+                       f"sqlite:///{tmp_path / 'whole.sqlite'}")
+        out = tmp_path / f"parts-{path.name}"
+        db = f"sqlite:///{tmp_path / 'parts.sqlite'}"
+        report = score_dataset(path, "fraud", out, partitions=3, db=db,
+                               root=str(dataset["root"]))
+        expected = (quarantined, 0, quarantined)
+        assert (whole.rows_in, whole.rows_scored, whole.rows_quarantined) == expected
+        assert (report.rows_in, report.rows_scored, report.rows_quarantined) == expected
+        assert pl.read_parquet(out).height == 0
+        if quarantined:
+            _same_quarantine(whole, report)
+        with Ledger(db) as ledger:
+            assert ledger.verify().ok
+    # The CLI says so too (the flow's Dask cluster replaced by the same job in this process).
+    import flows.score_dataset as flow_module
+
+    def in_process(*, address, workers, db, **parameters):
+        parameters["config"] = ScoringConfig(k=parameters.pop("k"),
+                                             threshold=parameters.pop("threshold"),
+                                             alerts_per_day=parameters.pop("alerts_per_day"))
+        return score_dataset(parameters.pop("input"), parameters.pop("index"),
+                             db=db.get_secret_value() if db else None, **parameters)
+
+    monkeypatch.setattr(flow_module, "score_dataset_on_dask", in_process)
+    code, out, err = run_cli("score", "-i", str(empty), "--index", "fraud", "--root",
+                             str(dataset["root"]), "-o", str(tmp_path / "cli.parquet"), "--db",
+                             f"sqlite:///{tmp_path / 'cli.sqlite'}", "--partitions", "2")
+    text = flat(out + err)
+    assert code == 0 and "Traceback" not in text, text
+    assert "rows in 0 = scored 0 + quarantined 0" in text, text
+
+
+def test_a_dask_scheduler_that_cannot_be_used_fails_at_once_with_a_message(dataset, tmp_path):
+    """A --dask-address whose port accepts connections but is no Dask scheduler (a Prefect
+    server's, a proxy's) hung the command for good: distributed's client waits for the
+    scheduler's handshake without a limit. A closed port failed only after the flow had
+    started, with its traceback; an address without a port too."""
+    import dask
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # never accepted: the kernel completes the connection, nobody answers
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    args = ["score", "-i", str(dataset["feed"]), "--index", "fraud", "--root",
+            str(dataset["root"]), "-o", str(tmp_path / "s.parquet"), "--db",
+            f"sqlite:///{tmp_path / 'l.sqlite'}", "--partitions", "2", "--dask-address"]
+    try:
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args, address], cwd=REPO,
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "COLUMNS": "200", "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT":
+                 "2s"})
+        text = flat(result.stdout + result.stderr)
+        assert result.returncode == 2, text
+        assert f"error: Dask scheduler {address}: no answer within 2 s" in text, text
+        assert "Traceback" not in text and "Flow run" not in text, text
+        assert time.monotonic() - started < 60
+    finally:
+        silent.close()
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        for address, why in ((f"tcp://127.0.0.1:{closed_port}", "Connection refused"),
+                             ("scheduler.example", "missing port number")):
+            code, out, err = run_cli(*args, address)
+            text = flat(out + err)
+            assert code == 2 and "Traceback" not in text and "Flow run" not in text, text
+            assert f"error: Dask scheduler {address}:" in text and why in text, text
+            assert "--dask-address" in text, text
+    assert not (tmp_path / "l.sqlite").exists()  # nothing scored, nothing recorded
+
+
+def test_a_blank_dask_address_means_the_local_cluster(dataset, tmp_path, monkeypatch):
+    """A blank $FINSENTINEL_DASK_ADDRESS is unset, as every other variable (it was taken for
+    a scheduler address: "missing port number in address '  '")."""
+    from flows.score_dataset import dask_runner
+
+    monkeypatch.setenv("FINSENTINEL_DASK_ADDRESS", "  ")
+    for given in (None, "", " \t"):
+        runner = dask_runner(given, workers=3)
+        assert runner.address is None and runner.cluster_kwargs["n_workers"] == 3
+    code, out, err = run_cli("score", "-i", str(dataset["feed"]), "--index", "fraud", "--root",
+                             str(dataset["root"]), "-o", str(tmp_path / "s.parquet"),
+                             "--partitions", "2", "--dask-workers", "0")
+    text = flat(out + err)
+    assert code == 2 and "Traceback" not in text and "Flow run" not in text, text
+    assert "--dask-workers: expected a whole number >= 1, got 0" in text, text
+
+
+def test_relative_paths_name_the_same_files_for_workers_in_another_folder(
+        dataset, prefect_harness, tmp_path, monkeypatch):
+    """The workers of a cluster run in a folder of their own. Relative paths (as in
+    docs/operations.md: `--input big.parquet --output scores.parquet`) went to them as given:
+    a worker looked for the index under its own folder ("missing its manifest") and would
+    have written its part where the flow never looks."""
+    from distributed import LocalCluster
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.score_dataset import score_dataset_on_dask
+
+    here, elsewhere = tmp_path / "client", tmp_path / "worker"
+    elsewhere.mkdir()
+    (here / "out").mkdir(parents=True)
+    shutil.copy(dataset["feed"], here / "feed.parquet")
+    shutil.copytree(dataset["root"], here / "indexes")
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the workers' API
+    monkeypatch.chdir(elsewhere)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        monkeypatch.chdir(here)
+        report = score_dataset_on_dask(
+            address=cluster.scheduler_address, input="feed.parquet", index="fraud",
+            output="out/scores.parquet", partitions=2, root="indexes",
+            db=f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    assert report.rows_in == report.rows_scored + report.rows_quarantined == dataset["rows"]
+    _same_scores(dataset["whole"].output, here / "out" / "scores.parquet")
+    assert Path(report.output) == here / "out" / "scores.parquet"
+    assert list(elsewhere.iterdir()) == []
