@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import stat as stat_
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -57,9 +58,12 @@ def settle_interval(given: float | None = None) -> float:
 def pending(inbox: str | Path, suffixes: tuple[str, ...] = DATA_SUFFIXES, *,
             settle_seconds: float = 0.0) -> list[Path]:
     """Data files directly in ``inbox``, oldest first (then by name). Hidden files and files
-    still being written (``.tmp``/``.part``, or a name starting with a dot) are left alone, and
-    so, with ``settle_seconds`` > 0, is a file modified less than that long ago (it may still be
-    being copied in): it is logged with when it becomes eligible and left for a later run."""
+    still being written (``.tmp``/``.part``, or a name starting with a dot) are left alone, as
+    are lock and temporary files named ``~…`` (an editor's ``~$feed.csv``) and anything but a
+    regular file: a symbolic link (which could point at any file the job may read) is logged
+    and never read or moved. So, with ``settle_seconds`` > 0, is a file modified less than that
+    long ago (it may still be being copied in): it is logged with when it becomes eligible and
+    left for a later run."""
     inbox = Path(inbox)
     if not inbox.is_dir():
         raise FileNotFoundError(f"inbox {inbox} is not a directory: create it or set the "
@@ -67,13 +71,14 @@ def pending(inbox: str | Path, suffixes: tuple[str, ...] = DATA_SUFFIXES, *,
     found = []
     now = time.time()
     for p in inbox.iterdir():
-        if p.name.startswith(".") or p.suffix.lower() not in suffixes:
+        if p.name.startswith((".", "~")) or p.suffix.lower() not in suffixes:
             continue
-        try:
-            if not p.is_file():
-                continue
-            stat = p.stat()
-        except FileNotFoundError:  # moved away meanwhile (an overlapping run took it)
+        stat = _stat(p)
+        if stat is None:  # moved away meanwhile (an overlapping run took it)
+            continue
+        if not stat_.S_ISREG(stat.st_mode):
+            if stat_.S_ISLNK(stat.st_mode):
+                print(f"inbox {inbox}: {_not_regular(p, stat)}")
             continue
         unsettled = _unsettled(p, stat, settle_seconds, now)
         if unsettled:
@@ -100,14 +105,22 @@ def _unsettled(path: Path, stat: os.stat_result, settle_seconds: float, now: flo
             f"from {eligible:%Y-%m-%dT%H:%M:%SZ}")
 
 
+def _not_regular(path: Path, stat: os.stat_result) -> str:
+    """Why ``path`` is not read (where a link points is not said)."""
+    what = "a symbolic link" if stat_.S_ISLNK(stat.st_mode) else "not a regular file"
+    return (f"leaving {path.name} alone: {what}; only regular files dropped into the inbox "
+            "are read")
+
+
 def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
     """What changes when a file is rewritten, appended to or replaced by another."""
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _stat(path: Path) -> os.stat_result | None:
+    """The entry's own status (a link is not followed); None when it is gone."""
     try:
-        return path.stat()
+        return path.lstat()
     except FileNotFoundError:
         return None
 
@@ -161,12 +174,17 @@ def drain(files: list[Path], run: Callable[[Path], Any], *, what: str, inbox: Pa
     is not counted against it.
 
     A file that is gone before or after its run was taken by an overlapping run of the same
-    job (the previous hour's run still going, say), which moves it: it is skipped, not failed."""
-    results, failures, taken, waiting, changed = [], [], [], [], []
+    job (the previous hour's run still going, say), which moves it: it is skipped, not failed;
+    one that is no longer a regular file (swapped for a symbolic link) is left alone, logged."""
+    results, failures, taken, waiting, changed, refused = [], [], [], [], [], []
     for path in files:
         before = _stat(path)
         if before is None:
             taken.append(path.name)
+            continue
+        if not stat_.S_ISREG(before.st_mode):
+            print(f"{what} inbox {inbox}: {_not_regular(path, before)}")
+            refused.append(path.name)
             continue
         unsettled = _unsettled(path, before, settle_seconds, time.time())
         if unsettled:
@@ -199,6 +217,7 @@ def drain(files: list[Path], run: Callable[[Path], Any], *, what: str, inbox: Pa
           f"{len(failures)} failed"
           + (f", {len(waiting)} left to settle" if waiting else "")
           + (f", {len(changed)} changed while read, left for the next run" if changed else "")
+          + (f", {len(refused)} not regular files, left alone" if refused else "")
           + (f", {len(taken)} taken by another run ({', '.join(taken)})" if taken else ""))
     if failures:
         raise RuntimeError(f"{len(failures)} {what} file(s) failed: " + "; ".join(failures))

@@ -811,7 +811,9 @@ class Ledger:
         self._engine.dispose()
 
     def __repr__(self) -> str:
-        return f"Ledger({make_url(self.url).render_as_string(hide_password=True)!r})"
+        from pipeline.privacy import redact_url
+
+        return f"Ledger({redact_url(self.url)!r})"
 
     def _named(self, fn: Callable[[], T]) -> T:
         return naming_sqlite_file(self._file, fn)

@@ -17,10 +17,11 @@ import re
 import secrets
 import warnings
 from collections.abc import Iterable
+from urllib.parse import quote, quote_plus, unquote_plus
 
 import numpy as np
 import polars as pl
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 PSEUDONYM_KEY_ENV = "FINSENTINEL_PSEUDONYM_KEY"
@@ -117,39 +118,84 @@ def pseudonymise_records(records: list[dict], fields: Iterable[str] | str, *,
 
 # --- secrets --------------------------------------------------------------------------------
 
+# Query parameters that libpq (and so SQLAlchemy's PostgreSQL drivers) takes as secrets:
+# ``postgresql://u@h/db?password=...`` connects as well as ``u:...@h``.
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:ssl)?password=)[^&#]*")
+# user:password@ of a URL SQLAlchemy cannot parse; the rest of the authority after it.
+_USERINFO = re.compile(r"^[\w+.-]+://[^:/@]*:([^@]*)@([^/?#]*)")
+
+
+def _parsed(url: str) -> URL | None:
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+
+
+def _written_password(password: str | None, host: str | None) -> str | None:
+    """The password as written: SQLAlchemy and libpq end it at the first ``@``, so the rest of
+    a password with an unencoded ``@`` lands in the host (no host holds an ``@``)."""
+    if password is None:
+        return None
+    if host and "@" in host:
+        return f"{password}@{host.rsplit('@', 1)[0]}"
+    return password or None
+
+
 def url_password(url: str | None) -> str | None:
-    """The password in a database URL, if it has one (None for SQLite paths and bad URLs)."""
+    """The password in a database URL, if it has one (None for SQLite paths): the one before
+    the host (all of it, an unencoded ``@`` included), else a ``password``/``sslpassword``
+    query parameter."""
     if not url:
         return None
-    try:
-        return make_url(url).password or None
-    except (ArgumentError, ValueError):  # unparseable, yet it may still carry user:password@
-        found = re.match(r"^[\w+.-]+://[^:/@]*:([^@]*)@", url)
-        return found.group(1) if found and found.group(1) else None
+    parsed = _parsed(url)
+    if parsed is not None:
+        found = _written_password(parsed.password, parsed.host)
+        if found:
+            return found
+        for key in ("password", "sslpassword"):
+            value = parsed.query.get(key)
+            value = value[0] if isinstance(value, tuple) and value else value
+            if value:
+                return str(value)
+        return None
+    # Unparseable (a bad port, say), yet it may still carry user:password@ or ?password=.
+    found = _USERINFO.match(url)
+    if found and found.group(1):
+        return _written_password(found.group(1), found.group(2))
+    query = _SECRET_QUERY.search(url)
+    value = unquote_plus(query.group(0)[len(query.group(1)):]) if query else ""
+    return value or None
 
 
 def redact_url(url: str | None) -> str:
-    """The URL as it may be shown: its password, if any, replaced by ``***``."""
+    """The URL as it may be shown: its password, if any, replaced by ``***`` (password query
+    parameters too)."""
     if not url:
         return ""
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        return redact(url, [url_password(url)])
-    if parsed.password is None:
-        return url
-    return parsed.render_as_string(hide_password=True)
+    text = _SECRET_QUERY.sub(lambda m: m.group(1) + REDACTED, url)
+    parsed = _parsed(text)
+    if parsed is None:
+        return redact(text, [url_password(url)])
+    if _written_password(parsed.password, parsed.host) is None:
+        return text
+    host = parsed.host.rsplit("@", 1)[-1] if parsed.host else parsed.host
+    shown = parsed.set(host=host).render_as_string(hide_password=True)
+    return _SECRET_QUERY.sub(lambda m: m.group(1) + REDACTED, shown)
 
 
 def redact(text: str, secrets_: Iterable[str | None]) -> str:
-    """``text`` with every occurrence of each secret (and its URL-quoted form) replaced."""
-    from urllib.parse import quote, quote_plus
-
+    """``text`` with every occurrence of each secret (and its URL-quoted form) replaced; a
+    secret with an ``@`` in it also piece by piece (a driver that split a URL's password at
+    an unencoded ``@`` names the second piece as part of the host)."""
+    forms: set[str] = set()
     for secret in secrets_:
         if not secret:
             continue
-        for form in {secret, quote(secret, safe=""), quote_plus(secret)}:
-            text = text.replace(form, REDACTED)
+        for piece in {secret, *(p for p in secret.split("@") if p)}:
+            forms |= {piece, quote(piece, safe=""), quote_plus(piece)}
+    for form in sorted(forms, key=len, reverse=True):  # a whole secret before its pieces
+        text = text.replace(form, REDACTED)
     return text
 
 

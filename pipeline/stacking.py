@@ -334,6 +334,15 @@ class StackedModel:
         self.prior = float(meta["prior"])
         self.booster = xgboost.Booster()
         self.booster.load_model(str(directory / BOOSTER_FILE))
+        # The booster reads the inputs by position: one made for another layout would score
+        # every row without a word (XGBoost accepts fewer columns than it was trained on).
+        count, named = self.booster.num_features(), self.booster.feature_names
+        if count != len(self.input_names) or (named is not None
+                                              and list(named) != list(self.input_names)):
+            raise ValueError(f"{directory / BOOSTER_FILE}: the booster takes {count} inputs"
+                             + (f" {list(named)}" if named is not None else "")
+                             + f", not the {len(self.input_names)} of {STACKING_FILE} "
+                             f"{list(self.input_names)}")
         return self
 
     def explain(self, prediction: StackedPrediction, row: int, top: int = 8

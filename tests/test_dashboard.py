@@ -89,6 +89,62 @@ def test_a_user_listed_twice_is_refused():
         Users.parse(f"alice:{encoded} alice:{encoded}")
 
 
+@pytest.mark.parametrize("params", [
+    "1073741824$8$1",  # 128 GiB per check: every sign-in failed with a ValueError
+    "65536$1$1",  # N >= 2**(16 r): OpenSSL refuses it at every sign-in
+    "16384$8$1024",  # valid, but each check (each guess) held a core for ~50 s
+    "16384$1048576$1",  # 2 TiB
+    "2$1$4194304",  # p so large that scrypt's first buffer alone is 512 MiB
+])
+def test_scrypt_parameters_no_sign_in_could_use_are_refused_at_start(params):
+    """A hash that parsed but could never be checked (or only at an absurd cost) used to
+    disable its user silently, each sign-in a traceback, or tie up a core per attempt."""
+    entry = f"alice:scrypt${params}$c2FsdHNhbHQ$a2V5a2V5a2V5a2V5a2V5a2V5"
+    with pytest.raises(AuthConfigError, match=r"entry 1 \('alice'\): scrypt parameters out"):
+        Users.parse(entry)
+    long_key = "a" * 200  # 150 bytes: the derivation's length is the key's
+    with pytest.raises(AuthConfigError, match="key 16-64 bytes"):
+        Users.parse(f"alice:scrypt$16384$8$1$c2FsdHNhbHQ${long_key}")
+    # Other sane costs than the default still parse and check.
+    for n, r, p in ((2**10, 1, 1), (2**15, 8, 1), (2**12, 4, 4)):
+        users = Users.parse(f"alice:{hash_password(PASSWORD, n=n, r=r, p=p)}")
+        assert users.authenticate("alice", PASSWORD) == "alice"
+        assert users.authenticate("alice", "wrong password!") is None
+
+
+def test_an_unknown_name_costs_the_same_scrypt_work_as_a_known_one(monkeypatch):
+    """An unknown name was checked against the default cost whatever the users' hashes were
+    made with: a user whose hash has other parameters answered in another time than a name
+    that does not exist. Now an unknown name costs what a configured hash costs (one chosen by
+    the name, the same each time)."""
+    import hashlib
+
+    seen: list[tuple[int, int, int, int]] = []
+    real = hashlib.scrypt
+
+    def scrypt(password, **kw):
+        seen.append((kw["n"], kw["r"], kw["p"], kw["dklen"]))
+        return real(password, **kw)
+
+    alice = hash_password(PASSWORD, n=2**12, r=8, p=2)
+    users = Users.parse(f"alice:{alice}")
+    monkeypatch.setattr(hashlib, "scrypt", scrypt)
+    assert users.authenticate("alice", "wrong password!") is None
+    assert users.authenticate("mallory", "wrong password!") is None
+    assert seen == [(2**12, 8, 2, 32)] * 2
+    # Several parameter sets: each unknown name gets one of them, always the same one.
+    bob = hash_password(PASSWORD, n=2**11, r=8, p=1)
+    users = Users.parse(f"alice:{alice} bob:{bob}")
+    chosen = {}
+    for i in range(24):
+        seen.clear()
+        users.authenticate(f"nobody{i}", "x")
+        users.authenticate(f"nobody{i}", "y")
+        assert len(seen) == 2 and seen[0] == seen[1]
+        chosen[i] = seen[0]
+    assert set(chosen.values()) == {(2**12, 8, 2, 32), (2**11, 8, 1, 32)}
+
+
 # --- the seeded ledger -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

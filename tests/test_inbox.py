@@ -195,3 +195,43 @@ def test_the_inbox_takes_every_file_type_the_readers_read(inbox):
     (inbox / "FEED.CSV").write_text("id\n1\n")
     (inbox / "notes.txt").write_text("not data")
     assert sorted(p.name for p in pending(inbox)) == ["FEED.CSV", "feed.pq"]
+
+
+def test_symlinks_in_the_inbox_are_never_read_or_moved(inbox, tmp_path, capsys):
+    """Whoever may drop files into the inbox could drop a link to any file the job can read
+    (another feed, a secret): it was scored, its rows (quarantined ones verbatim) written to
+    the outputs and the ledger, and the link moved to done/. A link is left alone, logged."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    secret = outside / "secret.csv"
+    secret.write_text("id\n1\n")
+    _aged(secret, 600)
+    (inbox / "feed.csv").symlink_to(secret)
+    (inbox / "dangling.csv").symlink_to(outside / "gone.csv")
+    (inbox / "real.csv").write_text("id\n2\n")
+    _aged(inbox / "real.csv", 600)
+
+    assert [p.name for p in pending(inbox, settle_seconds=60)] == ["real.csv"]
+    out = capsys.readouterr().out
+    assert "feed.csv" in out and "symbolic link" in out and "secret" not in out
+
+    # Made a link after it was listed (a regular file swapped for one): not read either.
+    files = pending(inbox, settle_seconds=60)
+    (inbox / "real.csv").unlink()
+    (inbox / "real.csv").symlink_to(secret)
+    seen: list[str] = []
+    assert drain(files, lambda path: seen.append(path.name) or _State(path.name),
+                 what="transactions", inbox=inbox, unusable=InputError,
+                 settle_seconds=60) == []
+    assert seen == [] and not (inbox / "done").exists() and not (inbox / "failed").exists()
+    assert (inbox / "real.csv").is_symlink() and secret.read_text() == "id\n1\n"
+    assert "real.csv" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["~$feed.csv", "~feed.csv"])
+def test_office_lock_and_temporary_files_are_left_alone(inbox, name):
+    """Excel opening feed.csv writes a ``~$feed.csv`` lock file beside it (other tools
+    ``~name``): it was taken as a feed and moved to failed/ from under the editor."""
+    (inbox / name).write_bytes(b"\x05alice" + b"\x00" * 40)
+    _aged(inbox / name, 600)
+    assert pending(inbox, settle_seconds=60) == []

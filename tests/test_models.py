@@ -444,3 +444,39 @@ def test_stacked_model_refuses_a_window_with_one_class():
     frame = pl.DataFrame({schema.TRANSACTION_ID: ["a", "b"], schema.IS_FRAUD: [0, 0]})
     with pytest.raises(ValueError, match="both classes"):
         StackedModel().fit(frame, index=None, labelled=frame)
+
+
+def test_a_booster_of_another_input_layout_is_refused_when_loaded(stacked_index, tmp_path):
+    """stacking.json's inputs were checked against this version's, but not the booster that
+    consumes them: one with two inputs more (saved without names) loaded and scored every row
+    silently, the missing inputs read as absent; one with the inputs in another order loaded
+    and failed only at the first decision."""
+    import shutil
+
+    import xgboost
+
+    from pipeline.stacking import BOOSTER_FILE, StackedModel
+
+    index, root, batch = stacked_index
+    directory = tmp_path / "model"
+    shutil.copytree(root / "stacked" / index.manifest["version"], directory)
+    names = list(index.model.input_names)
+    rng = np.random.default_rng(0)
+
+    def save_booster(columns: int, feature_names: list[str] | None) -> None:
+        x = rng.normal(size=(200, columns))
+        model = xgboost.XGBClassifier(n_estimators=3, max_depth=2, verbosity=0)
+        booster = model.fit(x, (x[:, 0] > 0).astype(int)).get_booster()
+        booster.feature_names = feature_names
+        booster.save_model(str(directory / BOOSTER_FILE))
+
+    save_booster(len(names) + 2, None)
+    with pytest.raises(ValueError, match=f"{BOOSTER_FILE}.*{len(names) + 2} inputs"):
+        StackedModel.load(directory)
+    save_booster(len(names), names[::-1])
+    with pytest.raises(ValueError, match=f"{BOOSTER_FILE}.*inputs"):
+        StackedModel.load(directory)
+    save_booster(len(names), names)  # this layout: loads and scores
+    loaded = StackedModel.load(directory)
+    featured = compute_features(batch.head(50))
+    assert loaded.predict(featured, index, index.meta, contributions=False).scores.shape == (50,)

@@ -392,3 +392,41 @@ def test_urls_and_messages_are_redacted():
     with pytest.raises(ValueError, match="SecretStr") as refused:
         privacy.flow_db_url("postgresql://u:pw-canary@h/db")
     assert "pw-canary" not in str(refused.value)
+
+
+def test_a_password_in_the_url_query_is_a_password_too():
+    """libpq and SQLAlchemy take ``?password=`` (and ``sslpassword=``) as the password: it was
+    shown as it is by redact_url and let through by flow_db_url into Prefect's parameters."""
+    for key in ("password", "sslpassword"):
+        url = f"postgresql://u@h:5432/db?sslmode=require&{key}=Canary-q%401"
+        assert privacy.url_password(url) == "Canary-q@1"
+        assert privacy.redact_url(url) == f"postgresql://u@h:5432/db?sslmode=require&{key}=***"
+        with pytest.raises(ValueError, match="SecretStr") as refused:
+            privacy.flow_db_url(url)
+        assert "Canary" not in str(refused.value)
+    both = "postgresql://u:pw1@h/db?password=Canary-q2"
+    assert "Canary" not in privacy.redact_url(both) and "pw1" not in privacy.redact_url(both)
+    secret = privacy.url_password("postgresql://h/d?password=Canary-q2")
+    assert privacy.redact("login Canary-q2 refused", [secret]) == "login *** refused"
+
+
+def test_an_at_sign_left_unencoded_in_a_password_is_not_shown_in_part():
+    """``u:Canary1@Canary2@host``: SQLAlchemy (and the driver) end the password at the first
+    ``@`` and take ``Canary2@host`` as the host, so the second half of the password went out in
+    redacted URLs and in the driver's could-not-resolve message."""
+    url = "postgresql://u:Canary1@Canary2@127.0.0.1:1/db"
+    assert privacy.url_password(url) == "Canary1@Canary2"
+    assert privacy.redact_url(url) == "postgresql://u:***@127.0.0.1:1/db"
+    assert "Canary" not in privacy.redact_url("postgresql://u:Canary1@Canary2@h:bad/db")
+    code, out, err = run_cli("audit", "verify", "--db", url)
+    assert code == 2 and err.lstrip().startswith("error:") and "Traceback" not in err, err
+    assert "Canary" not in out + err
+
+
+def test_a_ledger_on_a_url_with_a_query_password_shows_none(pg_url):
+    """The PostgreSQL server trusts local connections: any password connects (a canary)."""
+    url = make_url(pg_url).update_query_dict({"password": "Canary-q3"}).render_as_string(
+        hide_password=False)
+    with Ledger(url) as ledger:
+        assert ledger.count() == 0
+        assert "Canary" not in repr(ledger) and "password=***" in repr(ledger)

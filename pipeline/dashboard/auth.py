@@ -2,8 +2,10 @@
 
 ``$FINSENTINEL_DASHBOARD_USERS`` holds ``name:hash`` pairs separated by commas or whitespace;
 each hash is what ``finsentinel dashboard hash-password`` prints (``scrypt$N$r$p$salt$key``,
-salt and key base64url). No password is ever stored or logged in plain text; checks compare in
-constant time and do the same work for unknown users, so timing does not reveal who exists.
+salt and key base64url); a hash whose parameters no check could afford (or compute) is
+refused when the users are read, not at each sign-in. No password is ever stored or logged in
+plain text; checks compare in constant time and do the same work for unknown users (the cost
+of a configured hash), so timing does not reveal who exists.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ SCHEME = "scrypt"
 # scrypt cost: 2**14 x 8 x 1 uses 16 MiB and ~50 ms per check on one core.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 SALT_BYTES, KEY_BYTES = 16, 32
+# What a configured hash may cost per check (every sign-in attempt for its name pays it):
+# 256 MiB, and 64 times the default's work (N x r x p); more is refused when the users are read.
+MAX_SCRYPT_MEMORY = 256 * 2**20
+MAX_SCRYPT_WORK = 64 * SCRYPT_N * SCRYPT_R * SCRYPT_P
+MAX_SALT_BYTES = MAX_KEY_BYTES = 64
 MIN_PASSWORD_CHARS = 8
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
@@ -56,10 +63,20 @@ class PasswordHash:
             salt, key = _unb64(parts[4]), _unb64(parts[5])
         except ValueError as exc:
             raise AuthConfigError(f"{where}: malformed scrypt parameters or base64") from exc
-        if n < 2 or n & (n - 1) or r < 1 or p < 1 or len(salt) < 8 or len(key) < 16:
-            raise AuthConfigError(f"{where}: scrypt parameters out of range (N a power of two, "
-                                  "salt >= 8 bytes, key >= 16 bytes)")
+        if (n < 2 or n & (n - 1) or r < 1 or p < 1 or n * r * p > MAX_SCRYPT_WORK
+                or _memory(n, r, p) > MAX_SCRYPT_MEMORY or n.bit_length() - 1 >= 16 * r
+                or not 8 <= len(salt) <= MAX_SALT_BYTES
+                or not 16 <= len(key) <= MAX_KEY_BYTES):
+            raise AuthConfigError(
+                f"{where}: scrypt parameters out of range (N a power of two below 2^(16 r), "
+                f"at most {MAX_SCRYPT_MEMORY // 2**20} MiB and {MAX_SCRYPT_WORK:,} N x r x p "
+                f"per check; salt 8-{MAX_SALT_BYTES} bytes, key 16-{MAX_KEY_BYTES} bytes)")
         return cls(n, r, p, salt, key)
+
+    @property
+    def cost(self) -> tuple[int, int, int, int]:
+        """What a check against this hash computes: N, r, p and the key length."""
+        return self.n, self.r, self.p, len(self.key)
 
 
 def _b64(data: bytes) -> str:
@@ -72,9 +89,14 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _memory(n: int, r: int, p: int) -> int:
+    """Bytes scrypt allocates for these parameters (OpenSSL's B and V buffers)."""
+    return 128 * r * (n + p + 2)
+
+
 def _derive(password: str, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
     return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p,
-                          maxmem=256 * n * r + (1 << 20), dklen=length)
+                          maxmem=_memory(n, r, p) + (1 << 20), dklen=length)
 
 
 def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P
@@ -125,12 +147,23 @@ class Users:
         """The user's name if the password matches, else None (same work either way)."""
         stored = self.hashes.get(name.strip())
         if stored is None:  # burn the same time as a real check
-            verify_password(_DUMMY, password)
+            verify_password(self._dummy(name.strip()), password)
             return None
         return name.strip() if verify_password(stored, password) else None
 
+    def _dummy(self, name: str) -> PasswordHash:
+        """What an unknown name is checked against: the cost of one of the configured hashes
+        (all the same, unless some were made with other parameters), chosen by the name with
+        a per-process key, so a name answers in the same time each try and an unknown name
+        cannot be told from a user by its time."""
+        costs = sorted({h.cost for h in self.hashes.values()}) or [_DEFAULT_COST]
+        pick = hmac.new(_DUMMY_KEY, name.encode("utf-8", "surrogatepass"), "sha256").digest()
+        n, r, p, length = costs[int.from_bytes(pick[:8], "big") % len(costs)]
+        return PasswordHash(n, r, p, b"\0" * SALT_BYTES, b"\0" * length)
 
-_DUMMY = PasswordHash(SCRYPT_N, SCRYPT_R, SCRYPT_P, b"\0" * SALT_BYTES, b"\0" * KEY_BYTES)
+
+_DEFAULT_COST = (SCRYPT_N, SCRYPT_R, SCRYPT_P, KEY_BYTES)
+_DUMMY_KEY = secrets.token_bytes(32)
 
 
 @dataclass
