@@ -18,7 +18,7 @@ from pipeline.sentiment.cli import sentiment_app
 
 app = typer.Typer(help="finsentinel: fraud scoring by nearest-neighbour evidence, with an audit "
                        "ledger.", no_args_is_help=True, pretty_exceptions_enable=False)
-index_app = typer.Typer(help="Build and inspect FAISS indexes of labelled history.",
+index_app = typer.Typer(help="Build FAISS indexes of labelled history.",
                         no_args_is_help=True)
 audit_app = typer.Typer(help="Audit ledger: verify, anchor, replay, export, review.",
                         no_args_is_help=True)
@@ -183,7 +183,7 @@ def features(
     label_delay_days: int = typer.Option(7, help="Label delay for the terminal risk."),
 ) -> None:
     """Compute the handbook's 14 features for every accepted transaction."""
-    from pipeline.jobs import features_job
+    from pipeline.jobs import features_job, quarantine_path
 
     check_input(input, "--input")
     check_output(output, "--output", TABLE_SUFFIXES)
@@ -192,12 +192,18 @@ def features(
     _print_counts(ingested)
     out.print(f"features of {ingested.accepted.height:,} transactions written to {path}",
               markup=False)
+    if ingested.quarantined.height:
+        out.print(f"quarantined rows in {quarantine_path(path)}", markup=False)
 
 
 def _print_counts(ingested) -> None:
     c = ingested.counts
     console.print(f"rows in {c['rows_in']:,} = accepted {c['accepted']:,} + quarantined "
                   f"{c['quarantined']:,}")
+
+
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
+INDEX_SCORERS = ("knn", "knn-stacked")
 
 
 @index_app.command("build")
@@ -238,6 +244,11 @@ def index_build(
     from pipeline.vectors import VectorConfig
 
     cutoff = _parse_time(until, "--until")
+    # Checked before the history is read (a large file takes minutes), naming the option.
+    if kind not in INDEX_KINDS:
+        _fail(f"--kind: expected one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+    if scorer not in INDEX_SCORERS:
+        _fail(f"--scorer: expected one of {', '.join(INDEX_SCORERS)}, got {scorer!r}")
     try:
         check_name(name, "--name")  # an index is one folder directly under --root
     except ArtifactError as exc:
@@ -695,12 +706,19 @@ def demo(
     if as_json:
         out.print_json(json.dumps(asdict(report), default=str))
         return
+    # Paths go below the table, whole, one a line: a table cell cuts them at the terminal's
+    # width (80 columns in a log), and they are there to be copied.
+    paths = ("ledger", "scores_file", "quarantine_file")
     table = Table(title="finsentinel demo", show_header=False)
     for key, value in asdict(report).items():
-        if key != "top_alerts":
+        if key != "top_alerts" and key not in paths:
             table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float)
                           else str(value))
     out.print(table)
+    out.print(f"work folder: {config.workdir.resolve()}", markup=False)
+    for key in paths:
+        if getattr(report, key) is not None:
+            out.print(f"{key.replace('_', ' ')}: {getattr(report, key)}", markup=False)
     if report.top_alerts:
         top = Table(title="top alerts")
         for col in report.top_alerts[0]:
@@ -756,8 +774,11 @@ def dashboard_hash_password(
 ) -> None:
     """Read a password (prompted, or the first line of stdin) and print its salted scrypt
     hash; the password itself is never printed or stored."""
-    from pipeline.dashboard.auth import Users, hash_password
+    from pipeline.dashboard.auth import _NAME, Users, hash_password
 
+    if user is not None and not _NAME.match(user):  # before the password is asked for
+        _fail(f"--user: expected a name of letters, digits and . _ @ - (starting with a letter "
+              f"or digit, up to 64 characters), got {user!r}")
     if sys.stdin.isatty():
         password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
     else:
@@ -823,7 +844,9 @@ def _error(message: str) -> None:
     from pipeline.privacy import redact, url_password
 
     secrets = [url_password(os.environ.get(DEFAULT_DB_ENV)), os.environ.get("PGPASSWORD")]
-    secrets += [url_password(arg.split("=", 1)[-1]) for arg in sys.argv if "://" in arg]
+    # A URL given as `--db URL` or `--db=URL` (whose query may hold `password=` itself).
+    secrets += [url_password(form) for arg in sys.argv if "://" in arg
+                for form in (arg, arg.split("=", 1)[-1])]
     console.print(f"[bold red]error:[/] {escape(redact(message, secrets))}")
 
 

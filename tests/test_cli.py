@@ -328,3 +328,65 @@ def test_serve_refuses_a_bad_job_setting_before_it_starts(monkeypatch):
     code, out, err = run_cli("serve", "--only", "score-hourly",
                              env={"FINSENTINEL_INBOX_SETTLE_SECONDS": " "})  # blank: unset
     assert code == 0 and len(served) == 1 and len(served[0]) == 1, flat(out + err)
+
+
+# --- what a new user sees ---------------------------------------------------------------------
+
+def test_index_help_offers_only_the_commands_it_has():
+    text = _help("index")
+    assert "build" in text and "inspect" not in text, text
+
+
+def test_index_build_refuses_an_unknown_kind_or_scorer_before_reading_the_history(tmp_path, tx):
+    for option, value in (("--kind", "exact"), ("--scorer", "xgboost")):
+        text = refused(*run_cli("index", "build", "--input", str(tx), "--name", "fraud",
+                                "--text-dim", "0", option, value), option, repr(value))
+        assert "rows in" not in text  # refused before the history was read
+    assert not (tmp_path / "indexes").exists()
+
+
+def test_features_says_where_the_quarantined_rows_went(tmp_path, tx):
+    import polars as pl
+
+    frame = pl.read_parquet(tx).head(20)
+    bad = tmp_path / "bad.csv"
+    frame.with_columns(pl.Series("amount", [-1.0, *frame["amount"].to_list()[1:]])
+                       ).write_csv(bad)
+    code, out, err = run_cli("features", "--input", str(bad), "--output",
+                             str(tmp_path / "f.parquet"))
+    assert code == 0, err
+    text = flat(out + err)
+    assert "quarantined 1" in text, text
+    assert f"quarantined rows in {tmp_path / 'f.quarantine.parquet'}" in text, text
+
+
+def test_demo_prints_where_its_files_went_in_full(tmp_path, monkeypatch):
+    """Paths longer than a table cell were cut ("…/ledge…") in an 80-column terminal or a log."""
+    from pipeline import demo
+
+    work = tmp_path / ("deep-folder-" * 6) / "finsentinel-work" / "demo"
+    report = demo.DemoReport(
+        transactions=10, history_rows=7, batch_rows_in=6, scored=3, quarantined=3, alerts=1,
+        frauds_in_batch=1, frauds_alerted=1, auc_roc=1.0, average_precision=1.0,
+        index="demo@v1", index_vectors=7, ledger=f"sqlite:///{work / 'ledger.sqlite'}",
+        ledger_records=3, ledger_verified=True, scores_file=str(work / "scores.parquet"),
+        quarantine_file=str(work / "scores.quarantine.parquet"), seconds=1.0)
+    monkeypatch.setattr(demo, "run_demo", lambda config, log: report)
+    code, out, err = run_cli("demo", "--workdir", str(work))
+    assert code == 0, err
+    for path in (str(work), report.ledger, report.scores_file, report.quarantine_file):
+        assert path in out, (path, out)
+    assert "…" not in out, out
+
+
+def test_hash_password_names_the_user_option_for_a_bad_name(monkeypatch):
+    """Not "$FINSENTINEL_DASHBOARD_USERS entry 1 ('bad')": the user set no variable, and a
+    prompt for a password must not come before the name is refused."""
+    for name in ("bad:name", "al ice", " "):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("long-enough-password\n"))
+        text = refused(*run_cli("dashboard", "hash-password", "--user", name), "--user",
+                       repr(name))
+        assert "FINSENTINEL_DASHBOARD_USERS" not in text.split("error:", 1)[1], text
+    monkeypatch.setattr(sys, "stdin", io.StringIO("long-enough-password\n"))
+    code, out, err = run_cli("dashboard", "hash-password", "--user", "alice")
+    assert code == 0 and out.startswith("alice:scrypt$"), err

@@ -430,3 +430,14 @@ def test_a_ledger_on_a_url_with_a_query_password_shows_none(pg_url):
     with Ledger(url) as ledger:
         assert ledger.count() == 0
         assert "Canary" not in repr(ledger) and "password=***" in repr(ledger)
+
+
+def test_a_query_password_in_a_db_argument_is_not_printed():
+    """``--db URL`` as its own argument: the CLI's redaction used to look only at the text
+    after the argument's first ``=``, which for ``…?password=X`` is X alone, not a URL."""
+    for url in ("postgresql://u@127.0.0.1:notaport/db?password=Canary-q5",
+                "postgresql://u@127.0.0.1:1/db?sslmode=disable&password=Canary-q5"):
+        for args in (("--db", url), (f"--db={url}",)):
+            code, out, err = run_cli("audit", "verify", *args)
+            assert code == 2 and err.lstrip().startswith("error:") and "Traceback" not in err
+            assert "Canary" not in out + err, err

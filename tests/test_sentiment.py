@@ -581,3 +581,93 @@ def test_evaluate_an_hf_checkpoint_with_generic_labels_on_numeric_data(hf_checkp
     assert report["n"] == 3
     assert report["accuracy"] == pytest.approx(
         sum(p.label == t for p, t in zip(want, truth, strict=True)) / 3)
+
+
+def _tiny_labelled_csv(tmp_path):
+    import csv
+
+    data = tmp_path / "tiny.csv"
+    with open(data, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows((f"company {i} reports {word} results", label) for i in range(4)
+                         for word, label in (("weak", "negative"), ("steady", "neutral"),
+                                             ("strong", "positive")))
+    return data
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_train_checks_where_the_model_goes_before_any_work(tmp_path, monkeypatch):
+    """A model folder that cannot be written used to fail after the whole fine-tuning (many
+    minutes on the full data), as a bare "Not a directory"."""
+    import pipeline.sentiment.train as train_module
+
+    trained = []
+    monkeypatch.setattr(train_module, "train_classifier",
+                        lambda *args, **kwargs: trained.append(args))
+    data = _tiny_labelled_csv(tmp_path)
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    for output, expected in ((blocker / "tiny", f"{blocker} is a file"),
+                             (blocker, f"{blocker} is a file"),
+                             (tmp_path / "models" / "..", "'..'")):
+        result = _cli("sentiment", "train", "--data", str(data), "--output", str(output))
+        text = _flat(result.output)
+        assert result.exit_code == 2, text
+        assert "--output" in text and expected in text, text
+        assert "labelled texts" not in text  # refused before the data was read
+    monkeypatch.setenv("FINSENTINEL_KEEP_INDEX_VERSIONS", "ten")
+    result = _cli("sentiment", "train", "--data", str(data), "--output",
+                  str(tmp_path / "models" / "tiny"))
+    text = _flat(result.output)
+    assert result.exit_code == 2 and "FINSENTINEL_KEEP_INDEX_VERSIONS" in text, text
+    assert "labelled texts" not in text
+    assert trained == [] and not (tmp_path / "models").exists()
+
+
+def test_train_prints_each_epoch_as_it_ends(tmp_path, monkeypatch):
+    """Fine-tuning takes minutes per epoch: each epoch's result stays on the screen (and in a
+    log), not only in a spinner that is gone when the command ends, or never shown off a
+    terminal."""
+    from types import SimpleNamespace
+
+    import pipeline.sentiment.train as train_module
+
+    class Trained:
+        validation, seconds, head = {"accuracy": 0.5}, 2.0, SimpleNamespace(temperature=1.0)
+
+        def publish(self, output, extra):
+            return "v1", output / "v1"
+
+    def fake_train(labelled, config, progress=None):
+        for epoch in range(1, config.epochs + 1):
+            progress(json.dumps({"epoch": epoch, "train_loss": 1.0 / epoch,
+                                 "seconds": 60.0 * epoch, "val_accuracy": 0.5,
+                                 "val_nll": 0.9}))
+        return Trained()
+
+    monkeypatch.setattr(train_module, "train_classifier", fake_train)
+    result = _cli("sentiment", "train", "--data", str(_tiny_labelled_csv(tmp_path)),
+                  "--output", str(tmp_path / "models" / "tiny"), "--epochs", "2")
+    text = _flat(result.output)
+    assert result.exit_code == 0, text
+    assert "epoch 1/2: train loss 1.0000, validation accuracy 0.5000 (60 s)" in text, text
+    assert "epoch 2/2: train loss 0.5000" in text, text
+
+
+def test_an_unknown_backend_or_format_is_refused_naming_the_option(tmp_path):
+    data = _tiny_labelled_csv(tmp_path)
+    for args, option, value in (
+            (["classify", "--input", str(data), "--model", "m", "--output",
+              str(tmp_path / "n.parquet"), "--backend", "bert"], "--backend", "bert"),
+            (["evaluate", "--data", str(data), "--model", "m", "--output",
+              str(tmp_path / "m.json"), "--format", "tsv"], "--format", "tsv"),
+            (["train", "--data", str(data), "--output", str(tmp_path / "models" / "m"),
+              "--format", "tsv"], "--format", "tsv")):
+        result = _cli("sentiment", *args)
+        text = _flat(result.output)
+        assert result.exit_code == 2, (text, result.exception)
+        assert f"{option}: expected one of" in text and repr(value) in text, text

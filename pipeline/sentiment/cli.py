@@ -46,6 +46,42 @@ Lines = Annotated[Path | None, typer.Option(
     "--lines", help="PhraseBank only: file of 0-based line numbers to use (a split).")]
 
 
+def _check_choices(backend: str | None = None, format: str | None = None) -> None:
+    """--backend and --format, refused by their option names before any work."""
+    from pipeline.cli import _fail
+    from pipeline.sentiment.backends import BACKENDS
+    from pipeline.sentiment.data import FORMATS
+
+    for option, value, allowed in (("--backend", backend, BACKENDS),
+                                   ("--format", format, FORMATS)):
+        if value is not None and value not in allowed:
+            _fail(f"{option}: expected one of {', '.join(allowed)}, got {value!r}")
+
+
+def _check_model_output(output: Path) -> None:
+    """``sentiment train --output models/NAME``, checked before the data is read and the
+    model trained (minutes): a plain name, in a folder that is one or can be made one, and a
+    version-keeping setting that publishing will accept."""
+    import os
+
+    from pipeline.artifacts import ArtifactError, check_name, keep_versions
+    from pipeline.cli import _fail
+
+    try:
+        check_name(output.name, "--output: model name")
+        keep_versions()
+    except ArtifactError as exc:
+        _fail(str(exc))
+    for folder in (output, *output.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                _fail(f"--output: {output}: {folder} is a file, not a folder (--output is "
+                      "models/NAME, a folder of model versions)")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                _fail(f"--output: cannot write in folder {folder}")
+            return
+
+
 def _load(backend: str, model: str, root: Path | None, endpoint: str | None,
           label_map: str | None, quantize: bool = False):
     from pipeline.sentiment.backends import load_classifier
@@ -86,17 +122,28 @@ def train(
     from pipeline.sentiment.data import load_labelled
     from pipeline.sentiment.train import TrainConfig, evaluate_trained, train_classifier
 
+    _check_choices(format=format)
     check_input(data, "--data")
     check_input(eval_data, "--eval-data")
+    _check_model_output(output)
     labelled = load_labelled(data, format=format, label_map=label_map, lines=lines)
     console.print(f"{len(labelled):,} labelled texts from {data}: {labelled.counts()}",
                   markup=False)
     config = TrainConfig(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                          max_length=max_length, val_fraction=val_fraction, seed=seed,
                          threads=threads)
-    with console.status("fine-tuning") as status:
-        trained = train_classifier(labelled, config,
-                                   progress=lambda msg: status.update(f"fine-tuning: {msg}"))
+
+    def epoch_done(message: str) -> None:  # kept on screen and in logs, not only a spinner
+        record = json.loads(message)
+        accuracy = (f", validation accuracy {record['val_accuracy']:.4f}"
+                    if "val_accuracy" in record else "")
+        console.print(f"epoch {record['epoch']}/{epochs}: train loss "
+                      f"{record['train_loss']:.4f}{accuracy} ({record['seconds']:.0f} s)",
+                      markup=False)
+
+    console.print(f"fine-tuning for {epochs} epochs (a line as each ends) …", markup=False)
+    with console.status("fine-tuning"):
+        trained = train_classifier(labelled, config, progress=epoch_done)
     extra = {}
     if eval_data is not None:
         held = load_labelled(eval_data, format=format,
@@ -141,6 +188,7 @@ def classify(
     from pipeline.sentiment.jobs import classify_file, ledger_warning
     from pipeline.tickers import TickerExtractor
 
+    _check_choices(backend=backend)
     check_input(input, "--input")
     check_output(output, "--output", TABLE_SUFFIXES)
     extractor = TickerExtractor.from_file(companies)
@@ -194,6 +242,7 @@ def evaluate(
     from pipeline.sentiment.jobs import evaluate as run_evaluation
     from pipeline.sentiment.jobs import write_json
 
+    _check_choices(backend=backend, format=format)
     check_input(data, "--data")
     check_output(output, "--output", (".json",), " (the metrics report)")
     classifier = _load(backend, model, root, endpoint,
