@@ -6,6 +6,7 @@ month before)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from prefect import flow, task
@@ -76,5 +77,21 @@ def export_audit(month: str | None = None, format: str = "jsonl",
     return report
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Serve the export_audit flow on a schedule (by default 03:00 UTC on the "
+                    "1st, exporting the month before).")
+    parser.add_argument("--format", default="jsonl", choices=audit.FORMATS)
+    parser.add_argument("--out-dir", help="default $FINSENTINEL_WORKDIR/audit")
+    parser.add_argument("--db", help="ledger URL without a password (else FINSENTINEL_DB)")
+    parser.add_argument("--reveal", action="store_true",
+                        help="raw card/terminal ids instead of pseudonyms")
+    parser.add_argument("--cron", default=MONTHLY_CRON)
+    args = parser.parse_args(argv)
+    flow_db_url(args.db)  # a password in it is refused before anything is served
+    export_audit.serve(name="monthly-audit-export", cron=args.cron, parameters={
+        "format": args.format, "out_dir": args.out_dir, "db": args.db, "reveal": args.reveal})
+
+
 if __name__ == "__main__":
-    export_audit.serve(name="monthly-audit-export", cron=MONTHLY_CRON)
+    main()

@@ -514,7 +514,7 @@ def load_recorded_index(index_version: str, model_version: str, root: str | Path
     """The exact index version a decision names, with every file checked against its manifest
     and the encoder weights against the recorded hash; ArtifactError says what is missing or
     changed."""
-    from pipeline.index import FraudIndex, default_root
+    from pipeline.index import INDEXES_ENV, FraudIndex, default_root
 
     name, _, version = index_version.rpartition("@")
     if not name or not version or version == "unsaved":
@@ -524,8 +524,13 @@ def load_recorded_index(index_version: str, model_version: str, root: str | Path
     directory = root / name / version
     if not directory.is_dir():
         base = root / name
+        if not base.is_dir():  # a wrong --root, most likely: not a pruned version
+            raise artifacts.ArtifactError(
+                f"index version {index_version} is missing: there is no index {name!r} under "
+                f"{root} (check --root or ${INDEXES_ENV}: the decision was scored with the "
+                f"index folder {name}/)")
         present = sorted(p.name for p in base.iterdir()
-                         if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []
+                         if p.is_dir() and not p.name.startswith("."))
         raise artifacts.ArtifactError(
             f"index version {index_version} is missing: {directory} does not exist (versions "
             f"present: {', '.join(present) or 'none'}). Publishing keeps the newest "

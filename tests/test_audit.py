@@ -674,6 +674,11 @@ def test_replay_with_text_names_each_missing_or_changed_artefact(text_world, tmp
         assert f"index version {target['index_version']} is missing" in missing.reason
         assert artifacts.KEEP_VERSIONS_ENV in missing.reason
 
+        elsewhere = audit.replay(ledger, target["decision_id"], root=tmp_path / "wrong",
+                                 encoder=encoder)  # a mistyped --root: nothing was pruned
+        assert not elsewhere.ok and "no index 'cards' under" in elsewhere.reason
+        assert "--root" in elsewhere.reason and "KEEP" not in elsewhere.reason
+
         with pytest.raises(LedgerError, match="no decision 'nope'"):
             audit.replay(ledger, "nope", root=root)
 

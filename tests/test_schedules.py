@@ -343,3 +343,17 @@ def test_a_blank_setting_is_unset_for_the_index_root_and_the_ledger_too(monkeypa
     assert default_root() == Path("indexes")
     assert resolve_db_url(None).endswith(
         str(Path(JobSettings.from_env().workdir) / "ledger.sqlite"))
+
+
+def test_flow_modules_answer_help_without_serving():
+    """`python -m flows.export_audit --help` used to ignore its arguments and start serving
+    (a temporary Prefect server, then a schedule) until killed."""
+    for module, option in (("flows.export_audit", "--cron"), ("flows.classify_news", "--cron")):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                              text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr
+        assert option in done.stdout and "usage:" in done.stdout
+    refused = subprocess.run([sys.executable, "-m", "flows.export_audit", "--format", "xml"],
+                             capture_output=True, text=True, timeout=120,
+                             cwd=Path(__file__).resolve().parents[1])
+    assert refused.returncode == 2 and "invalid choice: 'xml'" in refused.stderr
