@@ -284,9 +284,10 @@ WHY = (
     "(Decision, canonical JSON, sha256, insert, commit) costs about 80 µs a row, and the "
     "search about 55–60 µs (these per-row costs were measured on an Intel Xeon whose whole "
     "run took twice as long as this table's). Compare rows of one machine only: earlier "
-    "tables scored the same 1M rows in 225 s (4,445/s, an Intel Xeon, the code of 3136b6d) "
-    "and 181 s (5,515/s, another AMD EPYC, older code); the 2-core machines of this project "
-    "differ by up to 2x at every stage.")
+    "tables scored the same 1M rows in 111.9 s (8,940/s, an AMD EPYC, the code of cb22df1: "
+    "the noted rows), 225 s (4,445/s, an Intel Xeon, the code of 3136b6d) and 181 s "
+    "(5,515/s, another AMD EPYC, older code); the 2-core machines of this project differ by "
+    "up to 2x at every stage.")
 MEMORY = (
     "The explanations are not held: a batch's decisions are made and written 20,000 at a time "
     "inside its one ledger transaction (a `DecisionStream`), and FAISS is searched 100,000 "
