@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -269,13 +270,18 @@ def index_build(
         else:
             with Ledger(db) as ledger:
                 feedback = feedback_labels(ledger)
-    with console.status("features, embeddings and index"):
+    began = time.perf_counter()
+    with console.status("building the index") as status:
+        def stage(name: str) -> None:  # a line each (kept in logs), and on the spinner
+            console.print(f"{time.perf_counter() - began:6.1f} s  {name}", markup=False)
+            status.update(name)
+
         report = jobs.build_index(
             ingested, name, root=root, encoder=TextEncoder(encoder) if text_dim else None,
             until=cutoff, vector_config=VectorConfig(text_dim=text_dim),
             config=IndexConfig(kind=kind, label_delay_days=label_delay_days,
                                gpu_float16=gpu_float16), feedback=feedback,
-            scorer=scorer)
+            scorer=scorer, stage=stage)
     if feedback is not None:
         console.print(f"analyst reviews: {feedback.frame.height:,} reviewed transactions, "
                       f"{report.feedback_applied:,} history rows relabelled")

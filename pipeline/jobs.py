@@ -4,7 +4,7 @@ step by step as tasks. Each returns a typed report."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -111,18 +111,24 @@ def build_index(ingested: IngestResult, name: str, *, root: str | Path | None = 
                 encoder: TextEncoder | None = None, until: datetime | None = None,
                 vector_config: VectorConfig | None = None,
                 config: IndexConfig | None = None,
-                feedback: FeedbackLabels | None = None, scorer: str = "knn") -> BuildReport:
+                feedback: FeedbackLabels | None = None, scorer: str = "knn",
+                stage: Callable[[str], None] | None = None) -> BuildReport:
     """Build and save an index of the accepted rows. With ``feedback`` (analysts' reviews from
     the ledger), reviewed transactions carry the reviewer's label, known from the review time.
     ``scorer="knn-stacked"`` adds learned vector weights and a stacked XGBoost model (trained on
-    the last 7 days of labelled rows) to the index (see pipeline.stacking)."""
+    the last 7 days of labelled rows) to the index (see pipeline.stacking). ``stage`` is told
+    the name of each step as it starts."""
     if scorer not in ("knn", "knn-stacked"):
         raise ValueError(f"scorer: expected knn or knn-stacked, got {scorer!r}")
     config = config or IndexConfig()
+    started = stage or (lambda _name: None)
     history, applied = ingested.accepted, 0
     if feedback is not None:
         history, applied = apply_feedback(history, feedback)
+    started(f"features of {history.height:,} transactions")
     featured = compute_features(history, label_delay_days=config.label_delay_days)
+    started("text embeddings, vectors and the FAISS index"
+            + (", then the stacked model" if scorer == "knn-stacked" else ""))
     if scorer == "knn-stacked":
         from pipeline.stacking import build_stacked_index
 
@@ -137,6 +143,7 @@ def build_index(ingested: IngestResult, name: str, *, root: str | Path | None = 
             "rows_relabelled": applied, "reviewed_transactions": feedback.frame.height,
             "feedback_head_seq": feedback.feedback_head_seq,
             "feedback_head_hash": feedback.feedback_head_hash}
+    started("saving")
     version = index.save(name, root)
     m = index.manifest
     return BuildReport(

@@ -390,3 +390,15 @@ def test_hash_password_names_the_user_option_for_a_bad_name(monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("long-enough-password\n"))
     code, out, err = run_cli("dashboard", "hash-password", "--user", "alice")
     assert code == 0 and out.startswith("alice:scrypt$"), err
+
+
+def test_index_build_prints_each_step_as_it_starts(tmp_path, tx):
+    code, out, err = run_cli("index", "build", "--input", str(tx), "--name", "fraud",
+                             "--root", str(tmp_path / "idx"), "--text-dim", "0")
+    assert code == 0, err
+    steps = [m.group(1).strip() for m in re.finditer(r"(?m)^\s*\d+\.\d s  (.+)$", err + out)]
+    import polars as pl
+
+    rows = pl.read_parquet(tx).height
+    assert steps[0] == f"features of {rows:,} transactions"
+    assert steps[1:] == ["text embeddings, vectors and the FAISS index", "saving"]
