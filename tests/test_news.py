@@ -349,6 +349,25 @@ def test_classify_file_records_every_decision_and_rerun_adds_nothing(
     _check_batch(db_url, report, sentiment_model["directory"])
 
 
+def test_classification_in_chunks_reports_progress_and_labels_as_one_call(
+        sentiment_model, news_file, monkeypatch):
+    from pipeline.sentiment import jobs
+    from pipeline.sentiment.backends import EncoderClassifier
+
+    classifier = EncoderClassifier.load(sentiment_model["directory"])
+    ingested = read_news(news_file)
+    whole = jobs.classify_news(ingested, classifier)
+    monkeypatch.setattr(jobs, "DEFAULT_CHUNK_ARTICLES", 2)
+    told = []
+    chunked = jobs.classify_news(ingested, classifier, progress=lambda *a: told.append(a))
+    assert told == [(2, 3), (3, 3)]
+    assert chunked.results["label"].to_list() == whole.results["label"].to_list()
+    for label in ("p_negative", "p_neutral", "p_positive"):
+        assert chunked.results[label].to_list() == pytest.approx(whole.results[label].to_list(),
+                                                               abs=1e-5)
+    assert chunked.results["units"].to_list() == whole.results["units"].to_list() == [1, 4, 1]
+
+
 def test_classify_command(sentiment_model, news_file, tmp_path):
     from typer.testing import CliRunner
 

@@ -194,9 +194,15 @@ def classify(
     extractor = TickerExtractor.from_file(companies)
     with console.status(f"loading {escape(backend)} model {escape(model)}"):
         classifier = _load(backend, model, root, endpoint, label_map, quantize)
-    with console.status("classifying"), Ledger(db) as ledger, NewsStore(ledger.url) as store:
+    from rich.progress import Progress
+
+    with (Progress(console=console, transient=True) as bar, Ledger(db) as ledger,
+          NewsStore(ledger.url) as store):
+        task = bar.add_task("classifying articles", total=None)
         report = classify_file(input, classifier, output, ledger=ledger, store=store,
-                               batch_id=batch_id, extractor=extractor)
+                               batch_id=batch_id, extractor=extractor,
+                               progress=lambda done, total: bar.update(
+                                   task, completed=done, total=total))
     console.print(f"rows in {report.rows_in:,} = classified {report.rows_classified:,} + "
                   f"quarantined {report.rows_quarantined:,}")
     out.print(f"batch {report.batch_id} ({report.model_id}): {report.labels}, "

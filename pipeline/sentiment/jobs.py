@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,15 +74,29 @@ def article_hash(row: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(material).encode()).hexdigest()
 
 
+# Articles per classify call: an encoder/hf call batches its texts by length over the whole
+# call, so a file of up to this many articles is labelled exactly as in one call; an LLM labels
+# each article on its own, so small chunks cost nothing and report progress often.
+CHUNK_ARTICLES = {"llm": 32}
+DEFAULT_CHUNK_ARTICLES = 4096
+
+
 def classify_news(ingested: IngestResult, classifier: Classifier, *,
-                  extractor: TickerExtractor | None = None, explain: bool = True
-                  ) -> ClassifiedNews:
-    """Label every accepted article; tickers are those given plus those found in the text."""
+                  extractor: TickerExtractor | None = None, explain: bool = True,
+                  progress: Callable[[int, int], None] | None = None) -> ClassifiedNews:
+    """Label every accepted article; tickers are those given plus those found in the text.
+    ``progress(done, total)`` is told after each chunk of articles."""
     extractor = extractor or TickerExtractor()
     frame = ingested.accepted
     rows = frame.to_dicts()
-    results = classify_articles(classifier, frame[HEADLINE].to_list(), frame[BODY].to_list(),
-                                explain=explain)
+    headlines, bodies = frame[HEADLINE].to_list(), frame[BODY].to_list()
+    size = CHUNK_ARTICLES.get(getattr(classifier, "backend", ""), DEFAULT_CHUNK_ARTICLES)
+    results: list = []
+    for start in range(0, len(rows), size):
+        results += classify_articles(classifier, headlines[start:start + size],
+                                     bodies[start:start + size], explain=explain)
+        if progress is not None:
+            progress(len(results), len(rows))
     predictions = [r.prediction for r in results]
     tickers = [extractor.extract_all(r[HEADLINE], r[BODY], given=r[TICKERS] or [])
                for r in rows]
@@ -249,10 +264,13 @@ def write_results(classified: ClassifiedNews, ingested: IngestResult, batch_id: 
 
 def classify_file(input_path: str | Path, classifier: Classifier, output: str | Path, *,
                   ledger: Ledger, store: NewsStore | None = None, batch_id: str | None = None,
-                  extractor: TickerExtractor | None = None) -> SentimentReport:
+                  extractor: TickerExtractor | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> SentimentReport:
+    """Classify a news file and record it as one ledger batch; ``progress(done, total)``
+    counts the articles classified."""
     started = time.perf_counter()
     ingested = read_news(input_path)
-    classified = classify_news(ingested, classifier, extractor=extractor)
+    classified = classify_news(ingested, classifier, extractor=extractor, progress=progress)
     batch_id = resolve_batch_id(input_path, classified, batch_id, ingested)
     receipt, classified, check = record_and_reconcile(ledger, ingested, classified, batch_id)
     out, qpath = write_results(classified, ingested, batch_id, output)
