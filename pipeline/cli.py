@@ -748,11 +748,12 @@ def dashboard(
     $FINSENTINEL_DASHBOARD_USERS (name:hash pairs); with none configured it does not start."""
     if ctx.invoked_subcommand is not None:
         return
-    from pipeline.dashboard.auth import Users
+    from pipeline.dashboard.auth import Users, idle_minutes
     from pipeline.index import INDEXES_ENV
     from pipeline.ledger import DEFAULT_DB_ENV, resolve_db_url
 
     Users.from_env()  # no users, or a malformed entry: a clear error, and nothing starts
+    idle_minutes()  # and a bad idle time-out
     if not 1 <= port <= 65535:
         _fail(f"--port: expected 1-65535, got {port}")
     env = dict(os.environ)

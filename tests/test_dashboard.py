@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import uuid
 from collections import defaultdict
 from datetime import date
@@ -942,3 +943,41 @@ def test_parallel_sign_in_attempts_cannot_get_past_the_failure_limit():
     assert len(allowed) == 5 and throttle.retry_after("alice") > 0
     throttle.succeeded("alice")  # the right password clears the name's count
     assert throttle.attempt("alice") == 0
+
+
+def test_an_idle_session_is_signed_out(app_env, monkeypatch):
+    """A browser left open: after $FINSENTINEL_DASHBOARD_IDLE_MINUTES without an action the
+    next action finds the sign-in form, not the ledger; an active session stays in."""
+    monkeypatch.setenv("FINSENTINEL_DASHBOARD_IDLE_MINUTES", "15")
+    at = _sign_in(_app())
+    assert at.session_state["user"] == USER and len(at.dataframe) == 1
+    at.session_state["last_action"] = time.monotonic() - 14 * 60  # active 14 minutes ago
+    at.run()
+    assert at.session_state["user"] == USER and len(at.dataframe) == 1
+    at.session_state["last_action"] = time.monotonic() - 16 * 60
+    at.run()
+    assert not at.exception
+    assert "user" not in at.session_state
+    assert [i.value for i in at.info] == [
+        "Signed out after 15 minutes without activity: sign in again."]
+    _shows_no_data(at)
+    _sign_in(at)
+    assert at.session_state["user"] == USER and len(at.dataframe) == 1
+
+    monkeypatch.setenv("FINSENTINEL_DASHBOARD_IDLE_MINUTES", "0")  # never
+    at.session_state["last_action"] = time.monotonic() - 10 * 24 * 3600
+    at.run()
+    assert at.session_state["user"] == USER
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "nan"])
+def test_a_bad_idle_time_out_is_refused(app_env, monkeypatch, value):
+    from pipeline.dashboard.auth import IDLE_ENV, AuthConfigError, idle_minutes
+
+    with pytest.raises(AuthConfigError, match=IDLE_ENV):
+        idle_minutes({IDLE_ENV: value})
+    assert idle_minutes({IDLE_ENV: " "}) == 30.0
+    monkeypatch.setenv(IDLE_ENV, value)
+    at = _app()
+    at.run()
+    assert IDLE_ENV in at.error[0].value and len(at.text_input) == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import os
 import re
 import secrets
@@ -38,6 +39,26 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 class AuthConfigError(ValueError):
     """The users configured in the environment are missing or malformed."""
+
+
+IDLE_ENV = "FINSENTINEL_DASHBOARD_IDLE_MINUTES"
+IDLE_MINUTES = 30.0
+
+
+def idle_minutes(environ: Mapping[str, str] | None = None) -> float:
+    """Minutes without any action after which a session is signed out (``$IDLE_ENV``, default
+    30; 0: never; blank: the default). AuthConfigError naming the variable for a bad value."""
+    text = (os.environ if environ is None else environ).get(IDLE_ENV, "").strip()
+    if not text:
+        return IDLE_MINUTES
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise AuthConfigError(f"${IDLE_ENV}: expected minutes >= 0 (0: never sign out an idle "
+                              f"session), got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)

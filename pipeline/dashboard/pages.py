@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -100,12 +101,23 @@ def _throttle() -> SignInThrottle:
 
 # --- sign-in ---------------------------------------------------------------------------------
 
-def _sign_in(users: Users) -> str | None:
-    """The signed-in analyst, or None after drawing the sign-in form."""
+def _sign_in(users: Users, idle_minutes: float = 0.0) -> str | None:
+    """The signed-in analyst, or None after drawing the sign-in form. A session with no action
+    for ``idle_minutes`` (0: never) is signed out first (a browser left open on a shared desk)."""
     user = st.session_state.get("user")
+    now = time.monotonic()
+    if user and idle_minutes and now - st.session_state.get("last_action", now) > \
+            idle_minutes * 60:
+        _sign_out()
+        st.session_state["signed_out_idle"] = idle_minutes
+        user = None
     if user:
+        st.session_state["last_action"] = now
         return user
     st.title("finsentinel")
+    idle = st.session_state.pop("signed_out_idle", None)
+    if idle is not None:
+        st.info(f"Signed out after {idle:g} minutes without activity: sign in again.")
     st.caption("Sign in to see alerts, cases and the audit ledger.")
     with st.form("login"):
         name = st.text_input("User", key="login_user")
@@ -122,6 +134,7 @@ def _sign_in(users: Users) -> str | None:
         if found:
             throttle.succeeded(name or "")
             st.session_state["user"] = found
+            st.session_state["last_action"] = time.monotonic()
             st.session_state.pop("login_password", None)
             st.rerun()
         st.error("Unknown user or wrong password.")
@@ -135,15 +148,16 @@ def _sign_out() -> None:
 
 def main() -> None:
     st.set_page_config(page_title="finsentinel", layout="wide")
-    from pipeline.dashboard.auth import USERS_ENV
+    from pipeline.dashboard.auth import USERS_ENV, idle_minutes
 
     try:
         users = _users(os.environ.get(USERS_ENV))
+        idle = idle_minutes()
     except AuthConfigError as exc:
         st.error(str(exc))
         st.stop()
         return
-    user = _sign_in(users)
+    user = _sign_in(users, idle)
     if user is None:
         st.stop()
 
