@@ -644,7 +644,9 @@ def read_anchors(path: str | Path) -> list[Anchor]:
         raise ValueError(f"{path}: not an anchor file (expected format {ANCHOR_FORMAT!r})")
     try:
         return [Anchor(str(a["chain"]), str(a["day"]), int(a["last_seq"]), str(a["head_hash"]),
-                       int(a["records"])) for a in document["anchors"]]
+                       int(a["records"]),
+                       None if a.get("batches") is None else str(a["batches"]))
+                for a in document["anchors"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: anchor entry malformed ({exc!r}); expected chain, day, "
                          "last_seq, head_hash, records") from exc

@@ -505,6 +505,10 @@ class Anchor:
     last_seq: int
     head_hash: str
     records: int  # records of that day
+    # Decision anchors: a digest of every batch row and quarantined row recorded up to the
+    # anchor's record (see Ledger._batch_digests). Those tables are not chained, so this is
+    # what lets the anchors catch an edit to them; None in anchors written before it existed.
+    batches: str | None = None
 
 
 # --- connection handling ------------------------------------------------------------------
@@ -1118,6 +1122,9 @@ class Ledger:
                 if problem is not None:
                     return VerifyReport(False, checked, *problem, chain=anchor.chain,
                                         feedback_checked=reviews)
+            problem = self._anchor_batches_problem(conn, anchors)
+            if problem is not None:
+                return VerifyReport(False, checked, *problem, feedback_checked=reviews)
         scope = "" if lo is None and hi is None else " in range"
         reason = f"chain of {checked} records verified{scope}; head {head}"
         if reviews:
@@ -1324,6 +1331,61 @@ class Ledger:
                     "was edited (its contents no longer match its hash)")
         return None
 
+    @staticmethod
+    def _batch_digests(conn: Connection, stamps: Sequence[str]) -> dict[str, str]:
+        """For each created_at stamp, a running sha256 over every batch row recorded at or
+        before it (in created_at order) with its quarantined rows: what a decision anchor
+        carries. Batches stamped after an anchor's record are stamped strictly later (see
+        :func:`_stamp_after`), so recording more never changes an earlier anchor's digest."""
+        held: dict[tuple[str, str], list[list[Any]]] = {}
+        for q in conn.execute(sa.select(QUARANTINE).order_by(
+                QUARANTINE.c.batch_id, QUARANTINE.c.kind, QUARANTINE.c.row_number)):
+            held.setdefault((q.batch_id, q.kind), []).append(
+                [int(q.row_number), q.field, q.reason, q.raw])
+        batches = conn.execute(sa.select(BATCHES).order_by(
+            BATCHES.c.created_at, BATCHES.c.batch_id, BATCHES.c.kind)).mappings().all()
+        out, digest, i = {}, GENESIS_HASH, 0
+        for stamp in sorted(set(stamps)):
+            while i < len(batches) and batches[i]["created_at"] <= stamp:
+                b = batches[i]
+                material = {**{k: b[k] for k in ("batch_id", "kind", "input_hash",
+                                                 "created_at")},
+                            **{k: int(b[k]) for k in ("rows_in", "rows_scored",
+                                                      "rows_quarantined")},
+                            "quarantine": held.get((b["batch_id"], b["kind"]), [])}
+                digest = hashlib.sha256((digest + canonical_json(material)).encode("utf-8")
+                                        ).hexdigest()
+                i += 1
+            out[stamp] = digest
+        return out
+
+    def _anchor_batches_problem(self, conn: Connection, anchors: Sequence[Anchor]
+                                ) -> tuple[int | None, str | None, str] | None:
+        """The first decision anchor whose batch digest the ledger no longer matches (each
+        anchor's record was already found intact by :meth:`_anchor_problem`)."""
+        wanted = sorted((a for a in anchors if a.chain == "decisions" and a.batches),
+                        key=lambda a: a.last_seq)
+        if not wanted:
+            return None
+        stamps = {}
+        seqs = [a.last_seq for a in wanted]
+        for start in range(0, len(seqs), 1000):
+            stamps |= dict(conn.execute(
+                sa.select(DECISIONS.c.seq, DECISIONS.c.created_at)
+                .where(DECISIONS.c.seq.in_(seqs[start:start + 1000]))).all())
+        digests = self._batch_digests(conn, list(stamps.values()))
+        for anchor in wanted:
+            if digests[stamps[anchor.last_seq]] != anchor.batches:
+                decision_id = conn.execute(sa.select(DECISIONS.c.decision_id)
+                                           .where(DECISIONS.c.seq == anchor.last_seq)
+                                           ).scalar_one()
+                return (anchor.last_seq, decision_id,
+                        f"anchor of {anchor.day} (decisions seq {anchor.last_seq}): the batches "
+                        "or quarantined rows recorded up to it were changed since the anchor "
+                        "was taken (a batch row, its counts or time, or a quarantined row was "
+                        "edited, deleted or inserted)")
+        return None
+
     def anchors(self, since: datetime | str | None = None, until: datetime | str | None = None
                 ) -> list[Anchor]:
         """Each chain's head at the end of each UTC day with records (created_at in range)."""
@@ -1340,14 +1402,17 @@ class Ledger:
                 if hi is not None:
                     query = query.where(table.c.created_at < hi)
                 days = conn.execute(query).all()
-                hashes = {}
+                heads = {}
                 wanted = [int(d.last_seq) for d in days]
                 for start in range(0, len(wanted), 1000):
-                    hashes |= dict(conn.execute(
-                        sa.select(table.c.seq, table.c.hash)
-                        .where(table.c.seq.in_(wanted[start:start + 1000]))).all())
-                out += [Anchor(chain.name, d.day, int(d.last_seq), hashes[int(d.last_seq)],
-                               int(d.n)) for d in days]
+                    heads |= {int(r.seq): r for r in conn.execute(
+                        sa.select(table.c.seq, table.c.hash, table.c.created_at)
+                        .where(table.c.seq.in_(wanted[start:start + 1000])))}
+                digests = (self._batch_digests(conn, [r.created_at for r in heads.values()])
+                           if chain is _DECISION_CHAIN and heads else {})
+                out += [Anchor(chain.name, d.day, int(d.last_seq), heads[int(d.last_seq)].hash,
+                               int(d.n), digests.get(heads[int(d.last_seq)].created_at))
+                        for d in days]
         return out
 
     # -- reading --

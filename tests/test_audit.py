@@ -351,6 +351,68 @@ def test_anchors_catch_a_ledger_rebuilt_with_recomputed_hashes(db_url, raw, tmp_
     assert f"anchor of {today}" in report.reason and "rewritten or rebuilt" in report.reason
 
 
+@pytest.mark.parametrize("statements", [
+    ["UPDATE quarantine SET raw = '{\"amount\":\"12.00\"}' WHERE batch_id = 'q'"],
+    ["UPDATE quarantine SET reason = 'amount: fine' WHERE batch_id = 'q'"],
+    ["DELETE FROM quarantine WHERE batch_id = 'q' AND row_number = 1",
+     "UPDATE batches SET rows_in = rows_in - 1, rows_quarantined = rows_quarantined - 1 "
+     "WHERE batch_id = 'q'"],
+    ["DELETE FROM quarantine WHERE batch_id = 'empty'",
+     "DELETE FROM batches WHERE batch_id = 'empty'"],
+    ["UPDATE batches SET created_at = '2001-01-01T00:00:00.000000+00:00' WHERE batch_id = 'q'"],
+    ["UPDATE batches SET input_hash = 'other' WHERE batch_id = 'a'"],
+], ids=["raw-edited", "reason-edited", "row-and-counts-deleted", "all-quarantined-batch-deleted",
+        "batch-time-edited", "batch-input-hash-edited"])
+def test_anchors_catch_edits_to_batches_and_quarantined_rows(db_url, raw, tmp_path,
+                                                               statements):
+    """Batches and quarantined rows are not in the hash chain: an edit that keeps their counts
+    consistent (or removes a batch that scored nothing) verifies without anchors. The decision
+    anchors carry a digest of every batch and quarantined row recorded up to them, so with the
+    anchors kept outside the database the edit is found."""
+    from pipeline.ledger import QuarantinedRow
+
+    with Ledger(db_url) as ledger:
+        ledger.record_batch("a", "fraud", "in-a", 4, small_decisions("a", 4))
+        ledger.record_batch("empty", "fraud", "in-empty", 1, [],
+                            [QuarantinedRow(0, "amount", "amount: not a number", '{"a":1}')])
+        ledger.record_batch("q", "fraud", "in-q", 5, small_decisions("q", 3, 10), [
+            QuarantinedRow(1, "amount", "amount: not a number", '{"amount":"x"}'),
+            QuarantinedRow(4, "tx_time", "tx_time: not a time", '{"tx_time":"y"}')])
+        path = audit.write_anchors(tmp_path / "anchors.json", ledger.anchors())
+        assert ledger.verify(anchors=audit.read_anchors(path)).ok
+    with raw.begin() as conn:
+        for statement in statements:
+            conn.execute(sa.text(statement))
+    with Ledger(db_url) as ledger:
+        assert ledger.verify().ok  # not chained: consistent counts are all verify can check
+        report = ledger.verify(anchors=audit.read_anchors(path))
+    assert not report.ok and report.chain == "decisions" and report.first_bad_seq == 7
+    assert "batches or quarantined rows" in report.reason
+
+
+def test_batch_digests_in_anchors_survive_later_appends_and_old_anchor_files(db_url, tmp_path):
+    """Recording more batches (one that scores nothing included) never changes an earlier
+    anchor's digest; an anchor file written before the digest existed still verifies."""
+    from pipeline.ledger import QuarantinedRow
+
+    with Ledger(db_url) as ledger:
+        ledger.record_batch("a", "fraud", "in-a", 5, small_decisions("a", 4),
+                            [QuarantinedRow(4, "amount", "amount: bad", "{}")])
+        path = audit.write_anchors(tmp_path / "anchors.json", ledger.anchors())
+        ledger.record_batch("empty", "fraud", "in-e", 1, [],
+                            [QuarantinedRow(0, "amount", "amount: bad", "{}")])
+        ledger.record_batch("b", "fraud", "in-b", 2, small_decisions("b", 2, 10))
+        anchors = audit.read_anchors(path)
+        assert anchors[0].batches is not None
+        assert ledger.verify(anchors=anchors + ledger.anchors()).ok
+        old = json.loads(path.read_text())
+        for a in old["anchors"]:
+            del a["batches"]
+        path.write_text(json.dumps(old))
+        assert audit.read_anchors(path)[0].batches is None
+        assert ledger.verify(anchors=audit.read_anchors(path)).ok
+
+
 def test_anchor_files_are_checked(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "something else"}')
