@@ -55,8 +55,8 @@ def knn_score(similarities: np.ndarray, labels: np.ndarray, *, prior: float, smo
     """Smoothed similarity-weighted fraud share of each row's neighbours, in [0, 1]."""
     if not 0.0 <= prior <= 1.0:
         raise ValueError(f"prior must be in [0, 1], got {prior}")
-    if smoothing < 0:
-        raise ValueError(f"smoothing must be >= 0, got {smoothing}")
+    if not (np.isfinite(smoothing) and smoothing >= 0):
+        raise ValueError(f"smoothing must be finite and >= 0, got {smoothing}")
     fraud = (similarities * (labels == 1)).sum(axis=1)
     total = similarities.sum(axis=1)
     denom = total + smoothing
@@ -142,6 +142,7 @@ class Evidence:
     call_starts: np.ndarray    # first row of each search call
     call_ids: list[str]
     stacked: Any = None        # the stacked model's prediction (a --scorer knn-stacked index)
+    knn_scores: np.ndarray | None = None  # (rows,) the kNN score (the score, unless stacked)
 
     def call_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.call_starts, rows, side="right") - 1
@@ -203,7 +204,9 @@ class FraudScorer:
     def features(self, batch: pl.DataFrame, history: pl.DataFrame | None = None) -> pl.DataFrame:
         """The batch's features with the index's stored context (plus ``history``) as windows."""
         context = self.index.context
+        batch = _naive_utc(batch)
         if history is not None:
+            history = _naive_utc(history)
             context = pl.concat([context, history.select(
                 [c for c in context.columns if c in history.columns])], how="diagonal_relaxed")
             context = context.unique(schema.TRANSACTION_ID, keep="last", maintain_order=True)
@@ -229,6 +232,7 @@ class FraudScorer:
         ids = featured[schema.TRANSACTION_ID].to_numpy()
         hashes = row_hashes(featured)
         scores = np.empty(n, dtype=np.float64)
+        knn_scores = np.empty(n, dtype=np.float64)
         vectors = np.empty((n, self.index.vectorizer.dimension), dtype=np.float32)
         distances = np.full((n, shown), np.inf, dtype=np.float32)
         positions = np.full((n, shown), -1, dtype=np.int64)
@@ -243,7 +247,8 @@ class FraudScorer:
             vectors[part] = self.index.vectorizer.transform(featured[part])
             d, pos = self.index.neighbours(vectors[part], times[part], ids[part], cfg.k)
             sims, labs = similarity(d), self.index.labels_at(pos)
-            scores[part] = knn_score(sims, labs, prior=self.prior, smoothing=cfg.smoothing)
+            knn_scores[part] = knn_score(sims, labs, prior=self.prior, smoothing=cfg.smoothing)
+            scores[part] = knn_scores[part]
             distances[part], positions[part] = d[:, :shown], pos[:, :shown]
             labels[part] = labs[:, :shown]
             used[part] = (pos >= 0).sum(axis=1)
@@ -274,7 +279,8 @@ class FraudScorer:
             scorer=self, featured=featured, vectors=vectors, distances=distances,
             positions=positions, labels=labels, used=used, fraud_weight=fraud_weight,
             total_weight=total_weight,
-            call_starts=np.array(starts, dtype=np.int64), call_ids=call_ids, stacked=stacked)
+            call_starts=np.array(starts, dtype=np.int64), call_ids=call_ids, stacked=stacked,
+            knn_scores=knn_scores)
         return ScoredBatch(frame, evidence)
 
     def card_usual(self) -> pl.DataFrame:
@@ -319,8 +325,10 @@ class FraudScorer:
         texts = pl.DataFrame(columns).select(explanation.struct.json_encode()).to_series()
         texts = texts.to_list()
         if evidence.stacked is not None:
-            texts = [self.explain_stacked(text, evidence.stacked, int(row))
-                     for text, row in zip(texts, rows, strict=True)]
+            knn = (evidence.knn_scores[rows] if evidence.knn_scores is not None
+                   else [None] * len(rows))
+            texts = [self.explain_stacked(text, evidence.stacked, int(row), score)
+                     for text, row, score in zip(texts, rows, knn, strict=True)]
         return texts
 
     def _neighbour_lists(self, evidence: Evidence, rows: np.ndarray) -> pl.Series:
@@ -352,17 +360,20 @@ class FraudScorer:
                                      meta.select(_iso_expr(pl.col(schema.TX_TIME))).to_series())
         return self._neighbour_texts
 
-    def explain_stacked(self, text: str, stacked: Any, row: int) -> str:
+    def explain_stacked(self, text: str, stacked: Any, row: int,
+                        knn: float | None = None) -> str:
         """Add the stacked model's part to one explanation: its largest per-input
         contributions (log-odds), the neighbours from other cards and terminals behind its kNN
-        inputs, and the kNN score alone."""
+        inputs, and the kNN score alone (``knn``, rounded once: made again from the rounded
+        weights it could be off by more than its last decimal)."""
         from pipeline.ledger import canonical_json
 
         meta = self.index.meta
         explanation = json.loads(text)
-        explanation["knn_score"] = round(float(
-            (explanation["fraud_weight"] + explanation["smoothing"] * explanation["prior"])
-            / (explanation["total_weight"] + explanation["smoothing"])), 6)
+        if knn is None:
+            knn = ((explanation["fraud_weight"] + explanation["smoothing"] * explanation["prior"])
+                   / (explanation["total_weight"] + explanation["smoothing"]))
+        explanation["knn_score"] = round(float(knn), 6)
         explanation["method"] = "knn-stacked"
         explanation["model"] = self.index.model.explain(stacked, row)
         found = stacked.neighbours
@@ -444,6 +455,16 @@ def _concat_predictions(parts: list[Any]) -> Any:
         np.concatenate([p.inputs for p in parts]),
         Neighbours(*(np.concatenate([getattr(p.neighbours, f) for p in parts])
                      for f in ("distances", "positions", "labels"))))
+
+
+def _naive_utc(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with a zone-aware tx_time as naive UTC, as ingest stores it: the alert days,
+    the recorded transaction time and the input hash are UTC's whatever zone a frame came in."""
+    dtype = frame.schema.get(schema.TX_TIME)
+    if isinstance(dtype, pl.Datetime) and dtype.time_zone is not None:
+        return frame.with_columns(pl.col(schema.TX_TIME).dt.convert_time_zone("UTC")
+                                  .dt.replace_time_zone(None).dt.cast_time_unit("us"))
+    return frame
 
 
 def _finite(x: pl.Expr) -> pl.Expr:

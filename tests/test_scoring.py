@@ -48,6 +48,10 @@ def test_knn_score_rejects_bad_settings():
         knn_score(np.ones((1, 1)), np.ones((1, 1)), prior=1.5, smoothing=1)
     with pytest.raises(ValueError, match="smoothing"):
         knn_score(np.ones((1, 1)), np.ones((1, 1)), prior=0.1, smoothing=-1)
+    # NaN smoothing gave every row the prior, infinite smoothing a NaN score (a "pass").
+    for smoothing in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="smoothing"):
+            knn_score(np.ones((1, 1)), np.ones((1, 1)), prior=0.1, smoothing=smoothing)
 
 
 def _tiny_index(times: list[datetime], labels: list[int], points: list[float]) -> FraudIndex:
@@ -225,3 +229,87 @@ def test_a_stacked_index_scores_a_large_batch_one_search_call_at_a_time(monkeypa
             == json.dumps(b["model"]["contributions_log_odds"]) or np.allclose(
             list(a["model"]["contributions_log_odds"].values()),
             list(b["model"]["contributions_log_odds"].values()), atol=1e-5)
+
+
+def _synthetic_scorer(config):
+    from pipeline.features import compute_features
+    from pipeline.scoring import FraudScorer
+    from pipeline.synthetic import SyntheticConfig, generate
+    from pipeline.vectors import VectorConfig
+
+    data = generate(SyntheticConfig(n_customers=60, n_terminals=120, n_days=21, seed=3))
+    split = data[schema.TX_TIME].min() + timedelta(days=15)
+    history = compute_features(data.filter(pl.col(schema.TX_TIME) < split))
+    index = FraudIndex.build(history, encoder=None, vector_config=VectorConfig(text_dim=0),
+                             config=IndexConfig(kind="flat", use_gpu=False), until=split)
+    return FraudScorer(index, config), data, split
+
+
+def _early_and_late(data, split, late=60):
+    """Five rows of the first hours (no label known yet at their time: the 7-day label delay)
+    and ``late`` rows after the index's cutoff."""
+    first = data[schema.TX_TIME].min()
+    early = data.filter(pl.col(schema.TX_TIME) < first + timedelta(hours=12)).head(5)
+    return pl.concat([early, data.filter(pl.col(schema.TX_TIME) >= split).head(late)])
+
+
+def test_scores_match_a_brute_force_of_the_readme_formula():
+    """score = (Σ fraud similarity + α·prior) / (Σ similarity + α) over the k nearest labels
+    known at the row's time (itself excluded), recomputed in float64 over the whole index; a
+    row with no label known yet has no neighbour, says so, and scores its prior."""
+    scorer, data, split = _synthetic_scorer(ScoringConfig(k=10, prior=0.7, threshold=0.7))
+    scored = scorer.score(_early_and_late(data, split))
+    score = scored.scores["score"].to_numpy()
+    ev = scored.evidence
+    assert (ev.used[:5] == 0).all() and (ev.used[5:] == 10).all()
+    assert score[:5] == pytest.approx([0.7] * 5, abs=1e-7)
+    assert all(e["neighbours"] == [] and e["neighbours_used"] == 0 and e["total_weight"] == 0
+               for e in scored.explanations[:5])
+    index = scorer.index
+    points = index.vectorizer.transform(index.meta).astype(np.float64)
+    queries = ev.vectors.astype(np.float64)
+    label_time = index.meta["label_time"].dt.epoch("us").to_numpy()
+    ids = index.meta[schema.TRANSACTION_ID].to_numpy()
+    labels = index.meta[schema.IS_FRAUD].to_numpy()
+    times = ev.featured[schema.TX_TIME].dt.epoch("us").to_numpy()
+    for row, (q, t, i) in enumerate(zip(queries, times, ev.featured[schema.TRANSACTION_ID],
+                                        strict=True)):
+        ok = np.flatnonzero((label_time <= t) & (ids != i))
+        d = np.sqrt(((points[ok] - q) ** 2).sum(axis=1))
+        near = np.argsort(d, kind="stable")[:10]
+        sims = 1.0 / (1.0 + d[near])
+        want = ((sims * (labels[ok][near] == 1)).sum() + 0.7) / (sims.sum() + 1.0)
+        # FAISS's float32 distances and the float32 arithmetic (see the next test) aside.
+        assert score[row] == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="scores are computed in float32; a float64 fix changes "
+                   "every recorded score by ~1e-8, past audit replay's 1e-9 SCORE_TOLERANCE, "
+                   "so it needs audit.py to replay old records in float32 (see the report)")
+def test_scores_are_the_readme_formula_in_full_precision():
+    """FAISS's float32 distances make the similarities, their sums and the score float32: a row
+    with no known neighbour scores 0.699999988 instead of its prior 0.7 and passes a threshold
+    of exactly 0.7, and every score is off the formula over its explanation's weights."""
+    scorer, data, split = _synthetic_scorer(ScoringConfig(k=10, prior=0.7, threshold=0.7))
+    scored = scorer.score(_early_and_late(data, split))
+    score = scored.scores["score"].to_numpy()
+    ev = scored.evidence
+    assert score[:5].tolist() == [0.7] * 5
+    assert scored.scores["decision"][:5].to_list() == ["alert"] * 5
+    formula = (ev.fraud_weight + 0.7) / (ev.total_weight + 1.0)
+    np.testing.assert_allclose(score, formula, rtol=1e-15, atol=0)
+
+
+def test_a_batch_in_another_time_zone_is_scored_on_utc_days():
+    """A batch whose tx_time is zone-aware (a frame handed to FraudScorer.score, not through
+    ingest) kept its zone: --alerts-per-day ranked Tokyo days, not the UTC days the README
+    promises, and the recorded transaction time (and so the input hash) was Tokyo wall-clock
+    time with no zone. The same instants now score, rank and hash as naive UTC."""
+    scorer, data, split = _synthetic_scorer(ScoringConfig(k=10, alerts_per_day=3))
+    batch = data.filter(pl.col(schema.TX_TIME) >= split)
+    utc = scorer.score(batch)
+    tokyo = scorer.score(batch.with_columns(
+        pl.col(schema.TX_TIME).dt.replace_time_zone("UTC").dt.convert_time_zone("Asia/Tokyo")))
+    assert tokyo.scores.schema[schema.TX_TIME] == pl.Datetime("us")
+    assert tokyo.scores.equals(utc.scores)
+    assert tokyo.texts() == utc.texts()

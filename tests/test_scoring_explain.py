@@ -16,7 +16,7 @@ import pytest
 from pipeline import schema
 from pipeline.features import compute_features
 from pipeline.index import FraudIndex, IndexConfig
-from pipeline.scoring import Evidence, FraudScorer, ScoringConfig, similarity
+from pipeline.scoring import Evidence, FraudScorer, ScoringConfig, knn_score, similarity
 from pipeline.synthetic import SyntheticConfig, generate
 from pipeline.vectors import VectorConfig
 
@@ -168,3 +168,26 @@ def test_explanations_without_neighbours_shown(scored_setup):
     assert all(e["neighbours"] == [] and e["neighbours_used"] > 0 for e in explanations)
     shown = scorer.score(batch.head(50)).explanations
     assert [e["total_weight"] for e in explanations] == [e["total_weight"] for e in shown]
+
+
+def test_a_stacked_explanation_shows_its_knn_score_rounded_not_recomputed_from_rounded_parts():
+    """A --scorer knn-stacked explanation's ``knn_score`` was recomputed from the already rounded
+    fraud weight, total weight and prior: up to 7e-7 off the kNN score, so not the kNN score to
+    the six decimals shown (13 of 736 rows here). It is now the score of the unrounded weights,
+    rounded once."""
+    from pipeline.stacking import build_stacked_index
+
+    data = generate(SyntheticConfig(n_customers=80, n_terminals=160, n_days=28, seed=7))
+    split = data[schema.TX_TIME].min() + timedelta(days=21)
+    history = compute_features(data.filter(pl.col(schema.TX_TIME) < split))
+    index = build_stacked_index(history, config=IndexConfig(kind="flat", use_gpu=False))
+    batch = data.filter(pl.col(schema.TX_TIME) >= split)
+    scorer = FraudScorer(index, ScoringConfig(smoothing=0.1))
+    scored = scorer.score(batch)
+    ev = scored.evidence
+    # The kNN score as audit replay makes it, from the recorded query vectors.
+    d, pos = index.neighbours(ev.vectors, ev.featured[schema.TX_TIME].dt.epoch("us").to_numpy(),
+                              ev.featured[schema.TRANSACTION_ID].to_numpy(), 20)
+    knn = knn_score(similarity(d), index.labels_at(pos), prior=index.fraud_rate, smoothing=0.1)
+    shown = np.array([e["knn_score"] for e in scored.explanations])
+    assert np.abs(shown - knn).max() <= 5.000001e-7
