@@ -349,7 +349,11 @@ class FraudIndex:
         fewer than k exist; inf distances past the index's size). ValueError for query vectors
         of another dimension or not finite. On a GPU index, a k beyond faiss's GPU limit is
         searched on the CPU copy."""
-        vectors = _check_queries(vectors, int(self.index.d), self.version)
+        return self._search(_check_queries(vectors, int(self.index.d), self.version), k)
+
+    def _search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` of query vectors already checked (contiguous float32, finite, the
+        index's dimension)."""
         depth = min(k, self.size)
         if depth < 1 or len(vectors) == 0:
             distances = np.empty((len(vectors), 0), dtype=np.float32)
@@ -393,7 +397,7 @@ class FraudIndex:
             unfinished = []
             for first in range(0, len(todo), rows_per_call):
                 part = todo[first:first + rows_per_call]
-                distances, positions = self.search(vectors[part], depth)
+                distances, positions = self._search(vectors[part], depth)
                 safe = np.where(positions >= 0, positions, 0)
                 valid = (positions >= 0) & (self._label_time[safe] <= tx_time_us[part, None])
                 valid &= self._ids[safe] != tx_ids[part, None]

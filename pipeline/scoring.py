@@ -142,7 +142,7 @@ class Evidence:
     call_starts: np.ndarray    # first row of each search call
     call_ids: list[str]
     stacked: Any = None        # the stacked model's prediction (a --scorer knn-stacked index)
-    knn_scores: np.ndarray | None = None  # (rows,) the kNN score (the score, unless stacked)
+    knn_scores: np.ndarray | None = None  # (rows,) the kNN score; set by score() with stacked
 
     def call_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.call_starts, rows, side="right") - 1
@@ -325,10 +325,9 @@ class FraudScorer:
         texts = pl.DataFrame(columns).select(explanation.struct.json_encode()).to_series()
         texts = texts.to_list()
         if evidence.stacked is not None:
-            knn = (evidence.knn_scores[rows] if evidence.knn_scores is not None
-                   else [None] * len(rows))
-            texts = [self.explain_stacked(text, evidence.stacked, int(row), score)
-                     for text, row, score in zip(texts, rows, knn, strict=True)]
+            texts = [self.explain_stacked(text, evidence.stacked, int(row), float(knn))
+                     for text, row, knn in zip(texts, rows, evidence.knn_scores[rows],
+                                               strict=True)]
         return texts
 
     def _neighbour_lists(self, evidence: Evidence, rows: np.ndarray) -> pl.Series:
@@ -360,8 +359,7 @@ class FraudScorer:
                                      meta.select(_iso_expr(pl.col(schema.TX_TIME))).to_series())
         return self._neighbour_texts
 
-    def explain_stacked(self, text: str, stacked: Any, row: int,
-                        knn: float | None = None) -> str:
+    def explain_stacked(self, text: str, stacked: Any, row: int, knn: float) -> str:
         """Add the stacked model's part to one explanation: its largest per-input
         contributions (log-odds), the neighbours from other cards and terminals behind its kNN
         inputs, and the kNN score alone (``knn``, rounded once: made again from the rounded
@@ -370,10 +368,7 @@ class FraudScorer:
 
         meta = self.index.meta
         explanation = json.loads(text)
-        if knn is None:
-            knn = ((explanation["fraud_weight"] + explanation["smoothing"] * explanation["prior"])
-                   / (explanation["total_weight"] + explanation["smoothing"]))
-        explanation["knn_score"] = round(float(knn), 6)
+        explanation["knn_score"] = round(knn, 6)
         explanation["method"] = "knn-stacked"
         explanation["model"] = self.index.model.explain(stacked, row)
         found = stacked.neighbours

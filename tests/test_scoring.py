@@ -164,13 +164,13 @@ def test_neighbours_of_backfilled_queries_never_search_the_whole_index(monkeypat
     ids = np.array([f"q{i}" for i in range(250)] + [f"h{i}" for i in range(50)], dtype=object)
     queries[250:] = points[:50]
     calls: list[tuple[int, int]] = []
-    search = idx.search
+    search = idx._search  # every search call neighbours makes (its queries checked once)
 
     def recorded(vectors, k):
         calls.append((len(vectors), k))
         return search(vectors, k)
 
-    monkeypatch.setattr(idx, "search", recorded)
+    monkeypatch.setattr(idx, "_search", recorded)
     monkeypatch.setattr(index_module, "NEIGHBOUR_SEARCH_ELEMENTS", 2_000, raising=False)
     k = 5
     d, pos = idx.neighbours(queries, times, ids, k)
