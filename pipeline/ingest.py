@@ -42,12 +42,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from pipeline import schema
 from pipeline.artifacts import atomic_write_bytes
 from pipeline.ledger import QuarantinedRow
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -584,21 +588,12 @@ def read_transactions(path: str | Path, *, require_labels: bool = False) -> Inge
 
 def _read_parquet(path: Path, source: str) -> _Read:
     try:
-        odd_zones = _unknown_zone_timestamps(path)
-        if not odd_zones:
+        relabelled = utc_relabelled_schema(path)
+        if relabelled is None:
             return _Read(pl.read_parquet(path))
-        # polars panics on a timestamp zone that is a fixed offset ("+05:30", valid Arrow and
-        # written by pyarrow/pandas) or not in its zone database: the stored values are UTC
-        # instants whatever the zone says, so relabel them UTC.
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        for name in odd_zones:
-            i = table.schema.get_field_index(name)
-            unit = table.schema.field(i).type.unit
-            table = table.set_column(i, name, table.column(i).cast(pa.timestamp(unit, "UTC")))
-        frame = pl.from_arrow(table)
+        frame = pl.from_arrow(pq.read_table(path, schema=relabelled))
         assert isinstance(frame, pl.DataFrame)
         return _Read(frame)
     # polars raises several types for corrupt files, and panics (not an Exception) on some
@@ -606,9 +601,13 @@ def _read_parquet(path: Path, source: str) -> _Read:
         raise InputError(f"{source}: not a readable Parquet file ({error})") from error
 
 
-def _unknown_zone_timestamps(path: Path) -> list[str]:
-    """Top-level timestamp columns whose zone is no IANA zone name: a fixed UTC offset such
-    as "+05:30", or a name polars cannot resolve."""
+def utc_relabelled_schema(path: Path) -> pa.Schema | None:
+    """The file's Arrow schema with each top-level timestamp whose zone is no IANA zone name
+    (a fixed UTC offset such as "+05:30", or a name polars cannot resolve) relabelled UTC;
+    None when there is none. polars panics on such a zone (valid Arrow, written by
+    pyarrow/pandas); the stored values are UTC instants whatever the zone says, so reading
+    them under this schema changes no value."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     def unknown(zone: str) -> bool:
@@ -618,8 +617,12 @@ def _unknown_zone_timestamps(path: Path) -> list[str]:
             return True
         return False
 
-    return [f.name for f in pq.read_schema(path)
-            if getattr(f.type, "tz", None) and unknown(f.type.tz)]
+    stored = pq.read_schema(path)
+    odd = {f.name for f in stored if getattr(f.type, "tz", None) and unknown(f.type.tz)}
+    if not odd:
+        return None
+    return pa.schema([pa.field(f.name, pa.timestamp(f.type.unit, "UTC"), f.nullable, f.metadata)
+                      if f.name in odd else f for f in stored], metadata=stored.metadata)
 
 
 def _read_csv(path: Path, source: str) -> _Read:

@@ -36,8 +36,8 @@ from pipeline.ingest import (
     IngestResult,
     InputError,
     _text,
-    _unknown_zone_timestamps,
     canonical_columns,
+    utc_relabelled_schema,
     validate_transactions,
     write_quarantine,
 )
@@ -112,21 +112,15 @@ class DatasetReport:
 
 
 def _scan(path: Path) -> pl.LazyFrame:
-    """The lazy scan of a Parquet file. A timestamp column whose zone polars cannot resolve
-    (a fixed offset such as "+05:30", valid Arrow) is read as UTC, as the whole-file reader
-    reads it (its values are UTC instants whatever the zone says): polars' own scan panics on
-    such a zone, so the file is scanned through pyarrow, in batches."""
-    odd = _unknown_zone_timestamps(path)
-    if not odd:
+    """The lazy scan of a Parquet file, read as the whole-file reader reads it: a timestamp
+    zone polars cannot resolve is relabelled UTC (see ``ingest.utc_relabelled_schema``;
+    polars' own scan panics on it), the file then scanned through pyarrow, in batches."""
+    relabelled = utc_relabelled_schema(path)
+    if relabelled is None:
         return pl.scan_parquet(path)
-    import pyarrow as pa
     import pyarrow.dataset as ds
-    import pyarrow.parquet as pq
 
-    fields = [pa.field(f.name, pa.timestamp(f.type.unit, "UTC"), f.nullable) if f.name in odd
-              else f for f in pq.read_schema(path)]
-    return pl.scan_pyarrow_dataset(ds.dataset(path, schema=pa.schema(fields),
-                                              format="parquet"))
+    return pl.scan_pyarrow_dataset(ds.dataset(path, schema=relabelled, format="parquet"))
 
 
 def _time_column(path: Path) -> tuple[pl.LazyFrame, pl.Expr]:
