@@ -168,6 +168,7 @@ def seed_study(name: str, train, tests: dict[str, Any], seeds: list[int], thread
     import numpy as np
 
     from pipeline.sentiment.calibration import softmax
+    from pipeline.sentiment.metrics import classification_report
     from pipeline.sentiment.model import predict_logits
     from pipeline.sentiment.train import TrainConfig, train_classifier
 
@@ -182,20 +183,15 @@ def seed_study(name: str, train, tests: dict[str, Any], seeds: list[int], thread
                                        trained.head.max_length)
             probs = softmax(logits, trained.head.temperature)
             probabilities[key].append(probs)
-            run[key] = _short(_report(data.labels, probs.argmax(1)))
+            run[key] = _short(classification_report(data.labels, probs.argmax(1)))
         print(f"[{name}] {json.dumps(run)}", flush=True)
         runs.append(run)
-    ensemble = {key: _short(_report(data.labels, np.mean(probabilities[key], 0).argmax(1)))
+    ensemble = {key: _short(classification_report(
+                    data.labels, np.mean(probabilities[key], 0).argmax(1)))
                 for key, data in tests.items()}
     return {"seeds": seeds, "runs": runs, "ensemble": ensemble,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "load_average": os.getloadavg()}
-
-
-def _report(labels, predicted) -> dict[str, Any]:
-    from pipeline.sentiment.metrics import classification_report
-
-    return classification_report(labels, predicted)
 
 
 def main() -> None:
